@@ -146,6 +146,12 @@ class MLP:
         """
         X = self._check_input(X)
         B = X.shape[0]
+        if self.loss_name == "softmax_cross_entropy" and B and isinstance(y, np.ndarray):
+            # an out-of-range label would silently index another sample's logit
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= self.sizes[-1]:
+                raise UsageError(f"label {hi if hi >= self.sizes[-1] else lo} is out of range for a model "
+                                 f"with {self.sizes[-1]} classes")
         bufs = self._bufs(B)
         acts = self._forward(X, bufs)
         loss, dZ = self.loss_fn(acts[-1], y, denom, dZ=bufs["dA"][-1])
@@ -197,7 +203,7 @@ class MLP:
                     raise UsageError(f"checkpoint array {name} has shape {tuple(arr.shape)}, but this model's "
                                      f"is {tuple(view.shape)}: it is for another architecture")
                 view[...] = self.xp.asarray(arr, self.dtype)
-        extra = sorted(k for k in state if k.startswith("layers.") and k.rsplit(".", 2)[0] not in
+        extra = sorted(k for k in state if k.startswith("layers.") and k.rsplit(".", 1)[0] not in
                        {f"layers.{L.index}" for L in self.layers})
         if extra:
             raise UsageError(f"checkpoint has arrays {extra[:3]} that this model lacks: "

@@ -12,6 +12,7 @@ N ranks compute what one rank computes (tests/mpi proves it to 1e-12).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import numpy as np
 from . import backend
 from .comm import Communicator, DebugComm, SerialComm, run_simulated
 from .config import Config, from_dict
-from .data import (Dataset, batch_size_for, epoch_batches, load_dataset, micro_batches, shard, split,
+from .data import (Dataset, Standardizer, batch_size_for, epoch_batches, load_dataset, micro_batches, shard, split,
                    standardize)
 from .errors import UsageError
 from .model import MLP
@@ -51,7 +52,16 @@ def load_data(cfg: Config):
     ds = load_dataset(cfg.dataset, path=cfg.data_path or None, task=cfg.task, n_samples=cfg.n_samples,
                       n_features=cfg.n_features, n_classes=cfg.n_classes, seed=cfg.seed)
     parts = split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
-    return standardize(*parts) if cfg.standardize else parts
+    if not cfg.standardize:
+        return parts
+    parts = standardize(*parts)
+    if ds.task == "regression":
+        # Targets in their own units (diabetes: ~150) make MSE gradients huge;
+        # training on standardized targets keeps one learning rate good for all
+        # datasets. R² does not change under this affine map.
+        ys = Standardizer().fit(parts[0].y)
+        parts = tuple(dataclasses.replace(p, y=ys.transform(p.y)) for p in parts)
+    return parts
 
 
 def resolve_loss(cfg: Config, ds: Dataset) -> tuple[str, int]:
@@ -258,7 +268,7 @@ def check_finite(model: MLP, loss: float, step: int) -> None:
     norm2 = float(model.xp.vdot(g, g))
     if not math.isfinite(norm2) and not bool(model.xp.isfinite(g).all()):
         raise TrainingError(f"gradients became NaN or Inf at step {step + 1}; "
-                            f"lower the learning rate (now {model.dtype.name}, loss {loss:.4g})")
+                            f"the loss is {loss:.4g}; try a lower learning rate")
 
 
 def train_allreduce(cfg: Config, comm: Communicator, on_step=None) -> dict:
@@ -273,7 +283,9 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None) -> dict:
     model, train, B = s.model, s.train, s.batch_size
     xp = model.xp
     n_total = total_steps(cfg, len(train), B)
-    optimizer = make_optimizer_for(cfg, model.params, model.grads, n_total)
+    # The schedule spans the planned epochs: --max-steps stops a run early without
+    # reshaping its learning-rate curve, so stopping and resuming changes nothing.
+    optimizer = make_optimizer_for(cfg, model.params, model.grads, cfg.epochs * steps_per_epoch(cfg, len(train), B))
     start_step, start_epoch, start_batch = 0, 0, 0
     if cfg.resume:
         ckpt = agree(comm, load_checkpoint, cfg.resume)

@@ -1,0 +1,111 @@
+"""Data parallelism under real MPI, at any world size (run at -n 1, 2 and 4).
+
+The reference is single-process training, computed on every rank: N ranks
+must compute what one rank computes, to 1e-12 in float64.
+"""
+import os
+
+import numpy as np
+import pytest
+from helpers import all_ranks, rel_diff
+
+from ddp.comm import SerialComm, run_simulated
+from ddp.config import Config
+from ddp.parallel import DataParallel, params_hash
+from ddp.train import run
+
+BASE = dict(dataset="synthetic_classification", n_samples=330, hidden="16,8", batch_size=24, lr=0.1,
+            momentum=0.9, dtype="float64", progress=False, val_fraction=0.1, test_fraction=0.1,
+            check_every=10, max_steps=50, epochs=10)
+
+
+def trace(cfg, comm):
+    """Train and record, after every step, this rank's parameter hash; return (params, hashes)."""
+    hashes = []
+    state = {}
+
+    def on_step(step, model, c):
+        hashes.append(params_hash(model.params))
+        state["p"] = np.array(model.params)
+    run(cfg, comm, on_step=on_step)
+    return state["p"], hashes
+
+
+VARIANTS = {
+    "overlap-buckets": dict(bucket_mb=0.001),
+    "one-bucket-per-layer": dict(bucket_mb=0.0),
+    "no-overlap": dict(overlap=False),
+    "accumulate-3": dict(accumulate=3),
+    "uneven-last-batch": dict(batch_size=37, n_samples=250, max_steps=0, epochs=3),
+    "drop-last": dict(batch_size=37, n_samples=250, max_steps=0, epochs=3, drop_last=True),
+    "adam-cosine": dict(optimizer="adam", momentum=0.0, lr=0.01, schedule="cosine", warmup_steps=5),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_n_ranks_equal_one_rank(comm, shared_tmp, variant):
+    kw = {**BASE, **VARIANTS[variant]}
+    mine, hashes = trace(Config(out=os.path.join(shared_tmp, variant), **kw), comm)
+    ref, _ = trace(Config(out=os.path.join(shared_tmp, f"{variant}-ref-{comm.rank}"), **kw), SerialComm())
+    d = rel_diff(mine, ref)
+    all_ranks(comm, d <= 1e-12, f"relative difference {d:.3e}")
+    # identical replicas: every rank saw bitwise the same parameters after every step
+    every = comm.allgather_obj(hashes)
+    all_ranks(comm, all(h == every[0] for h in every), "parameter hashes differ between ranks")
+    all_ranks(comm, len(hashes) > 0)
+
+
+def test_simulated_ranks_equal_real_ranks(comm, shared_tmp):
+    kw = {**BASE, **VARIANTS["uneven-last-batch"]}
+    real, _ = trace(Config(out=os.path.join(shared_tmp, "real"), **kw), comm)
+    cfg = Config(out=os.path.join(shared_tmp, f"sim-{comm.rank}"), **kw)
+    sim = run_simulated(comm.size, lambda c: trace(cfg, c))
+    d = rel_diff(sim[0][0], real)
+    all_ranks(comm, d <= 1e-12, f"simulated vs real: {d:.3e}")
+
+
+def test_chainermn_style_rank_average(comm):
+    """Each rank sets its gradient to its rank: the average is (size - 1) / 2 everywhere."""
+    from ddp import MLP
+    model = MLP([5, 7, 3], dtype="float64")
+    dp = DataParallel(model, comm, bucket_bytes=64)
+    model.grads[:] = comm.rank
+    comm.allreduce_mean(model.grads)
+    all_ranks(comm, np.all(model.grads == (comm.size - 1) / 2))
+    buf = np.full(1000, float(comm.rank), np.float32)
+    comm.iallreduce_sum(buf).wait()
+    all_ranks(comm, np.all(buf == comm.size * (comm.size - 1) / 2))
+    # the initial parameters came from rank 0, whatever seed the others used
+    other = MLP([5, 7, 3], dtype="float64", seed=comm.rank + 100)
+    DataParallel(other, comm)
+    all_ranks(comm, params_hash(other.params) == comm.bcast_obj(params_hash(other.params)))
+    del dp
+
+
+def test_fp16_compressed_allreduce(comm):
+    """Values exact in float16 sum exactly; others land within float16 rounding."""
+    buf = np.arange(256, dtype=np.float32) * 0.25 + comm.rank
+    comm.allreduce_sum(buf, compress="fp16")
+    expect = comm.size * np.arange(256) * 0.25 + comm.size * (comm.size - 1) / 2
+    all_ranks(comm, np.array_equal(buf, expect.astype(np.float32)), "exact fp16 sums differ")
+    rng = np.random.default_rng(comm.rank)
+    x = rng.standard_normal(5000).astype(np.float32)
+    exact = x.astype(np.float64)
+    comm.allreduce_sum(exact)
+    comm.iallreduce_sum(x, compress="fp16").wait()
+    d = np.max(np.abs(x - exact)) / np.max(np.abs(exact))
+    all_ranks(comm, d < 2e-3, f"fp16 error {d:.2e}")
+
+
+def test_fp16_training_tracks_fp32(comm, shared_tmp):
+    kw = {**BASE, "dtype": "float32", "max_steps": 0, "epochs": 5}
+    a = run(Config(out=os.path.join(shared_tmp, "fp16"), compress="fp16", **kw), comm)
+    b = run(Config(out=os.path.join(shared_tmp, f"fp32-{comm.rank}"), **kw), SerialComm())
+    all_ranks(comm, abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.03, (a["test_accuracy"], b["test_accuracy"]))
+
+
+def test_real_data_on_all_ranks(comm, shared_tmp):
+    cfg = Config(dataset="digits", hidden="128,64", lr=0.02, momentum=0.9, epochs=40, batch_size=32,
+                 progress=False, out=os.path.join(shared_tmp, "digits"), check_every=50)
+    summary = run(cfg, comm)
+    all_ranks(comm, summary["test_accuracy"] >= 0.97, f"digits accuracy {summary['test_accuracy']}")

@@ -1,0 +1,60 @@
+"""Launches tests/mpi under a real mpiexec at 1, 2 and 4 ranks (oversubscribed on 2 cores),
+plus the failure test: one rank raising must end the whole job promptly."""
+import sys
+import time
+
+import pytest
+
+from helpers import run_mpi
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_mpi_suite(n):
+    res = run_mpi(n, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--color=no", "tests/mpi/test_allreduce.py"],
+                  timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert "passed" in res.stdout
+
+
+FAIL_AT_5 = """
+import ddp.cli, ddp.model
+orig = ddp.model.MLP.forward_backward
+calls = [0]
+def boom(self, *a, **k):
+    calls[0] += 1
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.Get_rank() == 1 and calls[0] == 5:
+        raise ValueError("injected failure on rank 1 at step 5")
+    return orig(self, *a, **k)
+ddp.model.MLP.forward_backward = boom
+raise SystemExit(ddp.cli.main(["train", "--dataset", "digits", "--hidden", "32", "--epochs", "50",
+                               "--no-progress", "--out", OUT]))
+"""
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_one_failing_rank_ends_the_job_promptly(tmp_path, n):
+    script = tmp_path / "fail.py"
+    script.write_text(f"OUT = {str(tmp_path / 'out')!r}\n" + FAIL_AT_5)
+    t0 = time.monotonic()
+    res = run_mpi(n, [str(script)], timeout=60)
+    elapsed = time.monotonic() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "injected failure on rank 1 at step 5" in out and "Traceback" in out
+    assert elapsed < 10, f"the job took {elapsed:.1f} s to die"
+
+
+def test_cli_under_mpiexec(tmp_path):
+    """The CLI itself under 2 ranks, and a usage error on all ranks gives exit code 2 and one message."""
+    res = run_mpi(2, ["-m", "ddp", "train", "--dataset", "digits", "--hidden", "16", "--epochs", "1",
+                      "--no-progress", "--out", str(tmp_path / "o")], timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "mpi (rank 0 of 2)" in res.stdout
+    assert (tmp_path / "o" / "checkpoint.npz").exists()
+    res = run_mpi(2, ["-m", "ddp", "train", "--resume", str(tmp_path / "nope.npz"), "--no-progress",
+                      "--out", str(tmp_path / "o")], timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.count("ddp: error:") == 1 and "not found" in res.stderr

@@ -1,0 +1,131 @@
+"""Single-process training end to end: learning on real data, resume, batch modes, simulated ranks."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from helpers import rel_diff
+from ddp.config import Config
+from ddp.train import load_data, run
+
+
+def cfg_for(tmp_path, **kw):
+    kw.setdefault("progress", False)
+    return Config(out=str(tmp_path / "run"), **kw)
+
+
+def final_params(cfg, comm=None):
+    """Run and return the last model's parameters (on this rank)."""
+    got = {}
+
+    def grab(step, model, comm):
+        got["p"] = np.array(model.params)
+    run(cfg, comm, on_step=grab)
+    return got["p"]
+
+
+REAL = [
+    ("digits", dict(hidden="128,64", lr=0.02, momentum=0.9, epochs=40, batch_size=32), "test_accuracy", 0.97),
+    ("breast_cancer", dict(hidden="16", lr=0.01, epochs=50, optimizer="adam", weight_decay=1e-2),
+     "test_accuracy", 0.96),
+    ("diabetes", dict(hidden="16", lr=0.01, momentum=0.9, epochs=60, batch_size=32, weight_decay=1e-2),
+     "test_r2", 0.45),
+]
+
+
+@pytest.mark.parametrize("dataset,kw,metric,target", REAL, ids=[r[0] for r in REAL])
+def test_learns_real_data_side_by_side_with_sklearn(tmp_path, dataset, kw, metric, target):
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+
+    cfg = cfg_for(tmp_path, dataset=dataset, seed=0, **kw)
+    summary = run(cfg)
+    train, _, test = load_data(cfg)            # the very split ddp trained and tested on
+    hidden = tuple(cfg.hidden_sizes())
+    if metric == "test_r2":
+        sk = MLPRegressor(hidden_layer_sizes=hidden, max_iter=2000, random_state=0).fit(train.X, train.y.ravel())
+        sk_score = sk.score(test.X, test.y.ravel())
+    else:
+        sk = MLPClassifier(hidden_layer_sizes=hidden, max_iter=1000, random_state=0).fit(train.X, train.y)
+        sk_score = sk.score(test.X, test.y)
+    print(f"{dataset}: ddp {summary[metric]:.4f}, scikit-learn {sk_score:.4f}")
+    assert summary[metric] >= target
+    assert summary[metric] >= sk_score - 0.03     # in scikit-learn's league on the same split
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(lines) == cfg.epochs
+    val_key = "val_r2" if metric == "test_r2" else "val_accuracy"
+    for rec in lines:
+        assert {"epoch", "step", "train_loss", "val_loss", val_key, "samples_per_s", "elapsed_s"} <= set(rec)
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_is_bitwise_identical(tmp_path, optimizer):
+    base = dict(dataset="synthetic_classification", n_samples=300, hidden="16,8", batch_size=32,
+                epochs=5, seed=3, optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else 0.0,
+                lr=0.05, schedule="cosine", dtype="float64")
+    k = 13                                            # mid-epoch (10 steps per epoch)
+    straight = final_params(Config(out=str(tmp_path / "a"), progress=False, max_steps=2 * k, **base))
+    run(Config(out=str(tmp_path / "b"), progress=False, max_steps=k, **base))
+    resumed = final_params(Config(out=str(tmp_path / "b"), progress=False, max_steps=2 * k,
+                                  resume=str(tmp_path / "b" / "checkpoint.npz"), **base))
+    np.testing.assert_array_equal(straight, resumed)
+    ck = np.load(tmp_path / "b" / "checkpoint.npz", allow_pickle=False)
+    assert int(ck["step"]) == 2 * k
+    assert {"layers.0.W", "layers.0.b", "layers.2.W", "optimizer.t", "epoch", "config"} <= set(ck.files)
+
+
+@pytest.mark.parametrize("mode,steps_per_epoch", [("sgd", 270), ("minibatch", 9), ("full", 1)])
+def test_batch_modes(tmp_path, mode, steps_per_epoch):
+    cfg = cfg_for(tmp_path, dataset="synthetic_classification", n_samples=300, hidden="8", batch_size=32,
+                  batch_mode=mode, epochs=2, lr=0.05, test_fraction=0.0)
+    summary = run(cfg)
+    assert summary["steps"] == 2 * steps_per_epoch
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [steps_per_epoch, 2 * steps_per_epoch]
+
+
+def test_full_batch_step_is_one_gradient_descent_step_on_the_whole_set(tmp_path):
+    from ddp.model import MLP
+    cfg = cfg_for(tmp_path, dataset="synthetic_regression", n_samples=50, hidden="4", batch_mode="full",
+                  epochs=1, lr=0.1, dtype="float64", val_fraction=0.0, test_fraction=0.0)
+    p = final_params(cfg)
+    train, _, _ = load_data(cfg)
+    ref = MLP([train.X.shape[1], 4, 1], loss="mse", dtype="float64", seed=0)
+    ref.forward_backward(train.X, train.y)
+    np.testing.assert_allclose(p, ref.params - 0.1 * ref.grads, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(overlap=False), dict(accumulate=3), dict(bucket_mb=0.0)])
+def test_simulated_ranks_equal_one_rank(tmp_path, extra):
+    """Global batch 50 over 4 ranks with a 300-sample set: uneven shards and a partial last batch."""
+    base = dict(dataset="synthetic_classification", n_samples=300, hidden="16", batch_size=50, epochs=2,
+                lr=0.1, momentum=0.9, dtype="float64", progress=False, val_fraction=0.1, test_fraction=0.1)
+    ref = final_params(Config(out=str(tmp_path / "one"), **base))
+    sim = final_params(Config(out=str(tmp_path / "sim"), simulate_ranks=4, **base, **extra))
+    assert rel_diff(sim, ref) <= 1e-12
+
+
+def test_grad_norms_are_logged_per_layer(tmp_path):
+    cfg = cfg_for(tmp_path, dataset="digits", hidden="32,32,32,32", activation="sigmoid", epochs=1,
+                  grad_norms=True, lr=0.1)
+    run(cfg)
+    rec = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    norms = rec["grad_norms"]
+    assert len(norms) == 5 and all(n > 0 for n in norms)
+    # sigmoid's derivative is at most 1/4: the first layer hears far less than the last
+    assert norms[0] < norms[-1]
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    from ddp.train import TrainingError
+    cfg = cfg_for(tmp_path, dataset="diabetes", hidden="32", lr=1e6, epochs=3, standardize=False)
+    with pytest.raises(TrainingError, match="NaN or Inf"):
+        run(cfg)
+
+
+def test_outputs_only_from_rank_zero_in_simulation(tmp_path):
+    cfg = cfg_for(tmp_path, dataset="digits", hidden="16", epochs=1, simulate_ranks=3)
+    summary = run(cfg)
+    assert summary["world_size"] == 3
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.npz", "metrics.jsonl", "summary.json"]
