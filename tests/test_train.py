@@ -129,3 +129,13 @@ def test_outputs_only_from_rank_zero_in_simulation(tmp_path):
     summary = run(cfg)
     assert summary["world_size"] == 3
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.npz", "metrics.jsonl", "summary.json"]
+
+
+def test_a_failing_simulated_rank_never_hangs(tmp_path):
+    cfg = cfg_for(tmp_path, dataset="digits", hidden="16", epochs=5, simulate_ranks=3)
+
+    def boom(step, model, comm):
+        if comm.rank == 2 and step == 3:
+            raise ValueError("rank 2 fails at step 3")
+    with pytest.raises(ValueError, match="rank 2 fails at step 3"):
+        run(cfg, on_step=boom)

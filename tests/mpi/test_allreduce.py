@@ -109,3 +109,37 @@ def test_real_data_on_all_ranks(comm, shared_tmp):
                  progress=False, out=os.path.join(shared_tmp, "digits"), check_every=50)
     summary = run(cfg, comm)
     all_ranks(comm, summary["test_accuracy"] >= 0.97, f"digits accuracy {summary['test_accuracy']}")
+
+
+def test_debug_mode_names_the_rank_that_differs(comm):
+    from ddp.comm import DebugComm
+    if comm.size < 2:
+        pytest.skip("needs 2 ranks to differ")
+    dbg = DebugComm(comm)
+    buf = np.zeros(10 if comm.rank != comm.size - 1 else 11)
+    try:
+        dbg.allreduce_sum(buf)
+        msg = ""
+    except RuntimeError as e:
+        msg = str(e)
+    all_ranks(comm, f"rank {comm.size - 1} calls" in msg, msg)
+    bad = np.full(4, np.nan if comm.rank == 1 else 1.0)
+    try:
+        dbg.allreduce_sum(bad)
+        msg = ""
+    except FloatingPointError as e:
+        msg = str(e)
+    all_ranks(comm, "rank 1 passes NaN" in msg, msg)
+
+
+def test_nan_stops_every_rank_at_the_same_step(comm, shared_tmp):
+    from ddp.train import TrainingError
+    cfg = Config(dataset="diabetes", hidden="32", lr=1e6, epochs=3, standardize=False, progress=False,
+                 out=os.path.join(shared_tmp, "nan"))
+    try:
+        run(cfg, comm)
+        msg = ""
+    except TrainingError as e:
+        msg = str(e)
+    msgs = comm.allgather_obj(msg)
+    all_ranks(comm, "NaN or Inf" in msg and len(set(msgs)) == 1, msgs)
