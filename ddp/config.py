@@ -77,8 +77,9 @@ class Config:
     simulate_ranks: int = opt(0, "simulate N ranks in this one process (no MPI launcher needed)",
                               group="distributed")
     bucket_mb: float = opt(1.0, "gradient bucket size in MB for the overlapped allreduce", group="distributed")
-    overlap: bool = opt(True, "reduce buckets during backward (--no-overlap: one blocking allreduce)",
-                        group="distributed")
+    overlap: str = opt("auto", "reduce gradient buckets during backward (on), or in one blocking allreduce after "
+                       "it (off); auto: on for GPU arrays, off on CPU, where it measured slower (benchmarks/RESULTS.md)",
+                       ["auto", "on", "off"], group="distributed")
     accumulate: int = opt(1, "split each rank's batch into k micro-batches; communicate once per step",
                           group="distributed")
     compress: str = opt("none", "gradient compression for the allreduce", ["none", "fp16"], group="distributed")

@@ -75,8 +75,15 @@ class DataParallel:
     def _layer_done(self, i):
         b = self._by_layer[i]
         b.pending -= 1
-        if b.pending == 0:
-            self._requests.append(self.comm.iallreduce_sum(b.view, self.compress))
+        if b.pending:
+            return
+        if b is self.buckets[-1]:
+            # The bucket holding layer 0 is ready only when backward is over:
+            # nothing is left to overlap, and a blocking Allreduce is faster
+            # than Iallreduce + Wait in Open MPI (benchmarks/RESULTS.md).
+            self.comm.allreduce_sum(b.view, self.compress)
+            return
+        self._requests.append(self.comm.iallreduce_sum(b.view, self.compress))
         # Open MPI progresses non-blocking collectives only inside MPI calls:
         # testing between layers keeps the earlier buckets moving.
         for r in self._requests[:-1]:
@@ -99,10 +106,6 @@ class DataParallel:
             r.wait()
         self._requests = []
         return loss
-
-    def sync_gradients(self):
-        """Reduce whatever is in model.grads now (used after a local accumulation)."""
-        self.comm.allreduce_sum(self.model.grads, self.compress)
 
 
 def params_hash(params) -> str:

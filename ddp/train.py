@@ -290,7 +290,8 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None) -> dict:
     if cfg.resume:
         ckpt = agree(comm, load_checkpoint, cfg.resume)
         start_step, start_epoch, start_batch = agree(comm, restore, ckpt, model, optimizer, cfg.resume)
-    dp = DataParallel(model, comm, bucket_bytes=int(cfg.bucket_mb * (1 << 20)), overlap=cfg.overlap,
+    overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and model.device == "gpu")
+    dp = DataParallel(model, comm, bucket_bytes=int(cfg.bucket_mb * (1 << 20)), overlap=overlap,
                       compress=None if cfg.compress == "none" else cfg.compress)
     # Rank 0's optimizer state is broadcast with the parameters: replicas start identical.
     for name in optimizer.state_names:

@@ -96,7 +96,8 @@ def test_full_batch_step_is_one_gradient_descent_step_on_the_whole_set(tmp_path)
     np.testing.assert_allclose(p, ref.params - 0.1 * ref.grads, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(overlap=False), dict(accumulate=3), dict(bucket_mb=0.0)])
+@pytest.mark.parametrize("extra", [dict(), dict(overlap="off"), dict(accumulate=3, overlap="on"),
+                                   dict(bucket_mb=0.0, overlap="on")])
 def test_simulated_ranks_equal_one_rank(tmp_path, extra):
     """Global batch 50 over 4 ranks with a 300-sample set: uneven shards and a partial last batch."""
     base = dict(dataset="synthetic_classification", n_samples=300, hidden="16", batch_size=50, epochs=2,

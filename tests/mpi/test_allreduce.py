@@ -32,10 +32,12 @@ def trace(cfg, comm):
 
 
 VARIANTS = {
-    "overlap-buckets": dict(bucket_mb=0.001),
-    "one-bucket-per-layer": dict(bucket_mb=0.0),
-    "no-overlap": dict(overlap=False),
-    "accumulate-3": dict(accumulate=3),
+    "overlap-buckets": dict(bucket_mb=0.001, overlap="on"),
+    "one-bucket-per-layer": dict(bucket_mb=0.0, overlap="on"),
+    "no-overlap": dict(overlap="off"),
+    "accumulate-3": dict(accumulate=3, overlap="on"),
+    "accumulate-2-blocking": dict(accumulate=2, overlap="off"),
+    "uneven-overlap": dict(batch_size=37, n_samples=250, max_steps=0, epochs=3, overlap="on", bucket_mb=0.0),
     "uneven-last-batch": dict(batch_size=37, n_samples=250, max_steps=0, epochs=3),
     "drop-last": dict(batch_size=37, n_samples=250, max_steps=0, epochs=3, drop_last=True),
     "adam-cosine": dict(optimizer="adam", momentum=0.0, lr=0.01, schedule="cosine", warmup_steps=5),

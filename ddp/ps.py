@@ -1,0 +1,546 @@
+"""Parameter-server training: the first S ranks hold the parameters, the other ranks compute gradients.
+
+    launch/mpirun.sh -n 3 -- train --mode ps --dataset digits                    # 1 server, 2 workers
+    launch/mpirun.sh -n 6 -- train --mode ps --servers 2 --consistency ssp --staleness 2
+    mpiexec -n 4 python -m mpi4py -m ddp train --mode ps --servers 2 --consistency async
+
+Roles. Ranks 0..S-1 are servers, ranks S..P-1 workers. The flat parameter arena is cut into S contiguous
+shards of balanced size; server s owns shard s and that shard's optimizer state. The optimizers are
+elementwise, so the S shard optimizers together ARE allreduce mode's optimizer over the whole arena. Servers
+compute on the host (NumPy); workers use --device. Workers keep a full replica, have a communicator of their
+own, and take their shard of every global batch exactly as allreduce mode does. Each step a worker pushes
+gradient shard s to server s and pulls parameter shard s back. A shard is pushed during backward, as soon as
+the layers it covers are done (backward produces the end of the arena first).
+
+Messages are non-blocking buffer sends of contiguous arrays (GPU arrays are staged through pinned host
+memory). Nothing is pickled except a few bytes of JSON for control:
+
+    worker -> server  TAG_GRAD    gradient shard, model dtype
+    worker -> server  TAG_CTRL    JSON bytes: {"kind": "epoch", "record": {...}} (to rank 0), {"kind": "done"}
+    server -> worker  TAG_PARAMS  parameter shard
+    server -> worker  TAG_META    int64 [server clock, staleness of the gradient just applied, status]
+
+Consistency (--consistency):
+    sync   bulk synchronous. Workers scale their loss by the GLOBAL batch size, so the server's sum of the
+           workers' gradient shards is the global-batch mean gradient; it takes one optimizer step and returns
+           the same new shard to every worker. The weights equal allreduce mode's (1e-12 in float64).
+    async  each gradient (a mean over the worker's own batch) is applied as it arrives, and the worker gets
+           the fresh shard back at once. No worker ever waits for another.
+    ssp    async, but a server holds back its reply to a worker that is more than --staleness k steps ahead
+           of the slowest worker. With k = 0 that is bulk synchronous, so ssp 0 runs the sync protocol.
+
+Clocks and staleness. A worker's clock is the number of steps it has pushed. A server's clock is the minimum of
+the workers' clocks: the number of steps whose updates the shard holds from EVERY worker (SSP's global clock).
+The staleness of a gradient is the server's clock when it is applied minus the server's clock when the worker
+received the parameters it was computed on: 0 in sync, at most k under ssp. The replies tell each worker the
+staleness of its pushes; metrics.jsonl records each epoch's max_staleness and mean_staleness.
+
+Output. Rank 0 (server 0) is the one process that writes metrics.jsonl, checkpoint.npz and summary.json and
+shows the progress bar. The first worker sends it each epoch's record, already reduced over the workers. At
+every epoch end the servers gather their shards (parameters and optimizer state) to rank 0, which writes ONE
+checkpoint in allreduce mode's format, so either mode resumes from the other's. In async and ssp modes a
+server steps its optimizer once per worker step: the schedule's length and the checkpoint's `t` count those
+updates (n per step). Every rank returns the same summary. An exception on any rank aborts the job (the CLI
+calls MPI_Abort); NaN in a gradient makes the servers reply FAILED, and every rank raises TrainingError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from . import backend
+from .comm import Communicator, DebugComm, MPIComm
+from .config import Config
+from .data import epoch_batches, micro_batches, shard
+from .errors import UsageError
+from .parallel import check_replicas
+from .train import (Reporter, TrainingError, agree, build, evaluate, load_checkpoint, make_optimizer_for,
+                    save_checkpoint, steps_per_epoch, total_steps)
+
+TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
+OK, FAILED = 0, 1
+CTRL_BYTES = 1 << 16          # the largest control message (an epoch record is a few hundred bytes)
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """(start, stop) of `parts` contiguous shards of range(n) whose sizes differ by at most one,
+    cut the way data.shard cuts a batch: the first n % parts shards get one extra element."""
+    base, extra = divmod(n, parts)
+    starts = [s * base + min(s, extra) for s in range(parts + 1)]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) -> tuple[dict, int]:
+    """The steps after which train_allreduce writes a record and a checkpoint, starting from
+    (step, epoch, batch): {step: (epoch, batch_in_epoch) as saved}, and the last step.
+
+    The servers need this to checkpoint at exactly the steps the workers report at, without
+    being told: it is the same loop as train_allreduce's, with the batches only counted.
+    """
+    points = {}
+    while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
+        n = spe - batch
+        if cfg.max_steps:
+            n = min(n, cfg.max_steps - step)
+        step, batch = step + n, batch + n
+        if batch < spe:                       # stopped by --max-steps inside the epoch
+            points[step] = (epoch, batch)
+            break
+        epoch, batch = epoch + 1, 0
+        points[step] = (epoch, 0)
+    return points, step
+
+
+def is_finite(x) -> bool:
+    s = float(np.dot(x, x))
+    return math.isfinite(s) or bool(np.isfinite(x).all())     # the dot may overflow on finite values
+
+
+def _json_bytes(obj) -> np.ndarray:
+    data = np.frombuffer(bytearray(json.dumps(obj).encode()), np.uint8)
+    if data.size > CTRL_BYTES:
+        raise RuntimeError(f"control message of {data.size} bytes exceeds {CTRL_BYTES}")
+    return data
+
+
+def check_ps(cfg: Config, comm: Communicator) -> None:
+    """Reject what ps mode cannot run, with the same message on every rank."""
+    S = cfg.servers
+    if cfg.simulate_ranks:
+        raise UsageError("--simulate-ranks does not support --mode ps (servers and workers exchange MPI "
+                         f"messages); launch with mpiexec -n {S + 1} or more instead")
+    if S < 1:
+        raise UsageError(f"--servers {S} must be >= 1")
+    if cfg.staleness < 0:
+        raise UsageError(f"--staleness {cfg.staleness} must be >= 0")
+    if comm.size < 2:
+        raise UsageError(f"ps mode needs at least 2 ranks: {S} server(s) and at least one worker; "
+                         f"launch with mpiexec -n {S + 1} or more")
+    if S >= comm.size:
+        raise UsageError(f"--servers {S} leaves no worker among {comm.size} ranks: use --servers "
+                         f"{comm.size - 1} or fewer, or launch with mpiexec -n {S + 1} or more")
+    if getattr(comm, "comm", None) is None:
+        raise UsageError(f"ps mode needs MPI ranks (mpiexec); the {comm.name} communicator has no "
+                         "point-to-point messages")
+
+
+def restore_shard(ckpt: dict, model, optimizer, start: int, stop: int, path: str) -> tuple[int, int, int]:
+    """Load a full checkpoint (either mode's) into a server: the whole model, to check the
+    architecture, and the [start, stop) slice of each optimizer state array."""
+    model.load_state_dict(ckpt)
+    state = {k[len("optimizer."):]: v for k, v in ckpt.items() if k.startswith("optimizer.")}
+    if "t" not in state:
+        raise UsageError(f"checkpoint {path} has no optimizer state")
+    n = model.num_params
+    for name, arr in state.items():
+        if name != "t":
+            if arr.shape != (n,):
+                raise UsageError(f"checkpoint {path}: optimizer state {name} has shape {arr.shape}, "
+                                 f"expected ({n},)")
+            state[name] = arr[start:stop]
+    optimizer.load_state_dict(state)
+    return int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+
+
+# --------------------------------------------------------------------------- worker
+
+class Worker:
+    """A full replica that pushes gradient shards to the servers and pulls parameter shards back."""
+
+    def __init__(self, world: MPIComm, model, bounds):
+        self.mpi, self.MPI = world.comm, world.MPI
+        self.params = [model.params[a:b] for a, b in bounds]
+        self.grads = [model.grads[a:b] for a, b in bounds]
+        self.staged = backend.is_gpu_array(model.params)
+        if self.staged:         # MPI reads host memory: GPU shards travel through pinned copies
+            self.host_params = [backend.pinned_empty(p.shape, p.dtype) for p in self.params]
+            self.host_grads = [backend.pinned_empty(g.shape, g.dtype) for g in self.grads]
+        else:                   # NumPy shards are contiguous views: MPI uses the arena itself
+            self.host_params, self.host_grads = self.params, self.grads
+        self.meta = np.zeros((len(bounds), 3), np.int64)
+        # Shard s is complete once backward has finished the layer holding its first element.
+        self.ready = {}
+        for s, (a, _) in enumerate(bounds):
+            layer = next(L for L in model.layers if L.start <= a < L.stop)
+            self.ready.setdefault(layer.index, []).append(s)
+        self.reqs, self.keep = [], []
+        self.bytes_sent = self.bytes_received = 0
+
+    def expect(self, s: int, count: bool = True) -> None:
+        """Post the receives of server s's reply: its parameter shard and its meta."""
+        self.reqs += [self.mpi.Irecv(self.host_params[s], source=s, tag=TAG_PARAMS),
+                      self.mpi.Irecv(self.meta[s], source=s, tag=TAG_META)]
+        if count:
+            self.bytes_received += self.host_params[s].nbytes + self.meta[s].nbytes
+
+    def push(self, s: int) -> None:
+        if self.staged:
+            backend.synchronize(self.grads[s])
+            backend.copy_to_host(self.grads[s], self.host_grads[s])
+        # The reply's receives go up before the gradient leaves. Writing the reply into the arena
+        # while backward goes on is safe: backward is done with every layer of shard s.
+        self.expect(s)
+        self.reqs.append(self.mpi.Isend(self.host_grads[s], dest=s, tag=TAG_GRAD))
+        self.bytes_sent += self.host_grads[s].nbytes
+
+    def on_grad(self, layer: int) -> None:
+        for s in self.ready.get(layer, ()):
+            self.push(s)
+
+    def send_ctrl(self, dest: int, obj: dict) -> None:
+        data = _json_bytes(obj)
+        self.keep.append(data)                     # alive until its send completes
+        self.reqs.append(self.mpi.Isend(data, dest=dest, tag=TAG_CTRL))
+
+    def wait(self) -> np.ndarray:
+        """Finish every pending message; returns the replies' meta, one [clock, staleness, status] per server."""
+        self.MPI.Request.Waitall(self.reqs)
+        self.reqs, self.keep = [], []
+        if self.staged:
+            for host, dev in zip(self.host_params, self.params):
+                backend.copy_to_device(host, dev)
+        return self.meta
+
+
+def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sync: bool, on_step):
+    """The worker's loop: train_allreduce's loop, with push/pull in place of the allreduce.
+    Returns (summary or {"error": ...}, traffic)."""
+    model, train, B = s.model, s.train, s.batch_size
+    xp = model.xp
+    S = len(bounds)
+    worker = Worker(world, model, bounds)
+    for srv in range(S):                            # the initial shards
+        worker.expect(srv, count=False)
+    worker.wait()
+    X_dev = xp.asarray(train.X, model.dtype)
+    y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
+    step, epoch, start_batch = start
+    start_epoch = epoch
+    first_worker = wcomm.rank == 0
+    run_max, run_sum, run_n = 0, 0.0, 0.0
+    error = None
+    t0 = time.perf_counter()
+    while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
+        batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
+        nb = start_batch if epoch == start_epoch else 0
+        loss_sum, n_steps, samples, failed = 0.0, 0, 0, False
+        stale_max, stale_sum, stale_n = 0, 0, 0
+        t_epoch = time.perf_counter()
+        while nb < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
+            gb = batches[nb]
+            nb += 1
+            local = shard(gb, wcomm.rank, wcomm.size)
+            # sync: a share of the global-batch mean, as in allreduce mode; async: this worker's own mean
+            denom = len(gb) if sync else max(len(local), 1)
+            micro = micro_batches(local, cfg.accumulate)
+            loss = 0.0
+            for j, mb in enumerate(micro):
+                last = j == len(micro) - 1
+                loss += model.forward_backward(X_dev[mb], y_dev[mb], denom=denom, accumulate=j > 0,
+                                               on_grad=worker.on_grad if last else None)
+            meta = worker.wait()
+            step += 1
+            n_steps += 1
+            samples += len(gb)
+            loss_sum += loss if sync else loss * len(local) / len(gb)
+            stale_max = max(stale_max, int(meta[:, 1].max()))
+            stale_sum += int(meta[:, 1].sum())
+            stale_n += S
+            if (meta[:, 2] == FAILED).any():
+                failed = True
+                break
+            if sync and cfg.check_every and step % cfg.check_every == 0:
+                check_replicas(wcomm, model.params, step)
+            if on_step is not None:
+                on_step(step, model, wcomm)
+        finished_epoch = nb >= len(batches)
+        elapsed_epoch = time.perf_counter() - t_epoch
+        # Every worker reaches this point, failed or not, so the verdict below is collective.
+        tot = np.array([loss_sum, float(failed), stale_sum, stale_n])
+        wcomm.allreduce_sum(tot)
+        peaks = wcomm.allgather_obj((stale_max, step))
+        if tot[1]:
+            error = (f"gradients became NaN or Inf by step {max(p[1] for p in peaks)}; lower the learning "
+                     f"rate (now {cfg.lr:g}, {model.dtype.name})")
+            break
+        record = {"epoch": epoch + 1, "step": step, "train_loss": tot[0] / max(n_steps, 1)}
+        record.update({f"val_{k}": v for k, v in evaluate(model, s.val, wcomm).items()})
+        record["samples_per_s"] = samples / elapsed_epoch if elapsed_epoch > 0 else 0.0
+        record["elapsed_s"] = time.perf_counter() - t0
+        record["max_staleness"] = max(p[0] for p in peaks)
+        record["mean_staleness"] = tot[2] / max(tot[3], 1)
+        run_max, run_sum, run_n = max(run_max, record["max_staleness"]), run_sum + tot[2], run_n + tot[3]
+        if not math.isfinite(record["train_loss"]):
+            error = f"training loss became {record['train_loss']} in epoch {epoch + 1}"
+            break
+        if first_worker:
+            worker.send_ctrl(0, {"kind": "epoch", "record": record})
+        if finished_epoch:
+            epoch, nb = epoch + 1, 0
+        else:
+            break
+    # Shut down: tell every server, then take the final shards, which hold every worker's last update.
+    for srv in range(S):
+        worker.send_ctrl(srv, {"kind": "done"})
+        worker.expect(srv, count=False)
+    worker.wait()
+    traffic = (worker.bytes_sent, worker.bytes_received)
+    if error is not None:
+        return {"error": error}, traffic
+    check_replicas(wcomm, model.params, step)
+    summary = {"steps": step, "epochs": epoch, "world_size": world.size, "elapsed_s": time.perf_counter() - t0,
+               **{f"test_{k}": v for k, v in evaluate(model, s.test, wcomm).items()},
+               **{f"val_{k}": v for k, v in evaluate(model, s.val, wcomm).items()},
+               "max_staleness": run_max, "mean_staleness": run_sum / max(run_n, 1)}
+    return summary, traffic
+
+
+# --------------------------------------------------------------------------- server
+
+class Server:
+    """Owns one shard of the arena and its optimizer, and answers the workers' pushes."""
+
+    def __init__(self, cfg: Config, world: MPIComm, scomm, model, optimizer, bounds, workers: list[int], *,
+                 sync: bool, staleness: int | None, start_step: int, points: dict, reporter: Reporter):
+        self.cfg, self.mpi, self.MPI, self.scomm = cfg, world.comm, world.MPI, scomm
+        self.model, self.opt, self.bounds, self.workers = model, optimizer, bounds, workers
+        a, b = bounds[world.rank]
+        self.params = model.params[a:b]            # the optimizer updates this view in place
+        self.sync, self.k = sync, staleness        # k: None for async (no bound)
+        self.start_step, self.points, self.reporter = start_step, points, reporter
+        n, dt = len(workers), model.dtype
+        self.grad_in = [np.empty(b - a, dt) for _ in range(n)]
+        self.ctrl_in = [np.empty(CTRL_BYTES, np.uint8) for _ in range(n)]
+        # sync sends the shard itself to everyone; async copies it, since it changes before the send is done
+        self.out = None if sync else [np.empty(b - a, dt) for _ in range(n)]
+        self.meta_out = np.zeros((n, 3), np.int64)
+        self.clock = np.zeros(n, np.int64)         # steps each worker has pushed
+        self.released = np.zeros(n, np.int64)      # the server clock when each worker got its shard
+        self.staleness = np.zeros(n, np.int64)     # of each worker's last applied gradient
+        self.grad_reqs = [self.MPI.REQUEST_NULL] * n
+        self.ctrl_reqs = [self.MPI.REQUEST_NULL] * n
+        self.sends = [[] for _ in range(n)]
+        self.deferred, self.arrived, self.failed = set(), 0, False
+        self.bytes_sent = self.bytes_received = 0
+
+    @property
+    def gclock(self) -> int:
+        return int(self.clock.min())
+
+    def serve(self) -> None:
+        MPI, n = self.MPI, len(self.workers)
+        for w in range(n):
+            self._post_ctrl(w)
+            self.reply(w, count=False)             # the initial shard
+        done, status = [False] * n, MPI.Status()
+        while not all(done):
+            i = MPI.Request.Waitany(self.grad_reqs + self.ctrl_reqs, status)
+            if i < n:
+                self.bytes_received += self.grad_in[i].nbytes
+                self.on_grad(i)
+                continue
+            w = i - n
+            msg = json.loads(self.ctrl_in[w][:status.Get_count(MPI.BYTE)].tobytes())
+            if msg["kind"] == "done":
+                done[w] = True
+            else:
+                self.reporter.epoch(msg["record"])
+                self._post_ctrl(w)
+        for r in self.grad_reqs:                   # the receive each worker's last reply posted
+            if r != MPI.REQUEST_NULL:
+                r.Cancel()
+                r.Wait()
+        for w in range(n):                         # the final shard
+            self.reply(w, more=False, count=False)
+        MPI.Request.Waitall([r for rs in self.sends for r in rs])
+
+    def _post_ctrl(self, w):
+        self.ctrl_reqs[w] = self.mpi.Irecv(self.ctrl_in[w], source=self.workers[w], tag=TAG_CTRL)
+
+    def reply(self, w: int, more: bool = True, count: bool = True) -> None:
+        """Send worker w the current shard and meta; `more`: repost the receive of its next push."""
+        self.MPI.Request.Waitall(self.sends[w])
+        if self.out is None:
+            buf = self.params
+        else:
+            buf = self.out[w]
+            buf[...] = self.params
+        g = self.gclock
+        self.meta_out[w] = (g, self.staleness[w], FAILED if self.failed else OK)
+        self.released[w] = g
+        dest = self.workers[w]
+        if more:
+            self.grad_reqs[w] = self.mpi.Irecv(self.grad_in[w], source=dest, tag=TAG_GRAD)
+        self.sends[w] = [self.mpi.Isend(buf, dest=dest, tag=TAG_PARAMS),
+                         self.mpi.Isend(self.meta_out[w], dest=dest, tag=TAG_META)]
+        if count:
+            self.bytes_sent += buf.nbytes + self.meta_out[w].nbytes
+
+    def apply(self) -> None:
+        """One optimizer step with the gradient in self.opt.grads, unless it is not finite."""
+        if self.failed:
+            return
+        if not is_finite(self.opt.grads):
+            self.failed = True                     # from now on every reply says FAILED
+            return
+        self.opt.step()
+
+    def on_grad(self, w: int) -> None:
+        before = self.gclock
+        self.clock[w] += 1
+        if w == 0:
+            self._tick()
+        if self.sync:
+            self.arrived += 1
+            if self.arrived < len(self.workers):
+                return
+            self.arrived = 0
+            g = self.opt.grads                    # the sum over workers, in worker order
+            g[...] = self.grad_in[0]
+            for x in self.grad_in[1:]:
+                g += x
+            self.MPI.Request.Waitall([r for rs in self.sends for r in rs])   # they read self.params
+            self.apply()
+            for u in range(len(self.workers)):
+                self.reply(u)
+        else:
+            self.staleness[w] = before - self.released[w]
+            self.opt.grads[...] = self.grad_in[w]
+            self.apply()
+            after = self.gclock
+            held = self.k is not None and not self.failed and self.clock[w] > after + self.k
+            if held:
+                self.deferred.add(w)               # too far ahead of the slowest: it waits here
+            else:
+                self.reply(w)
+            for u in sorted(self.deferred - {w}):
+                if self.failed or self.clock[u] <= after + self.k:
+                    self.deferred.discard(u)
+                    self.reply(u)
+        if self.gclock > before:
+            self.checkpoint(self.start_step + self.gclock)
+
+    def _tick(self):
+        if self.reporter.bar is not None:
+            self.reporter.bar.update(1)
+
+    def checkpoint(self, step: int) -> None:
+        """At the steps where allreduce mode checkpoints, gather every shard and its optimizer
+        state to rank 0 and write one full checkpoint in allreduce mode's format."""
+        if step not in self.points:
+            return
+        MPI, root = self.MPI, self.scomm.Get_rank() == 0
+        counts = [b - a for a, b in self.bounds]
+        displs = [a for a, _ in self.bounds]
+        full = self.model.params                   # rank 0's own shard is already in place
+        self.scomm.Gatherv(MPI.IN_PLACE if root else self.params, [full, (counts, displs)] if root else None,
+                           root=0)
+        state = {}
+        for name in self.opt.state_names:
+            mine = getattr(self.opt, name)
+            whole = np.empty(full.size, mine.dtype) if root else None
+            self.scomm.Gatherv(mine, [whole, (counts, displs)] if root else None, root=0)
+            state[name] = whole
+        if root:
+            state["t"] = np.array(self.opt.t, np.int64)
+            epoch, batch = self.points[step]
+            save_checkpoint(os.path.join(self.cfg.out, "checkpoint.npz"), self.model.state_dict(), state,
+                            step=step, epoch=epoch, batch=batch, cfg=self.cfg)
+
+
+# --------------------------------------------------------------------------- entry point
+
+def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
+    """Train with parameter servers on `comm` (an MPI world); returns the summary on every rank.
+
+    on_step(step, model, worker_comm), if given, runs on the workers after every step.
+    """
+    cfg.validate()
+    check_ps(cfg, comm)
+    world = comm.inner if isinstance(comm, DebugComm) else comm
+    S, P = cfg.servers, comm.size
+    is_server = comm.rank < S
+    sync = cfg.consistency == "sync" or (cfg.consistency == "ssp" and cfg.staleness == 0)
+    s = agree(comm, build, dataclasses.replace(cfg, device="cpu") if is_server else cfg, comm.local_rank)
+    model = s.model
+    sig = (tuple(model.sizes), model.activation, model.loss_name, model.dtype.name, model.num_params)
+    sigs = comm.allgather_obj(sig)
+    for r, other in enumerate(sigs):
+        if other != sigs[0]:
+            raise RuntimeError(f"rank {r} built model {other}, but rank 0 built {sigs[0]}")
+    if S > model.num_params:
+        raise UsageError(f"--servers {S} is more than the model's {model.num_params} parameters")
+    bounds = shard_bounds(model.num_params, S)
+    part = world.comm.Split(0 if is_server else 1, comm.rank)   # the servers; the workers
+    n_workers = P - S
+    spe = steps_per_epoch(cfg, len(s.train), s.batch_size)
+    n_total = total_steps(cfg, len(s.train), s.batch_size)
+
+    optimizer = None
+    if is_server:
+        a, b = bounds[comm.rank]
+        # The schedule spans the planned epochs, as in allreduce mode (--max-steps does not reshape
+        # it); async servers take one optimizer step per worker step.
+        updates = 1 if sync else n_workers
+        optimizer = make_optimizer_for(cfg, model.params[a:b], model.grads[a:b], cfg.epochs * spe * updates)
+        part.Bcast(model.params, root=0)           # rank 0's initial weights, not equal seeds
+
+    def restore():
+        if not cfg.resume:
+            return 0, 0, 0
+        if is_server:                              # each server loads its slice
+            return restore_shard(load_checkpoint(cfg.resume), model, optimizer, a, b, cfg.resume)
+    start = np.array(agree(comm, restore) or (0, 0, 0), np.int64)
+    comm.bcast(start, root=0)                      # the workers learn where training resumes
+    start = tuple(int(v) for v in start)
+    points, _ = checkpoint_points(cfg, spe, *start)
+
+    rank0 = comm.rank == 0
+    reporter = Reporter(cfg, rank0, n_total, start[0], resumed=bool(cfg.resume))
+    kind = "sync (ssp with staleness 0)" if sync and cfg.consistency == "ssp" else cfg.consistency
+    if cfg.consistency == "ssp" and not sync:
+        kind += f" (staleness <= {cfg.staleness})"
+    reporter.print(f"ddp: {model} in ps mode: {S} server(s) (ranks 0-{S - 1}), {n_workers} worker(s), {kind}; "
+                   f"{len(s.train)} training samples, global batch {s.batch_size}, {n_total} steps")
+    if cfg.staleness and cfg.consistency != "ssp":
+        reporter.print(f"ddp: warning: --staleness {cfg.staleness} is ignored with --consistency {cfg.consistency}")
+    if cfg.grad_norms:
+        reporter.print("ddp: warning: --grad-norms is not recorded in ps mode")
+    try:
+        if is_server:
+            server = Server(cfg, world, part, model, optimizer, bounds, list(range(S, P)), sync=sync,
+                            staleness=None if cfg.consistency == "async" else cfg.staleness,
+                            start_step=start[0], points=points, reporter=reporter)
+            server.serve()
+            result, traffic = None, (server.bytes_sent, server.bytes_received)
+        else:
+            wcomm = MPIComm(part)
+            result, traffic = _work(cfg, s, world, DebugComm(wcomm) if cfg.debug else wcomm, bounds, start,
+                                    sync, on_step)
+    finally:
+        reporter.close()
+    summary = comm.bcast_obj(result, root=S)       # the first worker's summary, to every rank
+    traffic = comm.allgather_obj(traffic)
+    part.Free()
+    if "error" in summary:
+        raise TrainingError(summary["error"])
+    summary.update({"mode": "ps", "servers": S, "workers": n_workers, "consistency": cfg.consistency,
+                    "staleness_bound": cfg.staleness if cfg.consistency == "ssp" else None,
+                    "model_bytes": model.params.nbytes,
+                    "step_bytes_sent": [t[0] for t in traffic], "step_bytes_received": [t[1] for t in traffic]})
+    if rank0:
+        with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+        metric = next((k for k in ("test_accuracy", "test_r2") if k in summary), None)
+        tail = f", {metric} {summary[metric]:.4f}" if metric else ""
+        reporter.print(f"ddp: done: {summary['steps']} steps, {summary['epochs']} epochs, "
+                       f"{summary['elapsed_s']:.1f} s{tail}, max staleness {summary['max_staleness']}, "
+                       f"outputs in {cfg.out}")
+    return summary
