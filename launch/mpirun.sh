@@ -20,8 +20,8 @@ usage: $prog [-n N] [--hostfile FILE | --host H1:S1,H2:S2] [--iface IFACE]
 Run 'PYTHON -m mpi4py -m ddp DDP_ARGS...' on N MPI ranks.
 
 options:
-  -n, --np N        number of ranks (default: the slots in --hostfile/--host, else the
-                    number of cores here)
+  -n, --np N        number of ranks (default: the slots in --hostfile/--host, else
+                    \$SLURM_NTASKS inside a Slurm allocation, else the cores here)
   --hostfile FILE   hosts to run on, one per line: 'host slots=S' (Open MPI) or 'host:S' (MPICH)
   --host LIST       hosts to run on, e.g. h1:2,h2:2
   --iface IFACE     network interface (or Open MPI CIDR) for MPI's TCP traffic, e.g. eth0;
@@ -36,7 +36,7 @@ environment:
   DDP_IFACE         default for --iface
 
 Open MPI and MPICH are told apart by 'mpiexec --version'. For Open MPI the script sets
-OMPI_MCA_btl=^ofi (unless already set), allows running as root when run by root, passes
+OMPI_MCA_btl=^ofi (unless OMPI_MCA_btl is set, even to ''), allows running as root when run by root, passes
 --oversubscribe and mpi_yield_when_idle=1 when there are more ranks than cores or slots,
 and --bind-to none with a host list. PYTHON must exist at the same path on every host.
 
@@ -158,6 +158,8 @@ elif [[ -n "$hostlist" ]]; then
     for h in "${hosts[@]}"; do
         if [[ "$h" == *:* ]]; then slots=$((slots + ${h##*:})); else slots=$((slots + 1)); fi
     done
+elif [[ -n "${SLURM_NTASKS:-}" ]]; then
+    slots="$SLURM_NTASKS"  # inside a Slurm allocation mpiexec takes the nodes from Slurm itself
 else
     slots="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
 fi
@@ -169,8 +171,9 @@ oversubscribed=0
 envs=()
 cmd=("$mpiexec" -n "$np")
 if [[ $flavor == openmpi ]]; then
-    # Without this every MPI_Init spends 1 s while libfabric probes for providers.
-    [[ -n "${OMPI_MCA_btl:-}" ]] || envs+=("OMPI_MCA_btl=^ofi")
+    # Without this every MPI_Init spends 1 s while libfabric probes for providers. A value of
+    # the user's own, even an empty one (Open MPI's default), is kept.
+    [[ -n "${OMPI_MCA_btl+set}" ]] || envs+=("OMPI_MCA_btl=^ofi")
     if [[ "$(id -u)" == 0 ]]; then
         envs+=(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
     fi

@@ -116,9 +116,11 @@ def test_training_across_emulated_hosts_equals_one_process(hosts, tmp_path):
            "--host", "h0:1,h1:1,h2:1", "--iface", "eth0", "--", *TRAIN, "--out", str(tmp_path / "cluster")]
     res = run(cmd, timeout=180, env=hosts)
     assert "rank 0 of 3" in res.stdout
-    # 20 allreduces of 1210 float64 gradients (9.7 kB) must have crossed every host's link.
+    # In any allreduce each of p ranks receives at least (p-1)/p of the buffer: here 20 steps of
+    # 2/3 of 1210 float64 gradients (9.7 kB) must have come in over every host's only link.
     for h in ("h0", "h1", "h2"):
-        assert eth0_bytes(hosts, h) - before[h] > 20 * 9680, f"{h} received too little over eth0"
+        got = eth0_bytes(hosts, h) - before[h]
+        assert got > 20 * 9680 * 2 / 3, f"{h} received only {got} bytes over eth0"
     run([sys.executable, "-m", "ddp", *TRAIN, "--out", str(tmp_path / "single")], timeout=120,
         env={**os.environ, "PYTHONPATH": ROOT})
     run([sys.executable, os.path.join(CLUSTER, "compare_runs.py"), str(tmp_path / "cluster"),
@@ -183,11 +185,14 @@ def test_compose_gpu_override_is_valid(compose):
     rc, out, err = compose("docker-compose.yml", "docker-compose.gpu.yml")
     assert rc == 0, err
     services = json.loads(out)["services"]
+    gpus = []
     for name, s in services.items():
         assert s["image"] == "ddp:gpu" and s["build"]["args"]["WITH_CUDA"] == "1", name
         if name.startswith("worker"):
             (dev,) = s["deploy"]["resources"]["reservations"]["devices"]
             assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
+            gpus += dev["device_ids"]
+    assert len(gpus) == len(set(gpus)) >= 3, "each worker gets a GPU of its own"
     env = services["launcher"]["environment"]
     assert "--device gpu" in env["DDP_ARGS"] and env["DDP_WORKERS"]  # merged, not replaced
 

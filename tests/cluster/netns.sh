@@ -15,6 +15,7 @@ usage() { echo "usage: $0 up PREFIX N HOSTS_FILE | down PREFIX" >&2; exit 2; }
 down() {
     for ns in $(ip netns list | awk '{print $1}' | grep -E "^$1-(br|h[0-9]+)\$" || true); do
         pids=$(ip netns pids "$ns" 2>/dev/null || true)
+        # shellcheck disable=SC2086  # one word per pid
         [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
         ip netns del "$ns" || true
     done

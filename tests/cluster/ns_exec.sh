@@ -9,6 +9,7 @@ set -eu
 [ $# -ge 2 ] || { echo "usage: $0 HOST CMD [ARGS...]" >&2; exit 2; }
 host=$1
 shift
+# shellcheck disable=SC2016  # expanded by the inner sh
 exec ip netns exec "$DDP_NETNS_PREFIX-$host" \
     unshare --uts --mount --propagation private \
     sh -c 'mount --bind "$DDP_NETNS_HOSTS" /etc/hosts && hostname "$0" && exec "$@"' "$host" "$@"

