@@ -107,10 +107,10 @@ def synchronize(x=None) -> None:
 
 def pinned_empty(shape, dtype) -> np.ndarray:
     """A page-locked host array, so device<->host copies run at full speed."""
-    cp = _import_cupy()
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    mem = cp.cuda.alloc_pinned_memory(max(n, 1))
-    return np.frombuffer(mem, dtype, int(np.prod(shape))).reshape(shape)
+    _import_cupy()
+    import cupyx
+
+    return cupyx.empty_pinned(shape, dtype)
 
 
 def copy_to_host(src, dst: np.ndarray) -> None:
