@@ -503,16 +503,18 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
     points, _ = checkpoint_points(cfg, spe, *start)
 
     rank0 = comm.rank == 0
+    if rank0:                                      # before the progress bar starts
+        kind = "sync (ssp with staleness 0)" if sync and cfg.consistency == "ssp" else cfg.consistency
+        if cfg.consistency == "ssp" and not sync:
+            kind += f" (staleness <= {cfg.staleness})"
+        print(f"ddp: {model} in ps mode: {S} server(s) (ranks 0-{S - 1}), {n_workers} worker(s), {kind}; "
+              f"{len(s.train)} training samples, global batch {s.batch_size}, {n_total} steps", flush=True)
+        if cfg.staleness and cfg.consistency != "ssp":
+            print(f"ddp: warning: --staleness {cfg.staleness} is ignored with --consistency {cfg.consistency}",
+                  flush=True)
+        if cfg.grad_norms:
+            print("ddp: warning: --grad-norms is not recorded in ps mode", flush=True)
     reporter = Reporter(cfg, rank0, n_total, start[0], resumed=bool(cfg.resume))
-    kind = "sync (ssp with staleness 0)" if sync and cfg.consistency == "ssp" else cfg.consistency
-    if cfg.consistency == "ssp" and not sync:
-        kind += f" (staleness <= {cfg.staleness})"
-    reporter.print(f"ddp: {model} in ps mode: {S} server(s) (ranks 0-{S - 1}), {n_workers} worker(s), {kind}; "
-                   f"{len(s.train)} training samples, global batch {s.batch_size}, {n_total} steps")
-    if cfg.staleness and cfg.consistency != "ssp":
-        reporter.print(f"ddp: warning: --staleness {cfg.staleness} is ignored with --consistency {cfg.consistency}")
-    if cfg.grad_norms:
-        reporter.print("ddp: warning: --grad-norms is not recorded in ps mode")
     try:
         if is_server:
             server = Server(cfg, world, part, model, optimizer, bounds, list(range(S, P)), sync=sync,
