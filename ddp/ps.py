@@ -60,7 +60,7 @@ from .data import epoch_batches, micro_batches, shard
 from .errors import UsageError
 from .parallel import check_replicas
 from .train import (Reporter, TrainingError, agree, build, evaluate, load_checkpoint, make_optimizer_for,
-                    save_checkpoint, steps_per_epoch, total_steps)
+                    save_checkpoint, steps_per_epoch, total_steps, write_summary)
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
 OK, FAILED = 0, 1
@@ -538,11 +538,5 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
                     "model_bytes": model.params.nbytes,
                     "step_bytes_sent": [t[0] for t in traffic], "step_bytes_received": [t[1] for t in traffic]})
     if rank0:
-        with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=1)
-        metric = next((k for k in ("test_accuracy", "test_r2") if k in summary), None)
-        tail = f", {metric} {summary[metric]:.4f}" if metric else ""
-        reporter.print(f"ddp: done: {summary['steps']} steps, {summary['epochs']} epochs, "
-                       f"{summary['elapsed_s']:.1f} s{tail}, max staleness {summary['max_staleness']}, "
-                       f"outputs in {cfg.out}")
+        write_summary(cfg, summary, f", max staleness {summary['max_staleness']}")
     return summary

@@ -366,13 +366,18 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None) -> dict:
                **{f"test_{k}": v for k, v in evaluate(model, s.test, comm).items()},
                **{f"val_{k}": v for k, v in evaluate(model, s.val, comm).items()}}
     if rank0:
-        with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=1)
-        metric = next((k for k in ("test_accuracy", "test_r2") if k in summary), None)
-        tail = f", {metric} {summary[metric]:.4f}" if metric else ""
-        reporter.print(f"ddp: done: {step} steps, {epoch} epochs, {summary['elapsed_s']:.1f} s{tail}, "
-                       f"outputs in {cfg.out}")
+        write_summary(cfg, summary)
     return summary
+
+
+def write_summary(cfg: Config, summary: dict, extra: str = "") -> None:
+    """summary.json and the one-line final report (rank 0 only)."""
+    with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    metric = next((k for k in ("test_accuracy", "test_r2") if k in summary), None)
+    tail = f", {metric} {summary[metric]:.4f}" if metric else ""
+    print(f"ddp: done: {summary['steps']} steps, {summary['epochs']} epochs, {summary['elapsed_s']:.1f} s{tail}"
+          f"{extra}, outputs in {cfg.out}", flush=True)
 
 
 def run(cfg: Config, comm: Communicator | None = None, on_step=None) -> dict:

@@ -1,6 +1,5 @@
 """Launches tests/mpi under a real mpiexec at 1, 2 and 4 ranks (oversubscribed on 2 cores),
 plus the failure test: one rank raising must end the whole job promptly."""
-import sys
 import time
 
 import pytest
