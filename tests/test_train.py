@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import rel_diff
+from ddp import backend
 from ddp.config import Config
 from ddp.train import load_data, run
 
@@ -20,7 +21,7 @@ def final_params(cfg, comm=None):
     got = {}
 
     def grab(step, model, comm):
-        got["p"] = np.array(model.params)
+        got["p"] = backend.to_numpy(model.params).copy()
     run(cfg, comm, on_step=grab)
     return got["p"]
 
@@ -140,3 +141,12 @@ def test_a_failing_simulated_rank_never_hangs(tmp_path):
             raise ValueError("rank 2 fails at step 3")
     with pytest.raises(ValueError, match="rank 2 fails at step 3"):
         run(cfg, on_step=boom)
+
+
+def test_training_on_the_device_matches_numpy(tmp_path, device):
+    """The same run on NumPy and on the device (CuPy when a GPU is usable): float64, equal to 1e-10."""
+    base = dict(dataset="synthetic_classification", n_samples=200, hidden="16", batch_size=32, epochs=2,
+                lr=0.1, momentum=0.9, dtype="float64", progress=False)
+    ref = final_params(Config(out=str(tmp_path / "cpu"), device="cpu", **base))
+    dev = final_params(Config(out=str(tmp_path / "dev"), device=device, **base))
+    assert rel_diff(dev, ref) <= 1e-10
