@@ -98,6 +98,28 @@ def asarray(x, xp, dtype=None):
     return xp.asarray(x, dtype=dtype)
 
 
+def axpy(a: float, x, y) -> None:
+    """y += a * x in place, in ONE pass over memory (BLAS axpy).
+
+    NumPy's `y += a * x` reads and writes a temporary as big as the arena; on
+    the optimizer's hot path that second pass was half of its time.
+    """
+    if is_gpu_array(y):
+        y += a * x     # a fused elementwise kernel would save the temporary; the GPU has bandwidth to spare
+        return
+    if y.dtype in (np.float32, np.float64) and x.dtype == y.dtype and x.flags.c_contiguous \
+            and y.flags.c_contiguous and y.ndim == 1:
+        from scipy.linalg import blas
+
+        fn = blas.saxpy if y.dtype == np.float32 else blas.daxpy
+        out = fn(x, y, a=a)
+        if out is y or np.shares_memory(out, y):
+            return
+        y[...] = out     # (an f2py copy was made: keep the result anyway)
+        return
+    y += a * x
+
+
 def synchronize(x=None) -> None:
     """Wait for queued GPU work: MPI reads device memory behind CuPy's back,
     so the kernels that wrote a buffer must have finished first."""

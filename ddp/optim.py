@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from .backend import axpy, get_array_module, to_numpy
 from .errors import UsageError
 
 
@@ -43,8 +43,8 @@ class Optimizer:
 
     def _l2(self, g):
         """g + wd * p, kept apart from the gradient buffer, which holds what was communicated."""
-        self.xp.multiply(self.params, self.weight_decay, out=self._decayed)
-        self._decayed += g
+        self._decayed[...] = g
+        axpy(self.weight_decay, self.params, self._decayed)
         return self._decayed
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -79,21 +79,20 @@ class SGD(Optimizer):
         super().__init__(params, grads, lr, weight_decay, schedule)
 
     def _update(self, lr):
-        xp, p, g, tmp = self.xp, self.params, self.grads, self._tmp
+        p, g = self.params, self.grads
         if self.weight_decay:
             g = self._l2(g)
         if self.momentum:
             v = self.momentum_buffer
             v *= self.momentum
-            v += g
-            if self.nesterov:
-                xp.multiply(v, self.momentum, out=tmp)
-                tmp += g
-                g = tmp
+            axpy(1.0, g, v)
+            if self.nesterov:                  # p -= lr * (g + momentum * v)
+                axpy(-lr, g, p)
+                axpy(-lr * self.momentum, v, p)
             else:
-                g = v
-        xp.multiply(g, lr, out=tmp)
-        p -= tmp
+                axpy(-lr, v, p)
+        else:
+            axpy(-lr, g, p)
 
 
 class Adam(Optimizer):
@@ -119,20 +118,17 @@ class Adam(Optimizer):
         elif self.weight_decay:
             g = self._l2(g)
         m *= b1
-        xp.multiply(g, 1 - b1, out=tmp)
-        m += tmp
+        axpy(1 - b1, g, m)
         v *= b2
         xp.multiply(g, g, out=tmp)
-        tmp *= 1 - b2
-        v += tmp
+        axpy(1 - b2, tmp, v)
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         # p -= lr * (m / bc1) / (sqrt(v / bc2) + eps), with the scalars folded
         xp.sqrt(v, out=tmp)
         tmp *= 1 / math.sqrt(bc2)
         tmp += self.eps
         xp.divide(m, tmp, out=tmp)
-        tmp *= lr / bc1
-        p -= tmp
+        axpy(-lr / bc1, tmp, p)
 
 
 class AdamW(Adam):
