@@ -84,7 +84,7 @@ def cmd_info() -> int:
         from mpi4py import MPI
 
         from .comm import cuda_aware_mpi
-        print(f"mpi4py {__import__('mpi4py').__version__}; MPI: {MPI.Get_library_version().splitlines()[0].strip()}")
+        print(f"mpi4py {__import__('mpi4py').__version__}; MPI: {MPI.Get_library_version().splitlines()[0].strip(' \x00')}")
         print(f"MPI standard {'.'.join(map(str, MPI.Get_version()))}; world size {MPI.COMM_WORLD.Get_size()}; "
               f"CUDA-aware: {'yes' if cuda_aware_mpi() else 'no (GPU buffers are staged through pinned host memory)'}")
     except Exception as e:
