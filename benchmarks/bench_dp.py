@@ -43,6 +43,7 @@ from ddp.parallel import DataParallel  # noqa: E402
 SIZES = [784, 512, 512, 10]
 LR = 0.01
 MB = 1 << 20
+WHITESPACE_NUL = " \t\x00"   # Open MPI ends its version string with a NUL
 
 
 def parse_args(argv=None):
@@ -198,7 +199,7 @@ def main(argv=None):
     nbytes = model.grads.nbytes
     print(f"bench_dp: MLP {'-'.join(map(str, SIZES))}, float32, batch {args.batch} per rank, {size} ranks, "
           f"gradient arena {model.grads.size:,} elements = {nbytes / MB:.2f} MB")
-    print(f"threads: {threads}; MPI: {MPI.Get_library_version().splitlines()[0].strip(' \x00')}")
+    print(f"threads: {threads}; MPI: {MPI.Get_library_version().splitlines()[0].strip(WHITESPACE_NUL)}")
     print(f"{len(t_steps[t1])} timed calls per case in {args.rounds} alternating rounds; "
           "median on rank 0, and the slowest rank's median")
     print()

@@ -19,6 +19,8 @@ from . import __version__
 from .config import add_flags, from_args
 from .errors import UsageError
 
+WHITESPACE_NUL = " \t\x00"   # Open MPI ends its version string with a NUL
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -84,7 +86,8 @@ def cmd_info() -> int:
         from mpi4py import MPI
 
         from .comm import cuda_aware_mpi
-        print(f"mpi4py {__import__('mpi4py').__version__}; MPI: {MPI.Get_library_version().splitlines()[0].strip(' \x00')}")
+        library = MPI.Get_library_version().splitlines()[0].strip(WHITESPACE_NUL)
+        print(f"mpi4py {__import__('mpi4py').__version__}; MPI: {library}")
         print(f"MPI standard {'.'.join(map(str, MPI.Get_version()))}; world size {MPI.COMM_WORLD.Get_size()}; "
               f"CUDA-aware: {'yes' if cuda_aware_mpi() else 'no (GPU buffers are staged through pinned host memory)'}")
     except Exception as e:
