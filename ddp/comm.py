@@ -325,7 +325,7 @@ def run_simulated(size, fn, *args, **kwargs):
             and not (isinstance(e, RuntimeError) and "another rank failed" in str(e))]
     if real:
         r, e = real[0]
-        if not isinstance(e, (UsageError, SystemExit, KeyboardInterrupt)):
+        if hasattr(e, "add_note") and not isinstance(e, (UsageError, SystemExit, KeyboardInterrupt)):
             e.add_note(f"(raised on simulated rank {r})")
         raise e
     if any(errors):
