@@ -171,10 +171,6 @@ def load_toml(path: str) -> dict:
     return out
 
 
-def from_dict(values: dict) -> Config:
-    return Config(**{k: _coerce(k, v) for k, v in values.items() if k in FIELDS})
-
-
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field. Defaults are SUPPRESSed so that we can tell
     which flags were given, and let only those override the TOML file."""

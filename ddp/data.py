@@ -340,11 +340,19 @@ def shard(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
     The first len % world ranks get one extra row. A rank may get none when the batch is
     smaller than the world, so the trainer must weight each rank's gradient by its row count.
     """
+    start, stop = shard_range(len(indices), rank, world)
+    return indices[start:stop]
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, stop) of part `rank` of range(n) cut into `world` contiguous parts whose sizes
+    differ by at most one, the first n % world parts one longer. Batches and the parameter
+    server's shards of the arena are both cut this way."""
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"rank {rank} is not in a world of size {world}")
-    base, extra = divmod(len(indices), world)
+    base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
-    return indices[start:start + base + (rank < extra)]
+    return start, start + base + (rank < extra)
 
 
 def micro_batches(indices: np.ndarray, k: int) -> list[np.ndarray]:

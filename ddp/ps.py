@@ -56,11 +56,11 @@ import numpy as np
 from . import backend
 from .comm import Communicator, DebugComm, MPIComm
 from .config import Config
-from .data import epoch_batches, micro_batches, shard
+from .data import epoch_batches, micro_batches, shard, shard_range
 from .errors import UsageError
 from .parallel import check_replicas
-from .train import (Reporter, TrainingError, agree, build, evaluate, load_checkpoint, make_optimizer_for,
-                    save_checkpoint, steps_per_epoch, total_steps, write_summary)
+from .train import (Reporter, TrainingError, agree, all_finite, build, evaluate, load_checkpoint,
+                    make_optimizer_for, restore, save_checkpoint, steps_per_epoch, total_steps, write_summary)
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
 OK, FAILED = 0, 1
@@ -70,11 +70,8 @@ CTRL_BYTES = 1 << 16          # the largest control message (an epoch record is 
 # --------------------------------------------------------------------------- arithmetic
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
-    """(start, stop) of `parts` contiguous shards of range(n) whose sizes differ by at most one,
-    cut the way data.shard cuts a batch: the first n % parts shards get one extra element."""
-    base, extra = divmod(n, parts)
-    starts = [s * base + min(s, extra) for s in range(parts + 1)]
-    return list(zip(starts[:-1], starts[1:]))
+    """(start, stop) of `parts` balanced contiguous shards of range(n), cut as data.shard cuts a batch."""
+    return [shard_range(n, s, parts) for s in range(parts)]
 
 
 def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) -> tuple[dict, int]:
@@ -96,11 +93,6 @@ def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) 
         epoch, batch = epoch + 1, 0
         points[step] = (epoch, 0)
     return points, step
-
-
-def is_finite(x) -> bool:
-    s = float(np.dot(x, x))
-    return math.isfinite(s) or bool(np.isfinite(x).all())     # the dot may overflow on finite values
 
 
 def _json_bytes(obj) -> np.ndarray:
@@ -129,24 +121,6 @@ def check_ps(cfg: Config, comm: Communicator) -> None:
     if getattr(comm, "comm", None) is None:
         raise UsageError(f"ps mode needs MPI ranks (mpiexec); the {comm.name} communicator has no "
                          "point-to-point messages")
-
-
-def restore_shard(ckpt: dict, model, optimizer, start: int, stop: int, path: str) -> tuple[int, int, int]:
-    """Load a full checkpoint (either mode's) into a server: the whole model, to check the
-    architecture, and the [start, stop) slice of each optimizer state array."""
-    model.load_state_dict(ckpt)
-    state = {k[len("optimizer."):]: v for k, v in ckpt.items() if k.startswith("optimizer.")}
-    if "t" not in state:
-        raise UsageError(f"checkpoint {path} has no optimizer state")
-    n = model.num_params
-    for name, arr in state.items():
-        if name != "t":
-            if arr.shape != (n,):
-                raise UsageError(f"checkpoint {path}: optimizer state {name} has shape {arr.shape}, "
-                                 f"expected ({n},)")
-            state[name] = arr[start:stop]
-    optimizer.load_state_dict(state)
-    return int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
 
 
 # --------------------------------------------------------------------------- worker
@@ -387,7 +361,7 @@ class Server:
         """One optimizer step with the gradient in self.opt.grads, unless it is not finite."""
         if self.failed:
             return
-        if not is_finite(self.opt.grads):
+        if not all_finite(self.opt.grads):
             self.failed = True                     # from now on every reply says FAILED
             return
         self.opt.step()
@@ -492,12 +466,12 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
         optimizer = make_optimizer_for(cfg, model.params[a:b], model.grads[a:b], cfg.epochs * spe * updates)
         part.Bcast(model.params, root=0)           # rank 0's initial weights, not equal seeds
 
-    def restore():
+    def resume():
         if not cfg.resume:
             return 0, 0, 0
         if is_server:                              # each server loads its slice
-            return restore_shard(load_checkpoint(cfg.resume), model, optimizer, a, b, cfg.resume)
-    start = np.array(agree(comm, restore) or (0, 0, 0), np.int64)
+            return restore(load_checkpoint(cfg.resume), model, optimizer, cfg.resume, span=(a, b))
+    start = np.array(agree(comm, resume) or (0, 0, 0), np.int64)
     comm.bcast(start, root=0)                      # the workers learn where training resumes
     start = tuple(int(v) for v in start)
     points, _ = checkpoint_points(cfg, spe, *start)

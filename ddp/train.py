@@ -23,7 +23,7 @@ import numpy as np
 
 from . import backend
 from .comm import Communicator, DebugComm, SerialComm, run_simulated
-from .config import Config, from_dict
+from .config import Config
 from .data import (Dataset, Standardizer, batch_size_for, epoch_batches, load_dataset, micro_batches, shard, split,
                    standardize)
 from .errors import UsageError
@@ -205,20 +205,27 @@ def load_checkpoint(path: str) -> dict:
     return data
 
 
-def restore(ckpt: dict, model: MLP, optimizer, path: str) -> tuple[int, int, int]:
-    """Load parameters and optimizer state; return (step, epoch, batch_in_epoch)."""
+def restore(ckpt: dict, model: MLP, optimizer, path: str, span: tuple[int, int] | None = None
+            ) -> tuple[int, int, int]:
+    """Load parameters and optimizer state; return (step, epoch, batch_in_epoch).
+
+    span=(start, stop) loads only that slice of each optimizer state array: a parameter
+    server's shard (the model itself is always loaded whole, which checks the architecture).
+    """
     model.load_state_dict(ckpt)
     opt_state = {k[len("optimizer."):]: v for k, v in ckpt.items() if k.startswith("optimizer.")}
     if "t" not in opt_state:
         raise UsageError(f"checkpoint {path} has no optimizer state")
+    if span is not None:
+        n = model.num_params
+        for name, arr in opt_state.items():
+            if name != "t":
+                if arr.shape != (n,):
+                    raise UsageError(f"checkpoint {path}: optimizer state {name} has shape {arr.shape}, "
+                                     f"expected ({n},)")
+                opt_state[name] = arr[span[0]:span[1]]
     optimizer.load_state_dict(opt_state)
     return int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
-
-
-def checkpoint_config(ckpt: dict) -> Config | None:
-    if "config" not in ckpt:
-        return None
-    return from_dict(json.loads(str(ckpt["config"])))
 
 
 # --------------------------------------------------------------------------- output
@@ -261,12 +268,17 @@ class Reporter:
 
 # --------------------------------------------------------------------------- the loop
 
+def all_finite(x) -> bool:
+    """No NaN or Inf in x. The squared norm is one fast BLAS pass; only when it is not
+    finite (it may overflow on large finite values) is every element checked."""
+    xp = backend.get_array_module(x)
+    return math.isfinite(float(xp.vdot(x, x))) or bool(xp.isfinite(x).all())
+
+
 def check_finite(model: MLP, loss: float, step: int) -> None:
     """After the allreduce every rank holds the same gradients, so every rank
     reaches the same verdict here without further communication."""
-    g = model.grads
-    norm2 = float(model.xp.vdot(g, g))
-    if not math.isfinite(norm2) and not bool(model.xp.isfinite(g).all()):
+    if not all_finite(model.grads):
         raise TrainingError(f"gradients became NaN or Inf at step {step + 1}; "
                             f"the loss is {loss:.4g}; try a lower learning rate")
 
