@@ -25,7 +25,7 @@ links are full duplex), and t_c the compute of one rank (forward, backward, opti
                 backward pass, and every extra bucket costs 2(p-1)*alpha.
     efficiency  E = t_c / T   (per-rank throughput against one rank that never communicates)
 
-alpha and beta are measured in the same run, once per round: a ping-pong (one way: alpha + m*beta) for ps,
+alpha and beta are measured in the same run, in every round (pooled: each size's median): a ping-pong (one way: alpha + m*beta) for ps,
 and an allreduce on 2 hosts (2*alpha + m*beta, the ring formula at p = 2) for the ring. alpha is the 8-byte
 message's time; beta is the least-squares slope over 256 KiB .. 4 MiB (tbf passes a burst at wire speed, so
 smaller messages beat the shaped rate and say nothing about the 2.7 MB that matter). Compute is timed in the
@@ -170,24 +170,35 @@ def measure(args) -> None:
     pair = world.Split(0 if rank < 2 else MPI.UNDEFINED, rank)
     bufs = {m: np.zeros(max(m // 4, 1), np.float32) for m in SWEEP_BYTES}
 
+    def settle():
+        # Each message starts on an idle network, as an allreduce does after a step's compute: sent
+        # back to back, the 2-host allreduce (both directions at once) swings between 1.2x and 2x the
+        # one-way time under this emulation's deep tbf queues; spaced out it is as stable as in training.
+        pair.Barrier()
+        time.sleep(0.01)
+
     def network_sweep():
         sweep = {"pingpong": {}, "allreduce2": {}}
         for m, buf in bufs.items():
             def pingpong():
+                settle()
+                t = clock()
                 if rank == 0:
                     pair.Send(buf, 1)
                     pair.Recv(buf, 1)
                 else:
                     pair.Recv(buf, 0)
                     pair.Send(buf, 0)
+                return clock() - t
 
             def allreduce():
-                pair.Barrier()
+                settle()
                 t = clock()
                 pair.Allreduce(MPI.IN_PLACE, buf)
                 return clock() - t
 
-            sweep["pingpong"][m] = timed(pingpong, args.sweep_reps, warm=1) / 2
+            pingpong()
+            sweep["pingpong"][m] = statistics.median(pingpong() for _ in range(args.sweep_reps)) / 2
             allreduce()
             sweep["allreduce2"][m] = statistics.median(allreduce() for _ in range(args.sweep_reps))
         return sweep
@@ -298,16 +309,22 @@ def network_fits(sweep: dict) -> dict:
     return out
 
 
+def pooled(sweeps: list) -> dict:
+    """Each message size's median over the rounds' sweeps (taken between the cases, as the load drifts)."""
+    return {key: {m: statistics.median(sw[key][m] for sw in sweeps) for m in sweeps[0][key]}
+            for key in sweeps[0]}
+
+
 def predict_cases(meas: dict) -> list[dict]:
     """One row per case: predicted and measured step (medians over rounds)."""
     M = meas["model_bytes"]
+    fits = network_fits(pooled(meas["sweeps"]))
     rows = []
     for case in meas["cases"]:
-        preds, steps, comps, sweeps = [], [], [], []
+        preds, steps, comps, alone = [], [], [], []
         rounds = sorted({x["round"] for x in meas["records"] if x["case"] == case["name"]})
         for r in rounds:
             recs = [x for x in meas["records"] if x["case"] == case["name"] and x["round"] == r]
-            fits = network_fits(meas["sweeps"][r])
             workers = [x for x in recs if x["role"] == "worker"]
             # The compute input: forward+backward timed inside these very steps (under the load that the
             # communication sees), plus the optimizer timed beside them. Step by step, the first and the
@@ -322,13 +339,13 @@ def predict_cases(meas: dict) -> list[dict]:
                 alpha, beta = fits["ring"]
                 comm = ring_comm(n, M, alpha, beta)
                 pred = statistics.median(max(fbs) + t_opt + comm for fbs in per_step)
-                sweeps.append(t_sweep + comm)
+                alone.append(t_sweep + comm)
             else:
                 alpha, beta = fits["p2p"]
                 t_apply = max(x["t_apply"] for x in recs if x["role"] == "server")
                 pred = statistics.median(ps_step(min(fbs), max(fbs), n, S, M_, alpha, beta, t_apply)
                                          for fbs in per_step)
-                sweeps.append(ps_step(t_sweep, t_sweep, n, S, M_, alpha, beta, t_apply))
+                alone.append(ps_step(t_sweep, t_sweep, n, S, M_, alpha, beta, t_apply))
             t_c = statistics.median(max(fbs) + t_opt for fbs in per_step)
             preds.append(pred)
             steps.append(step)
@@ -336,7 +353,7 @@ def predict_cases(meas: dict) -> list[dict]:
         pred, step = statistics.median(preds), statistics.median(steps)
         rows.append({"case": case["name"], "t_c": statistics.median(comps), "rest": pred - statistics.median(comps),
                      "predicted": pred, "measured": step,
-                     "error_sweep": statistics.median(sweeps) / step - 1, "error": pred / step - 1, "rounds": len(rounds)})
+                     "error_sweep": statistics.median(alone) / step - 1, "error": pred / step - 1, "rounds": len(rounds)})
     return rows
 
 
@@ -423,9 +440,8 @@ def report(results: dict, rounds: int, steps: int, seconds: float) -> int:
     """Print predicted against measured for every rate and case; 0 if all are within TOLERANCE."""
     worst, lines = 0.0, []
     for gbit, meas in results.items():
-        each = [network_fits(sw) for sw in meas["sweeps"]]
-        fits = {k: tuple(statistics.median(f[k][i] for f in each) for i in (0, 1)) for k in ("p2p", "ring")}
-        lines.append(f"{gbit:g} Gbit/s, medians of the rounds' fits: ping-pong alpha {fits['p2p'][0] * 1e6:.1f} us, "
+        fits = network_fits(pooled(meas["sweeps"]))
+        lines.append(f"{gbit:g} Gbit/s, sweeps of all rounds: ping-pong alpha {fits['p2p'][0] * 1e6:.1f} us, "
                      f"beta {fits['p2p'][1] * 1e9:.3f} ns/B ({8 / fits['p2p'][1] / 1e9:.2f} Gbit/s); "
                      f"2-host allreduce fit alpha {fits['ring'][0] * 1e6:.1f} us, "
                      f"beta {fits['ring'][1] * 1e9:.3f} ns/B ({8 / fits['ring'][1] / 1e9:.2f} Gbit/s)")
@@ -521,12 +537,13 @@ def table(args) -> int:
     Pb = mlp_params(BIG)
     big_batch = 64
     cpu_big = per_sample * Pb / P * big_batch          # forward+backward FLOPs grow with the parameters
-    gpu_big = 6 * Pb * big_batch / (args.gpu_tflops * 1e12)
+    gpu_big = 6 * Pb * args.gpu_batch / (args.gpu_tflops * 1e12)
     desc = f"MLP {'-'.join(map(str, BIG))} ({Pb / 1e6:.1f}M parameters, {4 * Pb / 1e6:.0f} MB), {big_batch} samples per rank"
     models.append((f"{desc}, compute {cpu_big * 1e3:.0f} ms per step: this CPU core's per-sample time scaled by "
                    f"the parameter count ({Pb / P:.0f}x the FLOPs)", 4 * Pb, cpu_big))
-    models.append((f"{desc}, compute {gpu_big * 1e3:.1f} ms per step: a GPU sustaining {args.gpu_tflops:g} TFLOP/s "
-                   f"(6 FLOPs per parameter and sample)", 4 * Pb, gpu_big))
+    models.append((f"MLP {'-'.join(map(str, BIG))}, {args.gpu_batch} samples per rank, compute {gpu_big * 1e3:.1f} ms "
+                   f"per step: a GPU sustaining {args.gpu_tflops:g} TFLOP/s (6 FLOPs per parameter and sample)",
+                   4 * Pb, gpu_big))
     heads = ["Gbit/s", "ranks", "ring ms/step", "E ring", *(f"E ring+overlap {mb} MB buckets" for mb in BUCKET_MB),
              "E ps S=n/4", "E ps S=n"]
     print(f"Predicted step time and scaling efficiency E = t_compute / t_step (weak scaling: fixed samples per "
@@ -564,13 +581,15 @@ def main(argv=None) -> int:
                    help="--table: latency per message in microseconds (default: 20, MPI over TCP in a data centre)")
     p.add_argument("--gpu-tflops", type=float, default=100.0,
                    help="--table: sustained GPU rate for the 100M model's GPU rows (default: 100)")
+    p.add_argument("--gpu-batch", type=int, default=4096,
+                   help="--table: samples per rank for the 100M model's GPU rows (default: 4096)")
     p.add_argument("--report", metavar="FILE", help="print the --check table again from a --save file")
     p.add_argument("--inputs", help="--table: take compute and latency from a --save file")
     p.add_argument("--timeout", type=int, default=600, help="seconds per MPI job (default: 600)")
     p.add_argument("--measure", help=argparse.SUPPRESS)       # internal: the MPI job
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=5, help=argparse.SUPPRESS)
-    p.add_argument("--sweep-reps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--sweep-reps", type=int, default=5, help=argparse.SUPPRESS)
     p.add_argument("--compute-reps", type=int, default=7, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure:
