@@ -36,8 +36,10 @@ also gives the per-sample time that --table uses).
 
 THE CHECK (--check, root): network namespaces on a private bridge (tests/cluster/netns.sh), one rank per
 emulated host, Open MPI over TCP only, the ranks started through tests/cluster/ns_agent.sh. Each host's link
-is shaped in both directions (its eth0, and its port on the bridge) by `tc ... tbf rate R`; this kernel has
-no netem, so latency is what it is. Open MPI's allreduce is pinned to its ring algorithm (the model's), and
+is shaped in both directions (its eth0, and its port on the bridge) by `tc qdisc replace ... tbf rate R burst
+B latency 50ms`, B = max(64 KiB, R x 1 ms); this kernel has no netem, so latency is what it is. Rates: 1 and
+2.5 Gbit/s. At 5 and 10 Gbit/s TCP through the veth pairs is bound by these 2 shared cores, not by the link,
+and a link model does not apply (benchmarks/RESULTS.md shows a 10 Gbit/s run). Open MPI's allreduce is pinned to its ring algorithm (the model's), and
 TCP's slow start after idle is off, as on a tuned cluster. Cases, at each rate: allreduce on 2, 3 and 4
 hosts; ps with 1 and 2 servers and 2 and 3 workers, each server on a host of its own. The measured step is
 ddp's own training loop (ddp.train.run, --mode allreduce or ps) on the MLP 784-512-512-10, float32, 128
@@ -394,7 +396,7 @@ def check(args) -> int:
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     t_start = time.perf_counter()
     results = {}
     try:
@@ -596,7 +598,11 @@ def main(argv=None) -> int:
         measure(args)
         return 0
     if args.check:
-        return check(args)
+        try:
+            return check(args)
+        except KeyboardInterrupt as e:      # the namespaces are gone already (check's finally)
+            print(f"scaling.py: interrupted ({e or 'Ctrl-C'}); namespaces removed", file=sys.stderr)
+            return 130
     if args.report:
         with open(args.report) as f:
             saved = json.load(f)
