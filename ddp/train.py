@@ -314,7 +314,8 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None) -> dict:
         path = getattr(comm, "gpu_path", None)
         gpu = f", MPI on GPU buffers: {path()}" if model.device == "gpu" and path and comm.size > 1 else ""
         print(f"ddp: {model} on {comm.describe()}, {len(train)} training samples, "
-              f"global batch {B}, {n_total} steps{gpu}", flush=True)
+              f"global batch {B}, {n_total} steps{gpu}, BLAS threads {backend.thread_note or backend.blas_threads()}",
+              flush=True)
     reporter = Reporter(cfg, rank0, n_total, start_step, resumed=bool(cfg.resume))
     X_dev = xp.asarray(train.X, model.dtype)
     y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
