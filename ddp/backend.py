@@ -197,7 +197,7 @@ def limit_threads(local_ranks: int | None = None, simulated: int = 1, env=None) 
     (its affinity mask) // (local ranks x simulated ranks), at least 1. Simulated ranks are threads of one
     process that call BLAS at the same time, so they count like ranks. A user's OMP_NUM_THREADS (or
     OPENBLAS_, MKL_, BLIS_NUM_THREADS, VECLIB_MAXIMUM_THREADS) wins: nothing is changed then.
-    local_ranks defaults to the launcher's count (local_ranks_from_env), else 1.
+    local_ranks (MPI's count) is checked against the launcher's (local_ranks_from_env).
     """
     global thread_note
     env = os.environ if env is None else env
@@ -205,7 +205,8 @@ def limit_threads(local_ranks: int | None = None, simulated: int = 1, env=None) 
     if user:
         why = "set by " + ", ".join(f"{k}={env[k]}" for k in user)
     else:
-        local = local_ranks or local_ranks_from_env(env) or 1
+        # The larger count wins: under srun with PMIx, Open MPI's shared-memory split saw 1 rank per node.
+        local = max(local_ranks or 1, local_ranks_from_env(env) or 1)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         n = max(1, cores // (local * max(simulated, 1)))
         why = f"{cores} core{'s' * (cores > 1)} / {local} local rank{'s' * (local > 1)}" + \
