@@ -14,7 +14,9 @@ script), `ddp.fit` trains data-parallel on every rank and returns the same model
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 
 import numpy as np
 
@@ -26,10 +28,11 @@ from .run import CHECKPOINT, Preprocess, load_checkpoint, resolve_config
 
 
 class Model:
-    """A trained MLP with the preprocessing it was trained with. `config` is the run's configuration."""
+    """A trained MLP with the preprocessing it was trained with. `config` is the run's configuration;
+    `summary`, after ddp.fit, the run's summary (steps, world size, validation and test metrics)."""
 
-    def __init__(self, mlp: MLP, prep: Preprocess, config: dict):
-        self.mlp, self.prep, self.config = mlp, prep, config
+    def __init__(self, mlp: MLP, prep: Preprocess, config: dict, summary: dict | None = None):
+        self.mlp, self.prep, self.config, self.summary = mlp, prep, config, summary
 
     @property
     def task(self) -> str:
@@ -99,13 +102,14 @@ def load(path: str, device: str = "cpu") -> Model:
     return Model(mlp, Preprocess.from_arrays(ckpt, meta.get("task", "classification"), path), ckpt.get("config", {}))
 
 
-def fit(X, y, X_val=None, y_val=None, *, comm=None, **settings) -> Model:
+def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -> Model:
     """Train on arrays in memory with the settings of `ddp train` (keyword arguments named like the TOML
     keys: hidden="64,32", epochs=20, lr=0.05, optimizer="adam", simulate_ranks=4, mode="ps", ...).
 
     X: (n, d) numbers, y: (n,) labels (numbers or strings) or (n,) / (n, k) targets. X_val, y_val: an
     optional validation set. Nothing is held out otherwise (val_fraction and test_fraction default to 0
-    here), and nothing is written unless out="FOLDER" is given. Under MPI, call it on every rank with the
+    here), and nothing is written unless out="FOLDER" is given; verbose=True prints ddp's start, epoch and
+    final lines (silent by default, as scikit-learn is). Under MPI, call it on every rank with the
     same arrays: each rank trains on its shard of every batch, and every rank returns the same model.
     """
     unknown = sorted(set(settings) - set(FIELDS))
@@ -119,7 +123,7 @@ def fit(X, y, X_val=None, y_val=None, *, comm=None, **settings) -> Model:
     settings.setdefault("val_fraction", 0.0)
     settings.setdefault("test_fraction", 0.0)
     settings.setdefault("progress", False)
-    settings.setdefault("quiet", True)
+    settings.setdefault("quiet", not verbose)
     if X_val is not None and settings["val_fraction"]:
         raise UsageError("give X_val/y_val or val_fraction, not both")
     cfg = resolve_config({"dataset": "npz", "out": "", **settings})
@@ -128,9 +132,9 @@ def fit(X, y, X_val=None, y_val=None, *, comm=None, **settings) -> Model:
     if comm is None and not cfg.simulate_ranks:
         from .comm import world_comm
         comm = world_comm()
-    _, setup = run_with_setup(cfg, comm, raw=raw)
-    model = setup.model
-    return Model(model, setup.prep, cfg.to_dict())
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        summary, setup = run_with_setup(cfg, comm, raw=raw)
+    return Model(setup.model, setup.prep, cfg.to_dict(), summary)
 
 
 def _raw_splits(cfg: Config, X, y, X_val, y_val):

@@ -228,11 +228,16 @@ def main(argv=None) -> int:
             return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
                     "plot": cmd_plot}[args.command](args)
         from .comm import world_comm
-        from .run import TrainingError
+        from .run import Stopped, TrainingError, handle_sigterm
 
         comm = world_comm()
+        handle_sigterm()
         try:
             cmd_train(args, comm)
+        except Stopped as e:
+            if comm.rank == 0:
+                print(f"ddp: {e}", file=sys.stderr, flush=True)
+            return Stopped.exit_code
         except TrainingError as e:
             if comm.rank == 0:
                 print(f"ddp: error: {e}", file=sys.stderr, flush=True)

@@ -40,6 +40,37 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss diverged); every rank raises it together."""
 
 
+class Stopped(Exception):
+    """SIGTERM asked the run to stop: a checkpoint was saved at the current step (every rank raises it)."""
+
+    exit_code = 143                      # 128 + SIGTERM, as a shell reports a process ended by it
+
+
+_signal = {"installed": False, "got": None}
+
+
+def handle_sigterm() -> None:
+    """From now on SIGTERM (Slurm's time limit, docker stop, kill) stops training at the end of the current
+    step with a checkpoint, instead of killing it mid-epoch. The CLI calls this; library use does not."""
+    import signal
+
+    def note(signum, frame):
+        _signal["got"] = signum
+    signal.signal(signal.SIGTERM, note)
+    _signal["installed"] = True
+
+
+def stop_requested(comm: Communicator) -> bool:
+    """Whether any rank got SIGTERM: the ranks must stop at the same step, so they agree (a 1-number
+    allreduce; only when the handler is installed)."""
+    if not _signal["installed"]:
+        return False
+    flag = np.array([1.0 if _signal["got"] else 0.0])
+    if comm.size > 1:
+        comm.allreduce_sum(flag)
+    return bool(flag[0])
+
+
 def agree(comm: Communicator, fn, *args):
     """Run fn on every rank; if it raises UsageError on ANY rank, raise it on all.
 

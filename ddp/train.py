@@ -24,9 +24,9 @@ from .data import epoch_batches, micro_batches, shard
 from .errors import UsageError
 from .model import MLP
 from .parallel import DataParallel, check_replicas
-from .run import (CHECKPOINT, Reporter, Setup, TrainingError, agree, all_finite, evaluate, finished_summary,
-                  is_finished, make_optimizer_for, restore, save_checkpoint, start_run, steps_per_epoch,
-                  total_steps)
+from .run import (CHECKPOINT, Reporter, Setup, Stopped, TrainingError, agree, all_finite, evaluate,
+                  finished_summary, is_finished, make_optimizer_for, restore, save_checkpoint, start_run,
+                  steps_per_epoch, stop_requested, total_steps)
 
 # --------------------------------------------------------------------------- the loop
 
@@ -117,6 +117,10 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
                 reporter.tick(loss)
                 if on_step is not None:
                     on_step(step, model, comm)
+                if stop_requested(comm):
+                    save(step, *((epoch + 1, 0) if nb >= len(batches) else (epoch, nb)))
+                    where = f" to {ckpt_path}; resume with: ddp train --resume {ckpt_path}" if reporter.active else ""
+                    raise Stopped(f"stopped by SIGTERM at step {step}; checkpoint saved{where}")
             finished_epoch = nb >= len(batches)
             elapsed_epoch = time.perf_counter() - t_epoch
             tot = np.array([loss_sum])
