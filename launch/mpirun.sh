@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Launch a ddp command on N MPI ranks, with the settings that make MPI behave on these machines.
+# Launch a ddp command, or your own script, on N MPI ranks, with the settings that make MPI behave here.
 #
 #   launch/mpirun.sh -n 4 -- train --dataset digits --epochs 2
+#   launch/mpirun.sh -n 4 -- python my_script.py --its-args       # or: -- my_script.py
 #   launch/mpirun.sh --hostfile launch/hostfile.example --iface eth0 -- train --dataset digits
 #   launch/mpirun.sh -n 2 --dry-run -- train --dataset digits     # print the command, run nothing
 #   launch/mpirun.sh -n 4 --max-restarts 2 -- train --dataset digits --checkpoint-every 50
@@ -16,9 +17,11 @@ prog=mpirun.sh
 usage() {
     cat <<EOF
 usage: $prog [-n N] [--hostfile FILE | --host H1:S1,H2:S2] [--iface IFACE]
-             [--mpiexec PATH] [--max-restarts N] [--dry-run] -- DDP_ARGS...
+             [--mpiexec PATH] [--max-restarts N] [--dry-run]
+             -- DDP_ARGS... | python SCRIPT.py ARGS... | SCRIPT.py ARGS...
 
-Run 'PYTHON -m mpi4py -m ddp DDP_ARGS...' on N MPI ranks.
+Run 'PYTHON -m mpi4py -m ddp DDP_ARGS...' on N MPI ranks; with a script (python SCRIPT.py or
+SCRIPT.py), run 'PYTHON -m mpi4py SCRIPT.py ARGS...' instead, with the same settings.
 
 options:
   -n, --np N        number of ranks (default: the slots in --hostfile/--host, else
@@ -47,6 +50,7 @@ and --bind-to none with a host list. PYTHON must exist at the same path on every
 
 examples:
   $prog -n 4 -- train --dataset digits --epochs 2
+  $prog -n 2 -- python my_script.py
   $prog --hostfile hosts --iface eth0 -- train --dataset digits --out runs/a
 EOF
 }
@@ -200,7 +204,19 @@ else
     [[ -z "$hostlist" ]] || cmd+=(-hosts "$hostlist")
     [[ -z "$iface" ]] || cmd+=(-iface "$iface")
 fi
-ranks=("$python" -m mpi4py -m ddp "${ddp_args[@]}")
+# A script of the user's runs like torchrun's: under the same python, with -m mpi4py so that an uncaught
+# exception on one rank aborts the job instead of leaving the others in a collective.
+first="${ddp_args[0]}"
+if [[ "$(basename -- "$first")" =~ ^python[0-9.]*$ ]]; then
+    [[ ${#ddp_args[@]} -ge 2 && ( "${ddp_args[1]}" != *.py || -f "${ddp_args[1]}" ) ]] \
+        || die "'$first' needs a script that exists, e.g. '-- python my_script.py'"
+    ranks=("$python" -m mpi4py "${ddp_args[@]:1}")
+elif [[ "$first" == *.py ]]; then
+    [[ -f "$first" ]] || die "script '$first' not found"
+    ranks=("$python" -m mpi4py "${ddp_args[@]}")
+else
+    ranks=("$python" -m mpi4py -m ddp "${ddp_args[@]}")
+fi
 if [[ ${#envs[@]} -gt 0 ]]; then
     cmd=(env "${envs[@]}" "${cmd[@]}")
 fi

@@ -90,17 +90,18 @@ def test_data_problems(tmp_path):
     X = np.random.default_rng(0).standard_normal((40, 5))
     np.savez(tmp_path / "nan.npz", X=np.where(np.arange(5) == 2, np.nan, X), y=np.arange(40) % 2)
     one_line_error(run_cli("train", *TINY, "--dataset", "npz", "--data-path", str(tmp_path / "nan.npz")), "NaN")
-    np.savez(tmp_path / "neg.npz", X=X, y=np.arange(40) % 3 - 1)
-    one_line_error(run_cli("train", *TINY, "--dataset", "npz", "--data-path", str(tmp_path / "neg.npz"),
-                           "--task", "classification"), "label")
+    np.savez(tmp_path / "half.npz", X=X, y=np.arange(40) % 3 - 0.5)
+    one_line_error(run_cli("train", *TINY, "--dataset", "npz", "--data-path", str(tmp_path / "half.npz"),
+                           "--task", "classification", "--batch-size", "8"), "labels must be whole numbers")
 
 
-def test_labels_out_of_range_for_the_model(tmp_path):
-    """A checkpoint for 10 classes cannot be resumed on a 2-class dataset."""
+def test_a_checkpoint_cannot_be_resumed_on_another_dataset(tmp_path):
+    """A digits checkpoint resumed on breast_cancer is refused by name, before anything is written."""
     out = tmp_path / "o"
     assert run_cli("train", *TINY, "--dataset", "digits", "--out", str(out)).returncode == 0
     one_line_error(run_cli("train", *TINY, "--dataset", "breast_cancer", "--resume", str(out / "checkpoint.npz"),
-                           "--out", str(tmp_path / "p")), "architecture")
+                           "--out", str(tmp_path / "p")), "--dataset 'breast_cancer' differs")
+    assert not (tmp_path / "p").exists()
 
 
 def test_checkpoint_problems(tmp_path):
@@ -110,7 +111,7 @@ def test_checkpoint_problems(tmp_path):
     before = ck.read_bytes()
     # another architecture: the saved run must survive the failed attempt
     one_line_error(run_cli("train", *TINY, "--hidden", "9", "--resume", str(ck), "--out", str(out)),
-                   "architecture")
+                   "--hidden '9' differs")
     assert ck.read_bytes() == before
     bad = tmp_path / "corrupt.npz"
     bad.write_bytes(before[: len(before) // 2])
