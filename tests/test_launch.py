@@ -1,5 +1,6 @@
 """launch/mpirun.sh: its help, the command it builds (--dry-run) for each MPI and setting, its one-line
 errors, and a real 2-rank run that must match one process."""
+import json
 import os
 import subprocess
 import sys
@@ -287,3 +288,35 @@ def test_max_restarts_needs_a_count(value):
     res = launch("--max-restarts", value, "--", "train")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert f"--max-restarts needs an integer >= 0, got '{value}'" in res.stderr
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_killed_rank_restarts_from_the_checkpoint_bitwise(tmp_path):
+    """Rank 1 is SIGKILLed at step 13 (checkpoints every 5 steps); --max-restarts 2 relaunches, ddp resumes
+    from step 10, and the final checkpoint equals an uninterrupted run's exactly."""
+    hook = os.path.join(ROOT, "tests", "restart", "kill_rank_once.py")
+    args = ["train", "--dataset", "digits", "--hidden", "16", "--max-steps", "30", "--batch-size", "64",
+            "--seed", "0", "--dtype", "float64", "--momentum", "0.9", "--checkpoint-every", "5", "--no-progress"]
+    env = {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "steps.log"
+    res = launch("-n", "2", "--max-restarts", "2", "--", "python", hook, *args, "--out", str(tmp_path / "killed"),
+                 timeout=240, KILL_LOG=str(log), **env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "mpirun.sh: job failed (exit code 137); restart 1 of 2 from the latest checkpoint" in res.stderr
+    assert "restart 2 of 2" not in res.stderr
+    # The first launch died without a word; the relaunch (DDP_RESTART=1) computed steps 11..30 only.
+    assert log.read_text().splitlines() == ["1 20"]
+    whole = launch("-n", "2", "--", *args, "--out", str(tmp_path / "whole"), timeout=240, **env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    with open(tmp_path / "killed" / "summary.json") as fh:
+        summary = json.load(fh)
+    assert summary["restarts"] == 1 and summary["restart_reasons"] == ["exit code 137"]
+    assert summary["steps"] == 30
+    with np.load(tmp_path / "killed" / "checkpoint.npz", allow_pickle=False) as a, \
+            np.load(tmp_path / "whole" / "checkpoint.npz", allow_pickle=False) as b:
+        arrays = [k for k in b.files if k.startswith(("layers.", "optimizer."))]
+        assert any(k.startswith("optimizer.") for k in arrays) and sorted(a.files) == sorted(b.files)
+        for k in arrays:
+            assert a[k].tobytes() == b[k].tobytes(), k       # bitwise, not to a tolerance
+        assert int(a["step"]) == int(b["step"]) == 30
