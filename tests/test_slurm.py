@@ -1,7 +1,9 @@
 """launch/slurm.sbatch on a real one-node Slurm cluster (munged, slurmctld, slurmd started by hand).
 
 tests/slurm/run_slurm_e2e.sh does the work: `sbatch` through DDP_LAUNCHER=srun and =mpirun must give the
-weights of a one-process run (float64, 1e-12), and `srun -n 2` without PMIx must exit 2 with one line.
+weights of a one-process run (float64, 1e-12), `srun -n 2` without PMIx must exit 2 with one line, and a
+job submitted with --requeue that gets SIGTERM mid-run must checkpoint, requeue itself and resume to the same
+weights.
 It needs root and Debian's Slurm (slurmd slurmctld slurm-client munge libpmix-dev); without them the test
 is skipped with the reason. CI installs them first (.ci/run runs the script with --install).
 """

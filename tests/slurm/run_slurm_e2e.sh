@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End to end on a real one-node Slurm cluster: `sbatch launch/slurm.sbatch` through both launch paths
 # (DDP_LAUNCHER=srun and =mpirun) must train on 2 ranks what one process trains (float64, 1e-12), and
-# `srun -n 2` without PMIx must exit 2 with ddp's one line instead of training 2 models.
+# `srun -n 2` without PMIx must exit 2 with ddp's one line instead of training 2 models. A job submitted
+# with --requeue that gets SIGTERM mid-run must save, requeue itself, resume, and end with the same weights.
 #
 #   tests/slurm/run_slurm_e2e.sh [--install] [OUT_DIR]
 #
@@ -76,28 +77,34 @@ export SLURM_CONF="$work/slurm.conf"
 unset OMPI_MCA_btl PMIX_MCA_psec OMP_NUM_THREADS OPENBLAS_NUM_THREADS MKL_NUM_THREADS
 
 # ---- sbatch, through each launch path ----------------------------------------------------------
-# -O (overcommit) lets 2 tasks run on a 1-core machine too.
-run_job() {  # run_job NAME SBATCH_ARGS...: submit, wait, and print the job's exit status
-    local name="$1" id state
-    shift
-    id="$(cd "$repo" && sbatch --parsable "$@")" || return 1
+job_field() {  # job_field ID NAME: one field of 'scontrol show job'
+    scontrol show job "$1" 2>/dev/null | grep -o "$2=[^ ]*" | head -n1 | cut -d= -f2
+}
+wait_job() {  # wait_job ID: wait for the job to end; print its exit status (or its state, if not COMPLETED)
+    local state
     # 'sbatch --wait' polls with a growing interval and noticed a 2 s job after 40 s: poll ourselves.
     while true; do
-        state="$(scontrol show job "$id" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)"
+        state="$(job_field "$1" JobState)"
         case "$state" in
-            PENDING|CONFIGURING|RUNNING|COMPLETING|"") ;;
+            PENDING|CONFIGURING|RUNNING|COMPLETING|REQUEUED|"") ;;
             *) break ;;
         esac
-        [[ $(left) -gt 1 ]] || { scancel "$id"; echo "$name: job $id did not end in time" >&2; return 124; }
+        [[ $(left) -gt 1 ]] || { scancel "$1"; echo "job $1 did not end in time" >&2; return 124; }
         sleep 0.3
     done
-    scontrol show job "$id" | grep -o 'ExitCode=[0-9]*' | head -n1 | cut -d= -f2
+    if [[ $state == COMPLETED ]]; then job_field "$1" ExitCode | cut -d: -f1; else echo "$state"; fi
+}
+# -O (overcommit) lets 2 tasks run on a 1-core machine too.
+run_job() {  # run_job SBATCH_ARGS...: submit, wait, and print the job's exit status
+    local id
+    id="$(cd "$repo" && sbatch --parsable "$@")" || return 1
+    wait_job "$id"
 }
 
 for launcher in srun mpirun; do
     log "sbatch -n 2 launch/slurm.sbatch with DDP_LAUNCHER=$launcher"
     rm -rf "$out/$launcher"
-    rc="$(run_job "$launcher" -n 2 -O --time=10 -o "$out/$launcher.log" \
+    rc="$(run_job -n 2 -O --time=10 -o "$out/$launcher.log" \
         --export=ALL,DDP_LAUNCHER="$launcher",DDP_VENV="$venv" \
         launch/slurm.sbatch "${ddp_args[@]}" --out "$out/$launcher")" || rc=$?
     cat "$out/$launcher.log" 2>/dev/null
@@ -122,13 +129,51 @@ cat "$out/none.log"
 grep -q "^ddp: error: .*srun --mpi=pmix" "$out/none.log" || fail "the line does not say how to launch"
 [[ ! -e "$out/none/checkpoint.npz" ]] || fail "srun without PMIx trained anyway"
 
-# ---- ... and both jobs equal one process here -----------------------------------------------
+# ---- requeue: SIGTERM mid-run; the job saves, requeues itself and resumes --------------------------
+# As at a time limit with --signal=TERM@60, but now: scancel --signal=TERM reaches the ranks of the steps.
+rq_args=(train --dataset digits --hidden 16 --epochs 50 --batch-size 64 --lr 0.05 --seed 0 --dtype float64
+         --checkpoint-every 5 --quiet)
+log "sbatch --requeue; SIGTERM after the first checkpoint"
+id="$(cd "$repo" && sbatch --parsable -n 2 -O --time=10 --requeue --open-mode=append -o "$out/requeue.log" \
+    --export=ALL,DDP_LAUNCHER=srun,DDP_VENV="$venv" launch/slurm.sbatch "${rq_args[@]}" --out "$out/requeue")"
+until [[ -f "$out/requeue/checkpoint.npz" ]]; do
+    [[ $(left) -gt 1 && "$(job_field "$id" JobState)" =~ ^(PENDING|CONFIGURING|RUNNING)$ ]] \
+        || { cat "$out/requeue.log"; fail "the requeue job ended or hung before its first checkpoint"; }
+    sleep 0.05
+done
+scancel --signal=TERM "$id"
+# Requeued means: restarted once, pending again, and the first attempt's step gone (a new step 0 would
+# otherwise meet the old one's teardown and fail to launch).
+until [[ "$(job_field "$id" Restarts)" == 1 && "$(job_field "$id" JobState)" == PENDING \
+         && -z "$(squeue -h -s -j "$id" 2>/dev/null)" ]]; do
+    [[ $(left) -gt 1 && "$(job_field "$id" JobState)" =~ ^(RUNNING|COMPLETING|PENDING|REQUEUED)$ ]] \
+        || { cat "$out/requeue.log"; fail "the job did not requeue itself after SIGTERM"; }
+    sleep 0.2
+done
+sleep 1
+scontrol update JobId="$id" StartTime=now   # Slurm holds a requeued job back for 2 minutes
+rc="$(wait_job "$id")" || rc=$?
+cat "$out/requeue.log"
+[[ $rc == 0 ]] || fail "the requeued job failed with status $rc"
+grep -q "^ddp: stopped by SIGTERM at step" "$out/requeue.log" || fail "the first attempt did not stop on SIGTERM"
+grep -q "^slurm.sbatch: .*(requeued: attempt 2)" "$out/requeue.log" || fail "the job did not run a second time"
+"$python" - "$out/requeue/summary.json" <<'PY' || fail "summary.json does not record the requeue"
+import json, sys
+s = json.load(open(sys.argv[1]))
+assert s["restarts"] == 1 and s["restart_reasons"] == ["slurm requeue"] and s["steps"] == 1000, s
+PY
+
+# ---- ... and every job equals one process here -----------------------------------------------
 log "reference: one process"
 rm -rf "$out/single"
 (cd "$out" && timeout "$(left)" "$python" -m ddp "${ddp_args[@]}" --no-progress --out "$out/single") \
     >"$out/single.log" 2>&1 || { cat "$out/single.log"; fail "the one-process reference run failed"; }
+(cd "$out" && timeout "$(left)" "$python" -m ddp "${rq_args[@]}" --no-progress --quiet --out "$out/single-rq") \
+    >"$out/single-rq.log" 2>&1 || { cat "$out/single-rq.log"; fail "the one-process reference run failed"; }
+"$python" "$repo/tests/cluster/compare_runs.py" "$out/requeue" "$out/single-rq" --rtol 1e-12 --world-size 2 \
+    || fail "the requeued job's checkpoint differs from the one-process run (runs in $out)"
 for launcher in srun mpirun; do
     "$python" "$repo/tests/cluster/compare_runs.py" "$out/$launcher" "$out/single" --rtol 1e-12 --world-size 2 \
         || fail "the $launcher job's checkpoint differs from the one-process run (runs in $out)"
 done
-log "PASS: sbatch through srun and through mpirun trained what one process trains; runs in $out"
+log "PASS: sbatch through srun, through mpirun, and requeued after SIGTERM trained what one process trains; runs in $out"
