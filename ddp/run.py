@@ -463,14 +463,28 @@ def resolve_config(given: dict) -> Config:
     path = given.get("resume")
     if not path:
         return Config(**given).validate()
-    saved = load_checkpoint(path).get("config")
-    if saved is None:
-        raise UsageError(f"checkpoint {path} has no saved configuration")
+    saved = saved_config(path)
     values = merge_for_resume(saved, given, path)
     if not given.get("out"):
         values["out"] = os.path.dirname(os.path.abspath(path))
     values["overwrite"] = False
     return Config(**values).validate()
+
+
+def saved_config(path: str) -> dict:
+    """The configuration stored in a checkpoint, read without loading its arrays (start_run loads and
+    checks the whole checkpoint later, on every rank)."""
+    if not os.path.isfile(path):
+        load_checkpoint(path)                      # the one place that words a missing path
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "config" not in f.files:
+                raise UsageError(f"checkpoint {path} has no saved configuration: not a ddp checkpoint")
+            return _json_field({"config": f["config"]}, "config", path)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
 
 
 def restart_count() -> int:
