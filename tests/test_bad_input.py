@@ -32,6 +32,8 @@ def files(tmp_path):
     f["key.toml"].write_text('datset = "digits"\n')
     f["type.toml"] = tmp_path / "type.toml"
     f["type.toml"].write_text('epochs = "ten"\n')
+    f["half.npz"] = tmp_path / "half.npz"
+    np.savez(f["half.npz"], X=X, y=np.arange(60) % 3 - 0.5)
     f["x.npz"] = tmp_path / "x.npz"
     np.savez(f["x.npz"], X=X, y=y)
     f["a-file"] = tmp_path / "a-file"
@@ -128,6 +130,8 @@ CASES = [  # (arguments, words the one line must contain); {name} is a file from
     (["--resume", "{config.npz}"], ["'config' is not a JSON object"]),
     (["--resume", "{good}", "--hidden", "9"], ["--hidden '9' differs"]),
     (["--resume", "{good}", "--lr", "0.5"], ["--lr 0.5 differs"]),
+    (["--resume", "{good}", "--optimizer", "adam"], ["--optimizer 'adam' differs"]),
+    (["--data-path", "{half.npz}", "--task", "classification"], ["labels must be whole numbers"]),
     (["--out", "{a-file}"], ["is a file"]),
     (["--out", "/proc/ddp-cannot-write-here"], ["cannot write to --out"]),
     (["--mode", "ps"], ["ps mode needs at least 2 ranks"]),
