@@ -110,10 +110,12 @@ def cmd_gradcheck(args) -> int:
 
 
 def cmd_train(args, comm) -> None:
+    from .backend import limit_threads
     from .run import agree, auto_out, resolve_config
     from .train import run
 
     cfg = agree(comm, resolve_config, given_settings(args))
+    limit_threads(getattr(comm, "local_size", None), cfg.simulate_ranks)
     if not cfg.out:
         cfg.out = comm.bcast_obj(auto_out(cfg) if comm.rank == 0 else None)
     run(cfg, comm)
@@ -201,7 +203,7 @@ def cmd_info() -> int:
 
     from . import backend
     print(f"ddp {__version__}, Python {platform.python_version()}, NumPy {np.__version__}")
-    print(f"BLAS threads: {backend.blas_threads()}")
+    local = None
     try:
         from mpi4py import MPI
 
@@ -210,8 +212,10 @@ def cmd_info() -> int:
         print(f"mpi4py {__import__('mpi4py').__version__}; MPI: {library}")
         print(f"MPI standard {'.'.join(map(str, MPI.Get_version()))}; world size {MPI.COMM_WORLD.Get_size()}; "
               f"CUDA-aware: {'yes' if cuda_aware_mpi() else 'no (GPU buffers are staged through pinned host memory)'}")
+        local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
     except Exception as e:
         print(f"MPI: not available ({type(e).__name__}: {e})")
+    print(f"BLAS threads: {backend.blas_threads()} loaded; ddp train uses {backend.limit_threads(local)} per rank")
     print(f"CuPy: {backend.cupy_version() or 'not installed'}")
     n = backend.gpu_count()
     print(f"GPUs: {n}" if n else f"GPUs: none usable ({backend.gpu_unavailable_reason()})")
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
             return 1
         return 0
     except UsageError as e:
-        if comm is None or comm.rank == 0:
+        if (comm is None or comm.rank == 0) and not getattr(e, "quiet", False):
             print(f"ddp: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from . import backend
 from .comm import Communicator, DebugComm, SerialComm, run_simulated
 from .config import Config
 from .data import epoch_batches, micro_batches, shard
@@ -71,7 +72,8 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         gpu = f", MPI on GPU buffers: {path()}" if model.device == "gpu" and path and comm.size > 1 else ""
         out = f", run folder {cfg.out}" if cfg.out else ""
         print(f"ddp: {model} on {comm.describe()}, {len(train)} training samples, "
-              f"global batch {B}, {n_total} steps{gpu}{out}", flush=True)
+              f"global batch {B}, {n_total} steps{gpu}{out}, BLAS threads {backend.thread_note or backend.blas_threads()}",
+              flush=True)
     reporter = Reporter(cfg, rank0, n_total, start_step, s.prep.task, start_step if ckpt is not None else None)
     ckpt_path = os.path.join(cfg.out, CHECKPOINT)
 
