@@ -34,6 +34,7 @@ from .optim import Schedule, make_optimizer
 
 CHECKPOINT, BEST = "checkpoint.npz", "best.npz"
 FORMAT = 2                       # checkpoint format: 2 added meta and data.* (preprocessing)
+RISE = 2.0                       # a final validation loss this many times the first one earns a warning
 
 
 class TrainingError(RuntimeError):
@@ -426,10 +427,9 @@ def check_resume(ckpt: dict, setup: Setup, path: str) -> None:
 
 
 def start_run(cfg: Config, comm: Communicator, raw=None):
-    """Set-up shared by both modes, agreed by every rank: the run folder is checked (rank 0) before
-    anything is written, the data and model built, the checkpoint (if resuming) checked against them.
+    """Set-up shared by both modes, agreed by every rank: the data and model built, the checkpoint (if
+    resuming) checked against them, then the run folder checked (rank 0) before anything is written.
     Returns (setup, checkpoint or None)."""
-    agree(comm, lambda: prepare_out(cfg) if comm.rank == 0 and cfg.out else None)
     s = agree(comm, build, cfg, comm.local_rank, raw)
 
     def load():
@@ -438,7 +438,11 @@ def start_run(cfg: Config, comm: Communicator, raw=None):
         ckpt = load_checkpoint(cfg.resume)
         check_resume(ckpt, s, cfg.resume)
         return ckpt
-    return s, agree(comm, load)
+    ckpt = agree(comm, load)
+    # Last, once every input has been checked: --overwrite clears the folder here, so bad input never costs
+    # the user the run it would have replaced.
+    agree(comm, lambda: prepare_out(cfg) if comm.rank == 0 and cfg.out else None)
+    return s, ckpt
 
 
 # --------------------------------------------------------------------------- the run's configuration and folder
@@ -459,14 +463,28 @@ def resolve_config(given: dict) -> Config:
     path = given.get("resume")
     if not path:
         return Config(**given).validate()
-    saved = load_checkpoint(path).get("config")
-    if saved is None:
-        raise UsageError(f"checkpoint {path} has no saved configuration")
+    saved = saved_config(path)
     values = merge_for_resume(saved, given, path)
     if not given.get("out"):
         values["out"] = os.path.dirname(os.path.abspath(path))
     values["overwrite"] = False
     return Config(**values).validate()
+
+
+def saved_config(path: str) -> dict:
+    """The configuration stored in a checkpoint, read without loading its arrays (start_run loads and
+    checks the whole checkpoint later, on every rank)."""
+    if not os.path.isfile(path):
+        load_checkpoint(path)                      # the one place that words a missing path
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "config" not in f.files:
+                raise UsageError(f"checkpoint {path} has no saved configuration: not a ddp checkpoint")
+            return _json_field({"config": f["config"]}, "config", path)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
 
 
 def restart_count() -> int:
@@ -548,6 +566,7 @@ class Reporter:
         self.printing = active
         self.bar = None
         self.best, self.best_step, self.saved_step = None, None, None
+        self.val_losses = []
         if self.active:
             os.makedirs(cfg.out, exist_ok=True)
             with open(os.path.join(cfg.out, "config.toml"), "w") as fh:
@@ -600,6 +619,8 @@ class Reporter:
         if not self.printing:
             return
         record = finite(record)
+        if record.get("val_loss") is not None and not record.get("partial"):
+            self.val_losses.append((record["epoch"], record["val_loss"]))
         if self.active:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
@@ -657,6 +678,11 @@ class Reporter:
             summary["restarts"] = restarts
             summary["restart_reasons"] = [r for r in os.environ.get("DDP_RESTART_REASONS", "").split(";") if r]
         summary = finite(summary)
+        if len(self.val_losses) >= 2:
+            (e0, first), (e1, last) = self.val_losses[0], self.val_losses[-1]
+            if last > RISE * first:
+                self.print(f"ddp: warning: validation loss rose from {first:.4g} (epoch {e0}) to {last:.4g} "
+                           f"(epoch {e1}): the learning rate may be too high, or the model overfits")
         if self.active:
             with open(os.path.join(self.cfg.out, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=1)

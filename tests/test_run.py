@@ -235,3 +235,17 @@ def test_data_path_with_a_builtin_dataset_is_an_error(tmp_path):
                            "--out", str(tmp_path / "o")), "--data-path", "built in")
     one_line_error(run_cli("train", "--data-path", str(tmp_path / "d.txt"), "--out", str(tmp_path / "o")),
                    "cannot tell the format")
+
+
+def test_resume_refuses_data_that_changed_on_disk(tmp_path):
+    """Same flags, but the file behind --data-path was rewritten: the checkpoint's data fingerprint differs."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((120, 4)), rng.integers(0, 2, 120)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    out = tmp_path / "o"
+    ok(run_cli("train", "--data-path", str(tmp_path / "d.npz"), "--hidden", "4", "--batch-size", "16",
+               "--max-steps", "3", "--quiet", "--out", str(out)))
+    np.savez(tmp_path / "d.npz", X=X + 1, y=y)
+    before = (out / "checkpoint.npz").read_bytes()
+    one_line_error(run_cli("train", "--resume", str(out / "checkpoint.npz")), "training data differs")
+    assert (out / "checkpoint.npz").read_bytes() == before

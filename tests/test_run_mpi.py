@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from helpers import ROOT, run_cli, run_launcher
+from helpers import ROOT, run_launcher
 from test_run import SMALL, arrays, assert_same_arrays
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(
