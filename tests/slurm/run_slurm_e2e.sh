@@ -142,10 +142,10 @@ until [[ -f "$out/requeue/checkpoint.npz" ]]; do
     sleep 0.05
 done
 scancel --signal=TERM "$id"
-# Requeued means: restarted once, pending again, and the first attempt's step gone (a new step 0 would
-# otherwise meet the old one's teardown and fail to launch).
+# Requeued means: restarted once, pending again, and the first attempt's step gone, down to its slurmstepd
+# socket in the spool directory (a new step 0 would otherwise meet the old one's teardown and fail to launch).
 until [[ "$(job_field "$id" Restarts)" == 1 && "$(job_field "$id" JobState)" == PENDING \
-         && -z "$(squeue -h -s -j "$id" 2>/dev/null)" ]]; do
+         && -z "$(squeue -h -s -j "$id" 2>/dev/null)" ]] && ! compgen -G "$work/spool/*_$id.0" >/dev/null; do
     [[ $(left) -gt 1 && "$(job_field "$id" JobState)" =~ ^(RUNNING|COMPLETING|PENDING|REQUEUED)$ ]] \
         || { cat "$out/requeue.log"; fail "the job did not requeue itself after SIGTERM"; }
     sleep 0.2
