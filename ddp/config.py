@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -93,6 +94,8 @@ class Config:
                            ["sync", "async", "ssp"], group="distributed")
     staleness: int = opt(0, "ps mode with ssp: no worker runs more than k steps ahead of the slowest",
                          group="distributed")
+    timeout: float = opt(300.0, "end the job, naming the ranks that have not arrived, when one wait in a "
+                         "collective or parameter-server exchange lasts this many seconds", group="distributed")
 
     def hidden_sizes(self) -> list[int]:
         text = self.hidden.strip()
@@ -123,6 +126,8 @@ class Config:
             (self.check_every >= 0, f"check every {self.check_every} must be >= 0"),
             (self.staleness >= 0, f"staleness {self.staleness} must be >= 0"),
             (self.servers >= 1, f"servers {self.servers} must be >= 1"),
+            (math.isfinite(self.timeout) and self.timeout > 0,
+             f"timeout {self.timeout} must be a finite number of seconds > 0"),
         ]
         for ok, msg in checks:
             if not ok:

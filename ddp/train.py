@@ -26,14 +26,10 @@ from .comm import Communicator, DebugComm, SerialComm, run_simulated
 from .config import Config
 from .data import (Dataset, Standardizer, batch_size_for, epoch_batches, load_dataset, micro_batches, shard, split,
                    standardize)
-from .errors import UsageError
+from .errors import TrainingError, UsageError
 from .model import MLP
 from .optim import Schedule, make_optimizer
 from .parallel import DataParallel, check_replicas
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss diverged); every rank raises it together."""
 
 
 # --------------------------------------------------------------------------- set-up
@@ -291,6 +287,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None) -> dict:
     """
     if cfg.debug:
         comm = DebugComm(comm)
+    comm.set_timeout(cfg.timeout)
     s = agree(comm, build, cfg, comm.local_rank)
     model, train, B = s.model, s.train, s.batch_size
     xp = model.xp
@@ -330,6 +327,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None) -> dict:
             while nb < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
                 gb = batches[nb]
                 nb += 1
+                comm.at_step(step + 1)
                 local = shard(gb, comm.rank, comm.size)
                 micro = micro_batches(local, cfg.accumulate)
                 loss = 0.0

@@ -5,9 +5,10 @@
 #   launch/mpirun.sh --hostfile launch/hostfile.example --iface eth0 -- train --dataset digits
 #   launch/mpirun.sh -n 2 --dry-run -- train --dataset digits     # print the command, run nothing
 #
-# Every rank runs `PYTHON -m mpi4py -m ddp ARGS...`: `-m mpi4py` turns an uncaught exception on any
-# rank into MPI_Abort, so one failing rank ends the job instead of leaving the others waiting in a
-# collective. See launch/README.md for hostfiles, Slurm and keeping a system MPI.
+# Every rank runs `PYTHON -m ddp ARGS...`. ddp's own guard (ddp/guard.py) ends the whole job when one
+# rank fails, and prints one line per error; this script drops Open MPI's banners around it and
+# exits with the job's exit code (0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM).
+# See launch/README.md for hostfiles, Slurm and keeping a system MPI.
 set -euo pipefail
 
 prog=mpirun.sh
@@ -17,7 +18,7 @@ usage() {
 usage: $prog [-n N] [--hostfile FILE | --host H1:S1,H2:S2] [--iface IFACE]
              [--mpiexec PATH] [--dry-run] -- DDP_ARGS...
 
-Run 'PYTHON -m mpi4py -m ddp DDP_ARGS...' on N MPI ranks.
+Run 'PYTHON -m ddp DDP_ARGS...' on N MPI ranks; exits with the job's exit code.
 
 options:
   -n, --np N        number of ranks (default: the slots in --hostfile/--host, else
@@ -34,6 +35,8 @@ environment:
   PYTHON            interpreter for the ranks (default: the active venv's python, else python3)
   MPIEXEC           default for --mpiexec
   DDP_IFACE         default for --iface
+  DDP_MPI_BANNERS   1: keep Open MPI's banners on abort and non-zero exit (dropped by default:
+                    ddp prints its own one line per error)
 
 Open MPI and MPICH are told apart by 'mpiexec --version'. For Open MPI the script sets
 OMPI_MCA_btl=^ofi (unless OMPI_MCA_btl is set, even to ''), allows running as root when run by root, passes
@@ -191,7 +194,7 @@ else
     [[ -z "$hostlist" ]] || cmd+=(-hosts "$hostlist")
     [[ -z "$iface" ]] || cmd+=(-iface "$iface")
 fi
-cmd+=("$python" -m mpi4py -m ddp "${ddp_args[@]}")
+cmd+=("$python" -m ddp "${ddp_args[@]}")
 if [[ ${#envs[@]} -gt 0 ]]; then
     cmd=(env "${envs[@]}" "${cmd[@]}")
 fi
@@ -208,5 +211,36 @@ if [[ $dry_run == 1 ]]; then
     done
     echo "$out"
     exit 0
+fi
+if [[ $flavor == openmpi && "${DDP_MPI_BANNERS:-0}" != 1 ]]; then
+    # Open MPI frames every MPI_Abort and non-zero exit in 7-14 lines that blame "rank 1" and never
+    # say why; ddp has printed the reason already. Drop exactly those blocks, keep everything else.
+    # exec keeps mpiexec's pid (signals reach it) and its exit code; the filter sees EOF after it.
+    # The filter ignores Ctrl-C, which the terminal sends to it too: it must outlive mpiexec.
+    exec "${cmd[@]}" 2> >(trap '' INT; exec awk '
+        function dashes(s) { return length(s) >= 40 && s ~ /^-+[ \t]*$/ }
+        BEGIN { inblock = 0; block = ""; skipblank = 0 }
+        {
+            if (!inblock && dashes($0)) { inblock = 1; block = $0 "\n"; next }
+            if (inblock) {
+                block = block $0 "\n"
+                if (!dashes($0)) next
+                inblock = 0
+                if (block ~ /MPI_ABORT was invoked|has exited due to process rank|exited with non-zero status/) {
+                    skipblank = 1
+                } else {
+                    printf "%s", block; fflush()
+                }
+                block = ""
+                next
+            }
+            if (skipblank && $0 ~ /^[ \t]*$/) next
+            # PRRTE tearing the job down while a rank is still in MPI_Finalize: noise after a clean exit
+            if ($0 ~ /PMIX ERROR: PMIX_ERR_UNREACH in file .*pmix_server\.c/) next
+            skipblank = 0
+            print; fflush()
+        }
+        END { if (inblock) printf "%s", block }
+    ' >&2)
 fi
 exec "${cmd[@]}"
