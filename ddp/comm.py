@@ -209,7 +209,12 @@ class Watchdog:
     # ---- the watchdog thread
     def _run(self):
         while True:
+            t = time.monotonic()
             time.sleep(self.interval)
+            if time.monotonic() - t > self.interval + 2.0:
+                # This process itself was frozen (SIGSTOP, a paused VM): it is the rank the others
+                # wait for, not one that waited. The job is being ended around it; stay quiet.
+                continue
             heard = self._poll()
             w = self.waiting
             if w is not None and (heard or time.monotonic() - w[1] > self.timeout):

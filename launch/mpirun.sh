@@ -217,7 +217,8 @@ if [[ $flavor == openmpi && "${DDP_MPI_BANNERS:-0}" != 1 ]]; then
     # say why; ddp has printed the reason already. Drop exactly those blocks, keep everything else.
     # exec keeps mpiexec's pid (signals reach it) and its exit code; the filter sees EOF after it.
     # The filter ignores Ctrl-C, which the terminal sends to it too: it must outlive mpiexec.
-    exec "${cmd[@]}" 2> >(trap '' INT; exec awk '
+    # prterun also ends its abort banner with a NUL byte.
+    exec "${cmd[@]}" 2> >(trap '' INT; tr -d '\000' | awk '
         function dashes(s) { return length(s) >= 40 && s ~ /^-+[ \t]*$/ }
         BEGIN { inblock = 0; block = ""; skipblank = 0 }
         {
