@@ -203,14 +203,23 @@ class Watchdog:
             from mpi4py import MPI
             self.MPI, self.world = MPI, world
             self.rank, self.size = world.Get_rank(), world.Get_size()
+            self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, name="ddp-watchdog", daemon=True)
             self._thread.start()
+
+    def stop(self) -> None:
+        """Disarm (benchmarks compare armed and disarmed in one job)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
 
     # ---- the watchdog thread
     def _run(self):
         while True:
             t = time.monotonic()
-            time.sleep(self.interval)
+            if self._stop.wait(self.interval):
+                return
             if time.monotonic() - t > self.interval + 2.0:
                 # This process itself was frozen (SIGSTOP, a paused VM): it is the rank the others
                 # wait for, not one that waited. The job is being ended around it; stay quiet.
