@@ -247,7 +247,6 @@ def limit_threads(local_ranks: int | None = None, simulated: int = 1, env=None) 
         try:
             from threadpoolctl import threadpool_limits
 
-            import scipy.linalg.blas  # noqa: F401 (its own OpenBLAS must be loaded to be limited too)
             threadpool_limits(limits=n)
         except ImportError as e:
             why = f"not limited: {e}"

@@ -54,12 +54,12 @@ import time
 import numpy as np
 
 from . import backend
-from .comm import Communicator, DebugComm, MPIComm
+from .comm import WATCHDOG, Communicator, DebugComm, MPIComm
 from .config import Config
 from .data import epoch_batches, micro_batches, shard, shard_range
-from .errors import UsageError
+from .errors import TrainingError, UsageError
 from .parallel import check_replicas
-from .run import (CHECKPOINT, Reporter, Setup, TrainingError, agree, all_finite, evaluate, finished_summary,
+from .run import (CHECKPOINT, Reporter, Setup, agree, all_finite, evaluate, finished_summary,
                   is_finished, make_optimizer_for, restore, save_checkpoint, start_run, steps_per_epoch,
                   total_steps)
 
@@ -180,7 +180,8 @@ class Worker:
 
     def wait(self) -> np.ndarray:
         """Finish every pending message; returns the replies' meta, one [clock, staleness, status] per server."""
-        self.MPI.Request.Waitall(self.reqs)
+        with WATCHDOG.watch("the worker's Waitall for the servers' replies"):
+            self.MPI.Request.Waitall(self.reqs)
         self.reqs, self.keep = [], []
         if self.staged:
             for host, dev in zip(self.host_params, self.params):
@@ -215,6 +216,7 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
         while nb < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
             gb = batches[nb]
             nb += 1
+            world.at_step(step + 1)
             local = shard(gb, wcomm.rank, wcomm.size)
             # sync: a share of the global-batch mean, as in allreduce mode; async: this worker's own mean
             denom = len(gb) if sync else max(len(local), 1)
@@ -323,7 +325,8 @@ class Server:
             self.reply(w, count=False)             # the initial shard
         done, status = [False] * n, MPI.Status()
         while not all(done):
-            i = MPI.Request.Waitany(self.grad_reqs + self.ctrl_reqs, status)
+            with WATCHDOG.watch("the server's Waitany for gradients", self._laggards):
+                i = MPI.Request.Waitany(self.grad_reqs + self.ctrl_reqs, status)
             if i < n:
                 self.bytes_received += self.grad_in[i].nbytes
                 self.on_grad(i)
@@ -342,6 +345,10 @@ class Server:
         for w in range(n):                         # the final shard
             self.reply(w, more=False, count=False)
         MPI.Request.Waitall([r for rs in self.sends for r in rs])
+
+    def _laggards(self) -> str:
+        behind = [self.workers[w] for w in range(len(self.workers)) if self.clock[w] == self.gclock]
+        return f"workers {behind} have not pushed step {self.start_step + self.gclock + 1}"
 
     def _post_ctrl(self, w):
         self.ctrl_reqs[w] = self.mpi.Irecv(self.ctrl_in[w], source=self.workers[w], tag=TAG_CTRL)
@@ -377,6 +384,7 @@ class Server:
     def on_grad(self, w: int) -> None:
         before = self.gclock
         self.clock[w] += 1
+        WATCHDOG.step = self.start_step + self.gclock
         if w == 0:
             self._tick()
         if self.sync:
@@ -422,14 +430,15 @@ class Server:
         counts = [b - a for a, b in self.bounds]
         displs = [a for a, _ in self.bounds]
         full = self.model.params                   # rank 0's own shard is already in place
-        self.scomm.Gatherv(MPI.IN_PLACE if root else self.params, [full, (counts, displs)] if root else None,
-                           root=0)
-        state = {}
-        for name in self.opt.state_names:
-            mine = getattr(self.opt, name)
-            whole = np.empty(full.size, mine.dtype) if root else None
-            self.scomm.Gatherv(mine, [whole, (counts, displs)] if root else None, root=0)
-            state[name] = whole
+        with WATCHDOG.watch("the servers' checkpoint Gatherv"):
+            self.scomm.Gatherv(MPI.IN_PLACE if root else self.params,
+                               [full, (counts, displs)] if root else None, root=0)
+            state = {}
+            for name in self.opt.state_names:
+                mine = getattr(self.opt, name)
+                whole = np.empty(full.size, mine.dtype) if root else None
+                self.scomm.Gatherv(mine, [whole, (counts, displs)] if root else None, root=0)
+                state[name] = whole
         if root and self.reporter.active:
             state["t"] = np.array(self.opt.t, np.int64)
             epoch, batch = self.points[step]
@@ -448,6 +457,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     """
     cfg.validate()
     check_ps(cfg, comm)
+    comm.set_timeout(cfg.timeout)
     world = comm.inner if isinstance(comm, DebugComm) else comm
     S, P = cfg.servers, comm.size
     is_server = comm.rank < S
@@ -479,7 +489,8 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         # it); async servers take one optimizer step per worker step.
         updates = 1 if sync else n_workers
         optimizer = make_optimizer_for(cfg, model.params[a:b], model.grads[a:b], cfg.epochs * spe * updates)
-        part.Bcast(model.params, root=0)           # rank 0's initial weights, not equal seeds
+        with WATCHDOG.watch("bcast"):
+            part.Bcast(model.params, root=0)       # rank 0's initial weights, not equal seeds
     if ckpt is not None:                           # each server loads its slice; every rank agrees it worked
         agree(comm, lambda: restore(ckpt, model, optimizer, cfg.resume, (a, b)) if is_server else None)
     points, _ = checkpoint_points(cfg, spe, *start)

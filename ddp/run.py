@@ -37,10 +37,6 @@ FORMAT = 2                       # checkpoint format: 2 added meta and data.* (p
 RISE = 2.0                       # a final validation loss this many times the first one earns a warning
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss diverged); every rank raises it together."""
-
-
 class Stopped(Exception):
     """SIGTERM asked the run to stop: a checkpoint was saved at the current step (every rank raises it)."""
 

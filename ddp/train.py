@@ -22,10 +22,10 @@ from . import backend
 from .comm import Communicator, DebugComm, SerialComm, run_simulated
 from .config import Config
 from .data import epoch_batches, micro_batches, shard
-from .errors import UsageError
 from .model import MLP
 from .parallel import DataParallel, check_replicas
-from .run import (CHECKPOINT, Reporter, Setup, Stopped, TrainingError, agree, all_finite, evaluate,
+from .errors import TrainingError, UsageError
+from .run import (CHECKPOINT, Reporter, Setup, Stopped, agree, all_finite, evaluate,
                   finished_summary, is_finished, make_optimizer_for, restore, save_checkpoint, start_run,
                   steps_per_epoch, stop_requested, total_steps)
 
@@ -47,6 +47,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     """
     if cfg.debug:
         comm = DebugComm(comm)
+    comm.set_timeout(cfg.timeout)
     s, ckpt = start_run(cfg, comm, raw)
     model, train, B = s.model, s.train, s.batch_size
     xp = model.xp
@@ -97,6 +98,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
             while nb < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
                 gb = batches[nb]
                 nb += 1
+                comm.at_step(step + 1)
                 local = shard(gb, comm.rank, comm.size)
                 micro = micro_batches(local, cfg.accumulate)
                 loss = 0.0
