@@ -225,6 +225,7 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
                 loss += model.forward_backward(X_dev[mb], y_dev[mb], denom=denom, accumulate=j > 0,
                                                on_grad=worker.on_grad if last else None)
             meta = worker.wait()
+            loss = float(loss)                      # the step's one wait for the loss (the pushes wait too)
             step += 1
             n_steps += 1
             samples += len(gb)
