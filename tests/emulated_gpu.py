@@ -125,9 +125,17 @@ cuda = SimpleNamespace(Device=Device, Stream=Stream, get_current_stream=lambda: 
                                                deviceSynchronize=lambda: counter.add(syncs=1)))
 
 
+_serials = iter(range(1, 1 << 62))
+
+
 class _MemoryPointer:
+    """`ptr` is unique to an allocation (and offset within it, for views): an address is
+    never given out twice, the worst case of a memory pool, so that a cache keyed by
+    pointer shows every temporary it keeps."""
+
     def __init__(self, arr):
-        self.ptr = arr._a.ctypes.data
+        serial, start = arr._base
+        self.ptr = (serial << 36) + arr._a.ctypes.data - start
         self.device_id = arr._dev
 
 
@@ -186,6 +194,7 @@ class ndarray:
     def __init__(self, shape, dtype=float, _array=None):
         self._a = a = np.empty(shape, dtype) if _array is None else _array
         self._dev = _current()
+        self._base = (next(_serials), a.ctypes.data)     # views replace it with their base's
         if a.base is None:
             _allocations[id(a)] = a
 
@@ -282,7 +291,7 @@ class ndarray:
 
     def _view(self, a):
         v = ndarray._of(a)
-        v._dev = self._dev
+        v._dev, v._base = self._dev, self._base
         return v
 
     # -- indexing (views alias their base)
