@@ -114,6 +114,8 @@ def to_device_of(x, like):
     the current device."""
     if not is_gpu_array(like) or x.device == like.device:
         return x
+    with x.device:
+        synchronize()      # x was written on ITS device's stream, which the copy below does not wait for
     with like.device:
         return x.copy()
 

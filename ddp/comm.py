@@ -292,10 +292,8 @@ class SimulatedComm(Communicator):
     def iallreduce_sum(self, buf, compress=None):
         if compress is not None:
             return _compressed_sum(buf, compress, self.iallreduce_sum)
-        mine = buf.copy()
-        backend.synchronize(mine)      # another rank's device may read it as soon as it is published
         # Ranks may sit on different GPUs: the sum is done on this rank's device, from peer copies.
-        parts = [backend.to_device_of(p, buf) for p in self._exchange(mine)]
+        parts = [backend.to_device_of(p, buf) for p in self._exchange(buf.copy())]
         total = parts[0].astype(np.float32) if buf.dtype == np.float16 else parts[0].copy()
         for p in parts[1:]:
             total += p
@@ -303,10 +301,8 @@ class SimulatedComm(Communicator):
         return Request()
 
     def bcast(self, buf, root=0):
-        mine = buf.copy() if self.rank == root else None
-        if mine is not None:
-            backend.synchronize(mine)
-        buf[...] = backend.to_device_of(self._exchange(mine)[root], buf)
+        src = self._exchange(buf.copy() if self.rank == root else None)[root]
+        buf[...] = backend.to_device_of(src, buf)
 
     def barrier(self):
         self._sync()
