@@ -20,6 +20,11 @@ and behaves like CuPy where GPU bugs hide, not where it is easy:
   kernels do. `DEVICE_COUNT` says how many devices there are.
 - `counter` counts device-to-host transfers, host-to-device transfers and
   synchronizations. Every D2H copy is blocking, so it counts a sync too.
+- Kernels are asynchronous: every write is stamped with its device's kernel
+  count, and only a synchronization (or a blocking copy) of that device marks
+  it finished. Memory still being written must not be read outside the stream:
+  handing it to MPI (`__cuda_array_interface__`) or peer-copying it from another
+  device raises RuntimeError.
 
 Views share memory with their base (the model's layers are views of the flat
 arena), and `.data.ptr` is the address of the first element.
@@ -78,6 +83,26 @@ def _current() -> int:
     return getattr(_local, "device", 0)
 
 
+_issued = {}      # device -> kernels launched on it
+_finished = {}    # device -> kernels known to be finished (at its last synchronization)
+_written = {}     # allocation serial -> (device, number of the kernel that last wrote it)
+
+
+def _launch(arr):
+    """A kernel writes arr: it finishes at some later time, unknown to the host."""
+    n = _issued[arr._dev] = _issued.get(arr._dev, 0) + 1
+    _written[arr._base[0]] = n
+    return arr
+
+
+def _sync(device):
+    _finished[device] = _issued.get(device, 0)
+
+
+def _settled(arr) -> bool:
+    return _written.get(arr._base[0], 0) <= _finished.get(arr._dev, 0)
+
+
 class Device:
     def __init__(self, device=None):
         self.id = _current() if device is None else int(device)
@@ -89,6 +114,7 @@ class Device:
 
     def synchronize(self):
         counter.add(syncs=1)
+        _sync(self.id)
 
     def __enter__(self):
         self._prev = _current()
@@ -111,6 +137,7 @@ class Device:
 class Stream:
     def synchronize(self):
         counter.add(syncs=1)
+        _sync(_current())
 
 
 Stream.null = Stream()
@@ -122,7 +149,7 @@ def _get_device_count():
 
 cuda = SimpleNamespace(Device=Device, Stream=Stream, get_current_stream=lambda: Stream.null,
                        runtime=SimpleNamespace(getDeviceCount=_get_device_count,
-                                               deviceSynchronize=lambda: counter.add(syncs=1)))
+                                               deviceSynchronize=lambda: Device().synchronize()))
 
 
 _serials = iter(range(1, 1 << 62))
@@ -182,7 +209,8 @@ def _call(fn, *args, out=None, **kwargs):
         if not isinstance(out, ndarray):
             raise TypeError(f"out must be a device array, not {type(out)}")
         kwargs["out"] = _dev_operand(out)
-    return _wrap(fn(*args, **kwargs), out)
+    res = _wrap(fn(*args, **kwargs), out)
+    return _launch(res) if isinstance(res, ndarray) else res
 
 
 # --------------------------------------------------------------------------- the array
@@ -209,7 +237,7 @@ class ndarray:
     def _scalar(self, conv):
         if self._a.size != 1:
             raise TypeError("only length-1 arrays can be converted to Python scalars")
-        counter.add(d2h=1, syncs=1)
+        self._blocking_copy()
         return conv(self._a.reshape(()).item())
 
     def __float__(self):
@@ -231,12 +259,17 @@ class ndarray:
             return format(self._scalar(lambda v: v), spec)
         return format(str(self), spec)
 
-    def __repr__(self):
+    def _blocking_copy(self):
+        """A device-to-host copy on the stream: it waits for every kernel before it."""
         counter.add(d2h=1, syncs=1)
+        _sync(self._dev)
+
+    def __repr__(self):
+        self._blocking_copy()
         return "emulated_gpu." + repr(self._a)
 
     def __str__(self):
-        counter.add(d2h=1, syncs=1)
+        self._blocking_copy()
         return str(self._a)
 
     @property
@@ -244,6 +277,9 @@ class ndarray:
         # Only a test that asks for CUDA-aware MPI lets MPI read the buffer directly.
         if os.environ.get("DDP_CUDA_AWARE", "").strip() != "1":
             raise AttributeError("__cuda_array_interface__ (set DDP_CUDA_AWARE=1 to expose it to MPI)")
+        if not _settled(self):
+            raise RuntimeError("device memory handed to MPI while a kernel may still be writing it: "
+                               "synchronize the stream first")
         a = self._a
         return {"shape": a.shape, "typestr": a.dtype.str, "data": (a.ctypes.data, False), "version": 3,
                 "strides": None if a.flags.c_contiguous else a.strides}
@@ -251,7 +287,7 @@ class ndarray:
     # -- explicit transfers
     def get(self, stream=None, order="C", out=None, blocking=True):
         _dev_operand(self)
-        counter.add(d2h=1, syncs=1)
+        self._blocking_copy()
         if out is None:
             return self._a.copy()
         if not isinstance(out, np.ndarray) or out.shape != self._a.shape or out.dtype != self._a.dtype:
@@ -270,7 +306,7 @@ class ndarray:
         return self._scalar(lambda v: v)
 
     def tolist(self):
-        counter.add(d2h=1, syncs=1)
+        self._blocking_copy()
         return self._a.tolist()
 
     # -- attributes
@@ -302,6 +338,7 @@ class ndarray:
     def __setitem__(self, key, value):
         _dev_operand(self)
         self._a[_index(key)] = _dev_operand(value)
+        _launch(self)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -311,7 +348,7 @@ class ndarray:
         _dev_operand(self)
         if not copy and np.dtype(dtype) == self._a.dtype:
             return self
-        return _wrap(self._a.astype(dtype, order=order))
+        return _launch(_wrap(self._a.astype(dtype, order=order)))
 
     def reshape(self, *shape, order="C"):
         _dev_operand(self)
@@ -325,12 +362,17 @@ class ndarray:
         return self._view(self._a.view(dtype))
 
     def copy(self, order="C"):
-        # CuPy copies onto the CURRENT device, even from another one (peer copy)
-        return ndarray._of(self._a.copy(order))
+        # CuPy copies onto the CURRENT device, even from another one (peer copy), on the current
+        # device's stream: it does not wait for the kernels of the source's device.
+        if self._dev != _current() and not _settled(self):
+            raise RuntimeError(f"peer copy from device {self._dev} while a kernel may still be writing the "
+                               "source: synchronize its device first")
+        return _launch(ndarray._of(self._a.copy(order)))
 
     def fill(self, value):
         _dev_operand(self)
         self._a.fill(_dev_operand(value))
+        _launch(self)
 
     def sum(self, axis=None, dtype=None, out=None, keepdims=False):
         return _call(np.sum, self, axis=axis, dtype=dtype, out=out, keepdims=keepdims)
@@ -369,7 +411,7 @@ def _reflected(op):
 def _inplace(op):
     def f(self, other):
         op(_dev_operand(self), _dev_operand(other))
-        return self
+        return _launch(self)
     return f
 
 
@@ -417,19 +459,20 @@ def array(x, dtype=None, copy=True):
     return asarray(x, dtype)
 
 
-def _maker(fn):
+def _maker(fn, kernel=True):
     def f(*args, **kwargs):
-        return ndarray._of(fn(*args, **kwargs))
+        a = ndarray._of(fn(*args, **kwargs))
+        return _launch(a) if kernel else a
     return f
 
 
-zeros, empty, ones, full, arange = (_maker(np.zeros), _maker(np.empty), _maker(np.ones), _maker(np.full),
-                                    _maker(np.arange))
+zeros, empty, ones, full, arange = (_maker(np.zeros), _maker(np.empty, kernel=False), _maker(np.ones),
+                                    _maker(np.full), _maker(np.arange))
 
 
 def _like(fn):
     def f(a, dtype=None):
-        return ndarray._of(fn(_dev_operand(a), dtype=dtype))
+        return _launch(ndarray._of(fn(_dev_operand(a), dtype=dtype)))
     return f
 
 
@@ -437,11 +480,11 @@ zeros_like, empty_like, ones_like = _like(np.zeros_like), _like(np.empty_like), 
 
 
 def concatenate(arrays, axis=0):
-    return _wrap(np.concatenate([_dev_operand(a) for a in arrays], axis=axis))
+    return _launch(_wrap(np.concatenate([_dev_operand(a) for a in arrays], axis=axis)))
 
 
 def stack(arrays, axis=0):
-    return _wrap(np.stack([_dev_operand(a) for a in arrays], axis=axis))
+    return _launch(_wrap(np.stack([_dev_operand(a) for a in arrays], axis=axis)))
 
 
 def asnumpy(x, stream=None, out=None):

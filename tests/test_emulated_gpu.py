@@ -80,9 +80,24 @@ def test_arrays_of_another_device_are_refused(monkeypatch):
         except ValueError as e:
             got["error"] = str(e)
         with a.device:
+            try:
+                b.copy()                            # ones() may still be running on device 1
+            except RuntimeError as e:
+                got["race"] = str(e)
+        eg.cuda.get_current_stream().synchronize()
+        with a.device:
             got["copy"] = (b.copy() + a).get()      # a peer copy onto a's device works, as in CuPy
 
     t = threading.Thread(target=on_device_1)
     t.start()
     t.join()
-    assert "device" in got["error"] and got["copy"].tolist() == [2, 2, 2]
+    assert "device" in got["error"] and "peer copy" in got["race"] and got["copy"].tolist() == [2, 2, 2]
+
+
+def test_mpi_must_not_read_memory_a_kernel_may_still_write(monkeypatch):
+    monkeypatch.setenv("DDP_CUDA_AWARE", "1")
+    x = eg.ones(3) * 2
+    with pytest.raises(RuntimeError, match="synchronize"):
+        x.__cuda_array_interface__
+    eg.cuda.get_current_stream().synchronize()
+    assert x.__cuda_array_interface__["shape"] == (3,)
