@@ -21,7 +21,8 @@ from ddp.model import MLP
 from ddp.nn import ACTIVATIONS, dense_forward
 from ddp.losses import LOSSES
 from ddp.optim import make_optimizer
-from ddp.train import build, evaluate, load_checkpoint, run
+from ddp.run import CHECKPOINT, build, evaluate, load_checkpoint
+from ddp.train import run
 
 ACTS = sorted(ACTIVATIONS)
 
@@ -165,10 +166,11 @@ def test_checkpoint_save_and_resume(device, tmp_path):
     ref, _ = final_params(Config(out=str(tmp_path / "ref"), device="cpu", max_steps=16, **kw))
     out = str(tmp_path / "dev")
     run(Config(out=out, device=device, max_steps=7, **kw))
-    ckpt = load_checkpoint(os.path.join(out, "checkpoint.npz"))
-    assert int(ckpt["step"]) == 7 and all(isinstance(v, np.ndarray) for v in ckpt.values())
+    ckpt = load_checkpoint(os.path.join(out, CHECKPOINT))
+    layers = [k for k in ckpt if k.startswith("layers.")]
+    assert int(ckpt["step"]) == 7 and layers and all(type(ckpt[k]) is np.ndarray for k in layers)
     got, _ = final_params(Config(out=out, device=device, max_steps=16,
-                                 resume=os.path.join(out, "checkpoint.npz"), **kw))
+                                 resume=os.path.join(out, CHECKPOINT), **kw))
     assert rel_diff(got, ref) <= 1e-12
 
 
@@ -181,6 +183,21 @@ def test_evaluate(device, dataset):
         out[dev] = evaluate(s.model, s.test, SerialComm(), chunk=10)
     assert out["cpu"].keys() == out[device].keys() and len(out["cpu"]) == 2
     assert all(abs(out[device][k] - out["cpu"][k]) <= 1e-12 for k in out["cpu"])
+
+
+def test_load_predict_and_evaluate(device, tmp_path):
+    """ddp.load(..., device=) of a trained run: predict, predict_proba and evaluate equal NumPy's."""
+    import ddp
+    out = str(tmp_path / "run")
+    run(Config(out=out, device="cpu", **BASE))
+    X = np.random.default_rng(5).standard_normal((50, 20))
+    ref, got = ddp.load(out, device="cpu"), ddp.load(out, device=device)
+    assert backend.get_array_module(got.mlp.params) is got.mlp.xp
+    y = ref.predict(X)
+    assert np.array_equal(got.predict(X), y)
+    assert rel_diff(got.predict_proba(X), ref.predict_proba(X)) <= 1e-12
+    want, have = ref.evaluate(X, y[::-1]), got.evaluate(X, y[::-1])
+    assert want.keys() == have.keys() and all(abs(have[k] - want[k]) <= 1e-12 for k in want)
 
 
 def leaky_dense_forward(X, W, b):
