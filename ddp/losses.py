@@ -2,11 +2,12 @@
 
 Every loss returns (loss, dZ) where loss = sum over samples / denom and dZ is
 the gradient of that loss. The loss is a 0-d array on the device of Z (0.0 for
-an empty batch): turning it into a Python float would wait for the GPU, so the
-trainer fetches it once per step together with the finiteness check. `denom` defaults to the batch size, giving the batch
-mean. In data-parallel training each rank passes the GLOBAL batch size as
-denom, so the allreduce-sum of the ranks' losses and gradients is exactly the
-global batch mean, whatever the shard sizes: no mean of means.
+an empty batch): a Python float would make the host wait for the GPU, so the
+trainer fetches it once per step, with the finiteness check. `denom` defaults
+to the batch size, giving the batch mean. In data-parallel training each rank
+passes the GLOBAL batch size as denom, so the allreduce-sum of the ranks'
+losses and gradients is exactly the global batch mean, whatever the shard
+sizes: no mean of means.
 """
 from __future__ import annotations
 
