@@ -27,9 +27,10 @@ def device_suite(request, n, path, cuda_aware="0", min_passed=1):
         from ddp.comm import cuda_aware_mpi
         if not cuda_aware_mpi():
             pytest.skip("this MPI library is not CUDA-aware (MPIX_Query_cuda_support says no)")
+    # --timeout: a rank whose peer failed a test would otherwise wait in MPI until the job's own timeout
     res = run_mpi(n, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--color=no", "-W", "ignore::RuntimeWarning",
-                      "-m", "gpu", *(["--emulated-gpu"] if emulated else []), path], timeout=300,
-                  DDP_CUDA_AWARE=cuda_aware)
+                      "--timeout", "60", "--timeout-method", "thread", "-m", "gpu",
+                      *(["--emulated-gpu"] if emulated else []), path], timeout=300, DDP_CUDA_AWARE=cuda_aware)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
     passed = re.search(r"(\d+) passed", res.stdout)
     assert passed and int(passed.group(1)) >= min_passed and "skipped" not in res.stdout, res.stdout[-3000:]

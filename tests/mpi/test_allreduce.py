@@ -173,7 +173,8 @@ def test_n_ranks_on_the_device_equal_one_rank(comm, shared_tmp, device, emulated
     d = rel_diff(mine, got["p"])
     all_ranks(comm, d <= 1e-12, f"relative difference {d:.3e}")
     # the path taken: GPU buffers are staged exactly when MPI is not CUDA-aware, through pinned memory
-    staged = device == "gpu" and comm.size > 1 and not c.cuda_aware
+    asked = os.environ.get("DDP_CUDA_AWARE")          # tests/test_mpi.py sets it: the path must follow it
+    staged = device == "gpu" and comm.size > 1 and not (c.cuda_aware if asked is None else asked == "1")
     all_ranks(comm, bool(c._staging) == staged, f"staging cache {len(c._staging)} entries, staged={staged}")
     if emulated is not None:
         all_ranks(comm, all(emulated.is_pinned(h) for h in c._staging.values()), "a staging buffer is not pinned")
