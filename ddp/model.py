@@ -133,8 +133,8 @@ class MLP:
         X = self._check_input(X)
         return self._forward(X, self._bufs(X.shape[0]))[-1].copy()
 
-    def forward_backward(self, X, y, denom=None, on_grad=None, accumulate=False) -> float:
-        """Loss over the batch and its gradient in `self.grads`.
+    def forward_backward(self, X, y, denom=None, on_grad=None, accumulate=False):
+        """Loss over the batch (a 0-d array on the model's device) and its gradient in `self.grads`.
 
         X: (B, n_in); y: (B,) labels or (B, n_out) targets.
         denom: what the loss sum is divided by (default B): the data-parallel

@@ -115,6 +115,8 @@ def params_hash(params) -> str:
 
 def check_replicas(comm: Communicator, params, step: int) -> None:
     """Raise on every rank, with the same message, if any rank's parameters differ from rank 0's."""
+    if comm.size == 1:
+        return                  # nothing to compare, and the hash would copy the parameters off the GPU
     hashes = comm.allgather_obj(params_hash(params))
     bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
     if bad:

@@ -160,8 +160,7 @@ class Worker:
             self.bytes_received += self.host_params[s].nbytes + self.meta[s].nbytes
 
     def push(self, s: int) -> None:
-        if self.staged:
-            backend.synchronize(self.grads[s])
+        if self.staged:     # a blocking copy on the stream that wrote the gradients: no separate sync
             backend.copy_to_host(self.grads[s], self.host_grads[s])
         # The reply's receives go up before the gradient leaves. Writing the reply into the arena
         # while backward goes on is safe: backward is done with every layer of shard s.
@@ -227,6 +226,7 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
                 loss += model.forward_backward(X_dev[mb], y_dev[mb], denom=denom, accumulate=j > 0,
                                                on_grad=worker.on_grad if last else None)
             meta = worker.wait()
+            loss = float(loss)                      # the step's one wait for the loss (the pushes wait too)
             step += 1
             n_steps += 1
             samples += len(gb)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import all_ranks, rel_diff
 
+import ddp.backend
 import ddp.ps
 from ddp.comm import SerialComm
 from ddp.config import Config
@@ -40,7 +41,7 @@ def train(cfg, comm):
     last = {}
 
     def on_step(step, model, c):
-        last["p"] = np.array(model.params)
+        last["p"] = ddp.backend.to_numpy(model.params).copy()     # np.array() would fail on a GPU array
     return run(cfg, comm, on_step=on_step), last.get("p")
 
 
