@@ -81,6 +81,8 @@ class Config:
     grad_norms: bool = opt(False, "log each layer's gradient norm per epoch (watch gradients vanish)")
     progress: bool = opt(True, "show a progress bar (only when stderr is a terminal)")
     quiet: bool = opt(False, "do not print the one line per epoch")
+    trace: str = opt("", "write a timeline of every rank (Chrome trace format: open it in Perfetto or "
+                     "chrome://tracing) to this .json file")
     # distributed
     mode: str = opt("allreduce", "allreduce (gradient averaging) or ps (parameter server)",
                     ["allreduce", "ps"], group="distributed")
