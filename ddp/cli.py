@@ -9,19 +9,20 @@
     ddp plot runs/digits --out curves.png
     ddp gradcheck --sizes 5,8,3 --activation tanh
 
-Bad input ends with one line, `ddp: error: ...`, and exit code 2. Under MPI an
-unexpected exception on any rank prints that rank's traceback and aborts the
-whole job, so no rank is left waiting in a collective.
+Bad input ends with one line, `ddp: error: ...`, and exit code 2; a failure with
+exit code 1. Under MPI an error on every rank is printed once, by rank 0; an error
+on one rank is printed by that rank and ends the whole job (ddp/guard.py), so no
+rank is left waiting in a collective.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
 from . import __version__
 from .config import add_flags, given_settings
 from .errors import UsageError
+from .guard import run_main
 
 WHITESPACE_NUL = " \t\x00"   # Open MPI ends its version string with a NUL
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "identity")
@@ -31,8 +32,9 @@ BUILTIN = ("digits", "breast_cancer", "diabetes", "synthetic_classification", "s
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        # argparse prints the whole usage block; a one-line message is easier to act on.
-        self.exit(2, f"ddp: error: {message} (see '{self.prog} --help')\n")
+        # argparse prints the whole usage block; a one-line message is easier to act on, and
+        # under MPI the guard prints it once for all ranks.
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,43 +225,29 @@ def cmd_info() -> int:
 
 
 def main(argv=None) -> int:
+    """Run one command; returns the exit code (see guard.py: 0 ok, 1 failure, 2 usage, 130 SIGINT)."""
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return cmd_info()
-    comm = None
-    try:
-        if args.command != "train":
-            return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
-                    "plot": cmd_plot}[args.command](args)
-        from .comm import world_comm
-        from .run import Stopped, TrainingError, handle_sigterm
+    if args.command != "train":
+        return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
+                "plot": cmd_plot}[args.command](args)
+    from .comm import world_comm
+    from .run import Stopped, handle_sigterm
 
-        comm = world_comm()
-        handle_sigterm()
-        try:
-            cmd_train(args, comm)
-        except Stopped as e:
-            if comm.rank == 0:
-                print(f"ddp: {e}", file=sys.stderr, flush=True)
-            return Stopped.exit_code
-        except TrainingError as e:
-            if comm.rank == 0:
-                print(f"ddp: error: {e}", file=sys.stderr, flush=True)
-            return 1
-        return 0
-    except UsageError as e:
-        if (comm is None or comm.rank == 0) and not getattr(e, "quiet", False):
-            print(f"ddp: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BaseException as e:
-        if comm is not None and comm.size > 1 and not isinstance(e, SystemExit):
-            # Our ranks may be inside a collective: only an abort frees them.
-            print(f"ddp: rank {comm.rank} failed:\n{''.join(traceback.format_exception(e))}",
-                  file=sys.stderr, flush=True)
-            comm.abort(1)
-        raise
+    comm = world_comm()
+    handle_sigterm()
+    try:
+        cmd_train(args, comm)
+    except Stopped as e:              # every rank stopped at the same step, with the checkpoint saved
+        if comm.rank == 0:
+            print(f"ddp: {e}", file=sys.stderr, flush=True)
+        return Stopped.exit_code
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -81,6 +81,8 @@ class Config:
     grad_norms: bool = opt(False, "log each layer's gradient norm per epoch (watch gradients vanish)")
     progress: bool = opt(True, "show a progress bar (only when stderr is a terminal)")
     quiet: bool = opt(False, "do not print the one line per epoch")
+    trace: str = opt("", "write a timeline of every rank (Chrome trace format: open it in Perfetto or "
+                     "chrome://tracing) to this .json file")
     # distributed
     mode: str = opt("allreduce", "allreduce (gradient averaging) or ps (parameter server)",
                     ["allreduce", "ps"], group="distributed")
@@ -103,6 +105,8 @@ class Config:
                            ["sync", "async", "ssp"], group="distributed")
     staleness: int = opt(0, "ps mode with ssp: no worker runs more than k steps ahead of the slowest",
                          group="distributed")
+    timeout: float = opt(300.0, "end the job, naming the ranks that have not arrived, when one wait in a "
+                         "collective or parameter-server exchange lasts this many seconds", group="distributed")
 
     def hidden_sizes(self) -> list[int]:
         text = self.hidden.strip()
@@ -158,6 +162,7 @@ class Config:
             (2 <= self.n_classes <= MAX_WIDTH, f"n classes {self.n_classes} must be in 2..{MAX_WIDTH}"),
             (0 <= self.val_fraction < 1, f"val fraction {self.val_fraction} must be in [0, 1)"),
             (0 <= self.test_fraction < 1, f"test fraction {self.test_fraction} must be in [0, 1)"),
+            (self.timeout > 0, f"timeout {self.timeout} must be a number of seconds > 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -7,9 +7,10 @@
 #   launch/mpirun.sh -n 2 --dry-run -- train --dataset digits     # print the command, run nothing
 #   launch/mpirun.sh -n 4 --max-restarts 2 -- train --dataset digits --checkpoint-every 50
 #
-# Every rank runs `PYTHON -m mpi4py -m ddp ARGS...`: `-m mpi4py` turns an uncaught exception on any
-# rank into MPI_Abort, so one failing rank ends the job instead of leaving the others waiting in a
-# collective. See launch/README.md for hostfiles, Slurm and keeping a system MPI.
+# Every rank runs `PYTHON -m ddp ARGS...`. ddp's own guard (ddp/guard.py) ends the whole job when one
+# rank fails, and prints one line per error; this script drops Open MPI's banners around it and
+# exits with the job's exit code (0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM).
+# See launch/README.md for hostfiles, Slurm and keeping a system MPI.
 set -euo pipefail
 
 prog=mpirun.sh
@@ -20,8 +21,9 @@ usage: $prog [-n N] [--hostfile FILE | --host H1:S1,H2:S2] [--iface IFACE]
              [--mpiexec PATH] [--max-restarts N] [--dry-run]
              -- DDP_ARGS... | python SCRIPT.py ARGS... | SCRIPT.py ARGS...
 
-Run 'PYTHON -m mpi4py -m ddp DDP_ARGS...' on N MPI ranks; with a script (python SCRIPT.py or
-SCRIPT.py), run 'PYTHON -m mpi4py SCRIPT.py ARGS...' instead, with the same settings.
+Run 'PYTHON -m ddp DDP_ARGS...' on N MPI ranks; with a script (python SCRIPT.py or SCRIPT.py),
+run 'PYTHON -m mpi4py SCRIPT.py ARGS...' instead, with the same settings. Exits with the job's
+exit code (0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM).
 
 options:
   -n, --np N        number of ranks (default: the slots in --hostfile/--host, else
@@ -42,6 +44,8 @@ environment:
   PYTHON            interpreter for the ranks (default: the active venv's python, else python3)
   MPIEXEC           default for --mpiexec
   DDP_IFACE         default for --iface
+  DDP_MPI_BANNERS   1: keep Open MPI's banners on abort and non-zero exit (dropped by default:
+                    ddp prints its own one line per error)
 
 Open MPI and MPICH are told apart by 'mpiexec --version'. For Open MPI the script sets
 OMPI_MCA_btl=^ofi (unless OMPI_MCA_btl is set, even to ''), allows running as root when run by root, passes
@@ -204,8 +208,9 @@ else
     [[ -z "$hostlist" ]] || cmd+=(-hosts "$hostlist")
     [[ -z "$iface" ]] || cmd+=(-iface "$iface")
 fi
-# A script of the user's runs like torchrun's: under the same python, with -m mpi4py so that an uncaught
-# exception on one rank aborts the job instead of leaving the others in a collective.
+# ddp's own guard (ddp/guard.py) ends the whole job when one rank fails. A script of the user's runs
+# like torchrun's, under the same python, with -m mpi4py so that an uncaught exception on one rank aborts
+# the job instead of leaving the others in a collective.
 first="${ddp_args[0]}"
 if [[ "$(basename -- "$first")" =~ ^python[0-9.]*$ ]]; then
     [[ ${#ddp_args[@]} -ge 2 && ( "${ddp_args[1]}" != *.py || -f "${ddp_args[1]}" ) ]] \
@@ -215,7 +220,7 @@ elif [[ "$first" == *.py ]]; then
     [[ -f "$first" ]] || die "script '$first' not found"
     ranks=("$python" -m mpi4py "${ddp_args[@]}")
 else
-    ranks=("$python" -m mpi4py -m ddp "${ddp_args[@]}")
+    ranks=("$python" -m ddp "${ddp_args[@]}")
 fi
 if [[ ${#envs[@]} -gt 0 ]]; then
     cmd=(env "${envs[@]}" "${cmd[@]}")
@@ -235,8 +240,46 @@ if [[ $dry_run == 1 ]]; then
     echo "$out"
     exit 0
 fi
+# Open MPI frames every MPI_Abort and non-zero exit in 7-14 lines that blame "rank 1" and never say
+# why; ddp has printed the reason already. Drop exactly those blocks, keep everything else
+# (DDP_MPI_BANNERS=1 keeps them). The filter ignores Ctrl-C, which the terminal sends to it too: it must
+# outlive mpiexec. prterun also ends its abort banner with a NUL byte.
+filter_banners() {
+    if [[ $flavor != openmpi || "${DDP_MPI_BANNERS:-0}" == 1 ]]; then
+        cat
+        return
+    fi
+    trap '' INT
+    tr -d '\000' | awk '
+        function dashes(s) { return length(s) >= 40 && s ~ /^-+[ \t]*$/ }
+        BEGIN { inblock = 0; block = ""; skipblank = 0 }
+        {
+            if (!inblock && dashes($0)) { inblock = 1; block = $0 "\n"; next }
+            if (inblock) {
+                block = block $0 "\n"
+                if (!dashes($0)) next
+                inblock = 0
+                if (block ~ /MPI_ABORT was invoked|has exited due to process rank|exited with non-zero status/) {
+                    skipblank = 1
+                } else {
+                    printf "%s", block; fflush()
+                }
+                block = ""
+                next
+            }
+            if (skipblank && $0 ~ /^[ \t]*$/) next
+            # PRRTE tearing the job down while a rank is still in MPI_Finalize: noise after a clean exit
+            if ($0 ~ /PMIX ERROR: PMIX_ERR_UNREACH in file .*pmix_server\.c/) next
+            skipblank = 0
+            print; fflush()
+        }
+        END { if (inblock) printf "%s", block }
+    '
+}
+
 if [[ $max_restarts == 0 ]]; then
-    exec "${cmd[@]}"
+    # exec keeps mpiexec's pid (signals reach it) and its exit code; the filter sees EOF after it.
+    exec "${cmd[@]}" 2> >(filter_banners >&2)
 fi
 
 # ---- run, and relaunch a failed job ---------------------------------------------------------
@@ -263,7 +306,7 @@ while true; do
                                          "${ranks[@]}")
     fi
     set +e
-    "${run[@]}" &
+    "${run[@]}" 2> >(filter_banners >&2) &
     child=$!
     wait "$child"
     rc=$?
