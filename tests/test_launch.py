@@ -249,7 +249,7 @@ def test_max_restarts_relaunches_only_failures(tmp_path, codes, restarts, runs, 
     reasons = []
     for k, line in enumerate(got):
         assert line.startswith(f"restart={k if k else 'unset'} reasons={';'.join(reasons) if k else 'unset'} "), line
-        assert line.endswith("-m mpi4py -m ddp train --out o")      # the same command each time
+        assert line.endswith(" -m ddp train --out o")      # the same command each time
         # Open MPI passes only the variables it is told to ranks on other hosts.
         assert ("-x DDP_RESTART -x DDP_RESTART_REASONS" in line) == (k > 0)
         reasons.append(f"exit code {codes[k]}")
