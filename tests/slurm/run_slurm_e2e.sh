@@ -47,7 +47,8 @@ if [[ $install == 1 ]] && ! have_all >/dev/null; then
         || { tail -20 /tmp/ddp-slurm-apt.log; skip "could not install Slurm with apt-get (log above)"; }
 fi
 for tool in slurmd slurmctld sbatch srun sinfo munged; do
-    command -v "$tool" >/dev/null || skip "no $tool; install Slurm: apt-get install slurmd slurmctld slurm-client munge libpmix-dev"
+    command -v "$tool" >/dev/null \
+        || skip "no $tool; install Slurm: apt-get install slurmd slurmctld slurm-client munge libpmix-dev"
 done
 have_pmix || skip "no libpmix.so for Slurm's pmix plugin: apt-get install libpmix-dev"
 python="${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}"
@@ -176,4 +177,5 @@ for launcher in srun mpirun; do
     "$python" "$repo/tests/cluster/compare_runs.py" "$out/$launcher" "$out/single" --rtol 1e-12 --world-size 2 \
         || fail "the $launcher job's checkpoint differs from the one-process run (runs in $out)"
 done
-log "PASS: sbatch through srun, through mpirun, and requeued after SIGTERM trained what one process trains; runs in $out"
+log "PASS: sbatch through srun, through mpirun, and requeued after SIGTERM trained what one process trains"
+log "runs in $out"
