@@ -18,9 +18,12 @@ ratios compare numbers taken under the same load:
     so each rank has one core as in the 2-rank run: scaling efficiency =
     throughput_N / (N * throughput_1) = t_1 / t_N;
 (d) torch DistributedDataParallel over gloo on the same model and batch, set up
-    inside this job (rank/world from MPI, the port broadcast by rank 0).
+    inside this job (rank/world from MPI, the port broadcast by rank 0);
+(e) the collective watchdog (issue 9): the default step with the watchdog armed
+    (--timeout 300: its thread polls every 0.5 s) against the same step disarmed,
+    in the same alternating rounds; and its bookkeeping per collective (timeit).
 Targets: ddp >= 1.6x torch DDP's throughput; sync <= 1.05x raw Allreduce;
-scaling efficiency >= 0.9. Only rank 0 prints; the exit code is 0 either way.
+scaling efficiency >= 0.9; the armed watchdog costs <= 1% of the step. Only rank 0 prints; the exit code is 0 either way.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import argparse
 import os
 import socket
 import sys
+import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (must come before numpy: pins BLAS to one thread)
@@ -35,7 +39,7 @@ import common  # noqa: E402  (must come before numpy: pins BLAS to one thread)
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from ddp.comm import MPIComm, SerialComm  # noqa: E402
+from ddp.comm import WATCHDOG, MPIComm, SerialComm  # noqa: E402
 from ddp.model import MLP  # noqa: E402
 from ddp.optim import SGD  # noqa: E402
 from ddp.parallel import DataParallel  # noqa: E402
@@ -133,7 +137,10 @@ def main(argv=None):
              default_name: dp_step(blocking, global_batch),
              overlap_name: dp_step(default, global_batch),
              "numpy + raw Allreduce": raw_step}
-    layouts = {overlap_name: describe_buckets(default), default_name: describe_buckets(blocking)}
+    watched = "ddp default, watchdog armed (--timeout 300)"
+    steps[watched] = dp_step(blocking, global_batch)
+    layouts = {overlap_name: describe_buckets(default), default_name: describe_buckets(blocking),
+               watched: describe_buckets(blocking)}
     for mb, dp in sweep.items():
         name = f"ddp --overlap on, bucket {mb:g} MB" if mb else "ddp --overlap on, bucket per layer"
         steps[name] = dp_step(dp, global_batch)
@@ -145,7 +152,16 @@ def main(argv=None):
 
     # ---- (a), (c), (d): whole steps, alternating rounds
     per_round = max(1, args.iters // args.rounds)
-    t_steps = common.interleave(steps, args.rounds, per_round, barrier=mpi.Barrier, warmup=10)
+    def arm(name):                  # only the watched case runs with the watchdog's thread
+        if name == watched:
+            WATCHDOG.start(300, mpi)
+        else:
+            WATCHDOG.stop()
+
+    t_steps = common.interleave(steps, args.rounds, per_round, barrier=mpi.Barrier, warmup=10, before_round=arm)
+    WATCHDOG.stop()
+    bookkeeping = min(timeit.repeat(lambda: WATCHDOG.watch("allreduce").__enter__() or WATCHDOG.__exit__(),
+                                    number=100_000, repeat=5)) / 100_000
 
     # ---- (b): gradient averaging alone, a barrier before each call
     raw = np.empty_like(model.grads)
@@ -226,6 +242,10 @@ def main(argv=None):
     print(common.verdict(f"sync time / raw Allreduce (bucketed {args.bucket_mb:g} MB)", common.paired_ratio(
         t_sync, f"bucketed iallreduce, {args.bucket_mb:g} MB", "raw Allreduce(IN_PLACE)", per_round), 1.05,
         higher_is_better=False))
+    print(common.verdict("watchdog armed / disarmed (step time)", common.paired_ratio(
+        t_steps, watched, default_name, per_round), 1.01, higher_is_better=False))
+    print(f"watchdog bookkeeping per collective (timeit, rank 0): {bookkeeping * 1e6:.2f} us "
+          f"= {bookkeeping / med[default_name] * 100:.4f}% of the default step")
     print(common.verdict(f"{size}-rank scaling efficiency (default)", eff, 0.9, higher_is_better=True))
     print(common.verdict(f"{size}-rank scaling efficiency (--overlap on)", common.paired_ratio(
         t_steps, t1, overlap_name, per_round), 0.9, higher_is_better=True))

@@ -13,7 +13,12 @@ import numpy as np
 from .errors import UsageError
 
 _cupy = None
+_cupyx = None             # cupyx, for pinned host memory
 _cupy_error = None
+# Device-to-host transfers and host synchronizations made through this module
+# (benchmarks/bench_step.py reports them per step; the emulated device in the
+# tests also counts the implicit ones, which must stay at zero).
+stats = {"d2h": 0, "syncs": 0}
 
 
 def _import_cupy():
@@ -23,21 +28,29 @@ def _import_cupy():
     CUDARuntimeError, on the first array operation; we run one here so the
     user hears about it at start-up rather than mid-training.
     """
-    global _cupy, _cupy_error
+    global _cupy, _cupyx, _cupy_error
     if _cupy is not None or _cupy_error is not None:
         return _cupy
     try:
         import cupy  # noqa: the one place cupy is imported
+        import cupyx
 
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("no CUDA device found")
         (cupy.arange(2) + 1).sum().item()
-        _cupy = cupy
+        _cupy, _cupyx = cupy, cupyx
     except ImportError as e:
         _cupy_error = f"CuPy is not installed ({e}); install the 'gpu' extra"
     except Exception as e:  # CUDARuntimeError is a RuntimeError, but be broad
         _cupy_error = f"CuPy is installed but no GPU is usable ({type(e).__name__}: {e})"
     return _cupy
+
+
+def _use_device_module(module, extras=None) -> None:
+    """For the tests only: treat `module` as cupy and `extras` as cupyx (the emulated
+    device in tests/emulated_gpu.py); `None` goes back to importing the real cupy."""
+    global _cupy, _cupyx, _cupy_error
+    _cupy, _cupyx, _cupy_error = module, extras, None
 
 
 def gpu_available() -> bool:
@@ -89,8 +102,22 @@ def is_gpu_array(x) -> bool:
 def to_numpy(x) -> np.ndarray:
     """A host copy (or the array itself if it already lives on the host)."""
     if is_gpu_array(x):
+        stats["d2h"] += 1
+        stats["syncs"] += 1          # a blocking copy waits for the kernels before it
         return _cupy.asnumpy(x)
     return np.asarray(x)
+
+
+def to_device_of(x, like):
+    """`x` on the device that holds `like`: a peer copy when they differ (simulated
+    ranks on several GPUs), `x` itself otherwise. A kernel may only read arrays of
+    the current device."""
+    if not is_gpu_array(like) or x.device == like.device:
+        return x
+    with x.device:
+        synchronize()      # x was written on ITS device's stream, which the copy below does not wait for
+    with like.device:
+        return x.copy()
 
 
 def asarray(x, xp, dtype=None):
@@ -157,18 +184,21 @@ def synchronize(x=None) -> None:
     """Wait for queued GPU work: MPI reads device memory behind CuPy's back,
     so the kernels that wrote a buffer must have finished first."""
     if _cupy is not None and (x is None or is_gpu_array(x)):
+        stats["syncs"] += 1
         _cupy.cuda.get_current_stream().synchronize()
 
 
 def pinned_empty(shape, dtype) -> np.ndarray:
     """A page-locked host array, so device<->host copies run at full speed."""
     _import_cupy()
-    import cupyx
-
-    return cupyx.empty_pinned(shape, dtype)
+    return _cupyx.empty_pinned(shape, dtype)
 
 
 def copy_to_host(src, dst: np.ndarray) -> None:
+    """A blocking copy on the current stream: it starts after the kernels that wrote
+    `src` and returns when `dst` holds the data (a transfer and a synchronization)."""
+    stats["d2h"] += 1
+    stats["syncs"] += 1
     src.get(out=dst)
 
 
@@ -193,12 +223,73 @@ def cupy_version() -> str | None:
     return None
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS")
+# Set by launchers for each process they start: how many of the job's processes run on this node.
+LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+thread_note = None     # limit_threads' last description, for the training start line
+
+
+def local_ranks_from_env(env=None) -> int | None:
+    """Processes of this job on this node, as the launcher announced them (None if it did not)."""
+    env = os.environ if env is None else env
+    for key in LOCAL_SIZE_VARS:
+        if env.get(key, "").isdigit() and int(env[key]) > 0:
+            return int(env[key])
+    if "SLURM_STEP_ID" in env:   # an srun step; the batch script's own allocation variables do not count
+        # "2(x3),1": 2 tasks on each of the first 3 nodes, then 1; this node is SLURM_NODEID.
+        counts = []
+        for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+            n, _, rep = part.partition("(x")
+            if n.isdigit():
+                counts += [int(n)] * (int(rep.rstrip(")")) if rep.rstrip(")").isdigit() else 1)
+        node = int(env["SLURM_NODEID"]) if env.get("SLURM_NODEID", "").isdigit() else 0
+        if node < len(counts) and counts[node] > 0:
+            return counts[node]
+    return None
+
+
+def limit_threads(local_ranks: int | None = None, simulated: int = 1, env=None) -> str:
+    """Cap BLAS and OpenMP threads so that the ranks on this node share its cores; returns a description
+    such as "openblas=1 (2 cores / 2 local ranks)", also kept in `thread_note` for the start line.
+
+    Every rank's BLAS would otherwise start one thread per core: 4 ranks on 2 cores ran 8 spinning threads
+    and a quick start 30x slower than with one thread each. Threads = the cores this process may use
+    (its affinity mask) // (local ranks x simulated ranks), at least 1. Simulated ranks are threads of one
+    process that call BLAS at the same time, so they count like ranks. A user's OMP_NUM_THREADS (or
+    OPENBLAS_, MKL_, BLIS_NUM_THREADS, VECLIB_MAXIMUM_THREADS) wins: nothing is changed then.
+    local_ranks (MPI's count) is checked against the launcher's (local_ranks_from_env).
+    """
+    global thread_note
+    env = os.environ if env is None else env
+    user = [k for k in THREAD_VARS if env.get(k, "").strip()]
+    if user:
+        why = "set by " + ", ".join(f"{k}={env[k]}" for k in user)
+    else:
+        # The larger count wins: under srun with PMIx, Open MPI's shared-memory split saw 1 rank per node.
+        local = max(local_ranks or 1, local_ranks_from_env(env) or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, cores // (local * max(simulated, 1)))
+        why = f"{cores} core{'s' * (cores > 1)} / {local} local rank{'s' * (local > 1)}" + \
+            (f" x {simulated} simulated" if simulated > 1 else "")
+        try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=n)
+        except ImportError as e:
+            why = f"not limited: {e}"
+    thread_note = f"{blas_threads()} ({why})"
+    return thread_note
+
+
 def blas_threads() -> str:
-    """What BLAS reports about its threads, for `ddp info`."""
+    """What the loaded BLAS and OpenMP libraries report about their threads."""
     try:
         from threadpoolctl import threadpool_info
 
-        return ", ".join(f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info()
-                         if i.get("user_api") == "blas") or "unknown"
+        return ", ".join(sorted({f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info()})) \
+            or "unknown"
     except Exception:
         return os.environ.get("OMP_NUM_THREADS", "unknown")

@@ -11,13 +11,19 @@ every rank is making the same call with the same buffer size.
 """
 from __future__ import annotations
 
+import sys
 import threading
+import time
 import traceback
 
 import numpy as np
 
 from . import backend
-from .errors import UsageError
+from .errors import TrainingError, UsageError
+
+# Point-to-point tags on MPI_COMM_WORLD for the watchdog's side channel and guard's exit vote
+# (ddp/guard.py). Collectives never match point-to-point messages, and ps mode uses tags 41-44.
+TAG_WATCHDOG, TAG_EXIT = 32101, 32102
 
 
 class Request:
@@ -71,18 +77,35 @@ class Communicator:
     def abort(self, code=1):
         raise SystemExit(code)
 
+    def set_timeout(self, seconds: float) -> None:
+        """Arm the collective watchdog: a wait in a collective longer than this ends the job."""
+
+    def at_step(self, step: int) -> None:
+        """Tell the watchdog which step the next collectives belong to (for its message)."""
+
     def describe(self) -> str:
         return f"{self.name} (rank {self.rank} of {self.size})"
 
 
-def _compressed_sum(buf, compress, reduce_fn):
-    """Reduce `buf` as float16 and scatter back: half the bytes on the wire."""
+def _compressed_sum(buf, compress, reduce_fn, halves=None):
+    """Reduce `buf` as float16 and scatter back: half the bytes on the wire.
+
+    `halves` (a dict) keeps one float16 buffer per GPU buffer: a new temporary every
+    step would have a new device pointer, and the staging cache keyed by pointer
+    would then grow by one pinned buffer per step."""
     if compress is None:
         return reduce_fn(buf)
     if compress != "fp16":
         raise UsageError(f"unknown compression {compress!r}: expected fp16")
     xp = backend.get_array_module(buf)
-    half = buf.astype(xp.float16)
+    if halves is not None and backend.is_gpu_array(buf):
+        key = (buf.data.ptr, buf.size)
+        half = halves.get(key)
+        if half is None:
+            half = halves[key] = xp.empty(buf.shape, xp.float16)
+        half[...] = buf
+    else:
+        half = buf.astype(xp.float16)
     done = reduce_fn(half)
 
     def finish():
@@ -146,6 +169,120 @@ def cuda_aware_mpi() -> bool:
     return False
 
 
+class Watchdog:
+    """Ends the job when one wait in MPI lasts longer than `timeout` seconds, as NCCL's watchdog does.
+
+    The calling thread only records (op, time) around each blocking call: `with WATCHDOG.watch(op):`.
+    A daemon thread looks at that record every `interval` s; it costs the training loop nothing, and
+    the blocking Allreduce stays (polling an Iallreduce measured 1.2-1.65x slower here). On expiry it
+    asks every rank, over point-to-point messages on MPI_COMM_WORLD, whether it is waiting too: a
+    rank that is waiting answers and reports its own stall; a stopped or hung rank cannot answer,
+    and is named as not arrived. Each waiting rank prints one line, then MPI_Abort ends the job.
+    """
+
+    WAITING, BUSY = 1, 0
+
+    def __init__(self):
+        self.waiting = None          # (op, t_enter, detail) while the main thread is in a blocking call
+        self.step = 0
+        self.timeout = None
+        self._pending = ("", None)
+        self._thread = None
+        self._fired = False
+        self._answered = False
+        self._peers = {}             # world rank -> (WAITING or BUSY, step)
+
+    # ---- the calling thread
+    def watch(self, op, detail=None):
+        self._pending = (op, detail)
+        return self
+
+    def __enter__(self):
+        op, detail = self._pending
+        self.waiting = (op, time.monotonic(), detail)
+
+    def __exit__(self, *exc):
+        self.waiting = None
+
+    def start(self, timeout: float, world) -> None:
+        """Arm with `timeout` seconds; `world` is MPI_COMM_WORLD (the side channel)."""
+        self.timeout = float(timeout)
+        self.interval = min(0.5, self.timeout / 4)
+        # Time for every live rank's watchdog to hear the first one and answer.
+        self.grace = 2 * self.interval + 1.0
+        if self._thread is None:
+            from mpi4py import MPI
+            self.MPI, self.world = MPI, world
+            self.rank, self.size = world.Get_rank(), world.Get_size()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="ddp-watchdog", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Disarm (benchmarks compare armed and disarmed in one job)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    # ---- the watchdog thread
+    def _run(self):
+        while True:
+            t = time.monotonic()
+            if self._stop.wait(self.interval):
+                return
+            if time.monotonic() - t > self.interval + 2.0:
+                # This process itself was frozen (SIGSTOP, a paused VM): it is the rank the others
+                # wait for, not one that waited. The job is being ended around it; stay quiet.
+                continue
+            heard = self._poll()
+            w = self.waiting
+            if w is not None and (heard or time.monotonic() - w[1] > self.timeout):
+                self._fire(w)
+            elif heard and not self._answered:
+                self._answered = True       # busy outside MPI: say so, and keep working
+                self._tell(self.BUSY)
+
+    def _poll(self) -> bool:
+        MPI, st, heard = self.MPI, self.MPI.Status(), False
+        while self.world.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_WATCHDOG, status=st):
+            msg = np.empty(2, np.int64)
+            self.world.Recv(msg, source=st.Get_source(), tag=TAG_WATCHDOG)
+            self._peers[st.Get_source()] = (int(msg[0]), int(msg[1]))
+            heard = True
+        return heard
+
+    def _tell(self, state):
+        self._sent = [np.array([state, self.step], np.int64)]
+        self._reqs = [self.world.Isend(self._sent[0], dest=r, tag=TAG_WATCHDOG)
+                      for r in range(self.size) if r != self.rank]
+
+    def _fire(self, w):
+        if self._fired:
+            return
+        self._fired = True
+        op, _, detail = w
+        self._tell(self.WAITING)
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline and len(self._peers) < self.size - 1:
+            time.sleep(0.05)
+            self._poll()
+        missing = [r for r in range(self.size) if r != self.rank and self._peers.get(r, (self.BUSY,))[0]
+                   != self.WAITING]
+        line = f"ddp: error: rank {self.rank}: no progress for {self.timeout:g} s at step {self.step}, " \
+               f"waiting in {op}"
+        if detail is not None:
+            line += f" ({detail()})"
+        if missing:
+            line += f"; ranks {missing} have not arrived"
+        print(line, file=sys.stderr, flush=True)
+        time.sleep(self.interval + 0.2)     # the other waiting ranks print their line too
+        self.world.Abort(1)
+
+
+WATCHDOG = Watchdog()       # one per process: every communicator of the process reports to it
+
+
 class MPIComm(Communicator):
     """mpi4py's buffer-based collectives. GPU arrays go to MPI directly when the
     library is CUDA-aware; otherwise they are staged through pinned host buffers."""
@@ -163,6 +300,7 @@ class MPIComm(Communicator):
         node.Free()
         self._cuda_aware = None
         self._staging = {}
+        self._halves = {}
         self._fp16_op = None
 
     @property
@@ -178,14 +316,19 @@ class MPIComm(Communicator):
         """(array MPI should use, copy-back or None). Makes GPU buffers safe for MPI."""
         if not backend.is_gpu_array(buf):
             return buf, None
-        backend.synchronize(buf)       # MPI must not read memory a kernel is still writing
-        if self.cuda_aware:
+        # float16 is summed by a Python op (_fp16_sum) that reads HOST memory with
+        # np.frombuffer: a CUDA-aware MPI would hand it device pointers, so float16
+        # is always staged.
+        if self.cuda_aware and buf.dtype != np.float16:
+            backend.synchronize(buf)       # MPI must not read memory a kernel is still writing
             return buf, None
         key = (buf.data.ptr, buf.size, buf.dtype.str)
         host = self._staging.get(key)
         if host is None:
+            if len(self._staging) >= 64:   # a bound, whatever buffers come: pending copies keep theirs alive
+                self._staging.clear()
             host = self._staging[key] = backend.pinned_empty(buf.shape, buf.dtype)
-        backend.copy_to_host(buf, host)
+        backend.copy_to_host(buf, host)    # blocking, on the stream that wrote buf: no separate sync
         return host, lambda: backend.copy_to_device(host, buf)
 
     def _spec(self, arr):
@@ -197,38 +340,55 @@ class MPIComm(Communicator):
 
     def iallreduce_sum(self, buf, compress=None):
         if compress is not None:
-            return _compressed_sum(buf, compress, self.iallreduce_sum)
+            return _compressed_sum(buf, compress, self.iallreduce_sum, self._halves)
         host, copy_back = self._host_view(buf)
         spec, op = self._spec(host)
         req = self.comm.Iallreduce(self.MPI.IN_PLACE, spec, op)
-        return Request(lambda: (req.Wait(), copy_back and copy_back()), req.Test)
+
+        def wait():
+            with WATCHDOG.watch("allreduce"):
+                req.Wait()
+            if copy_back:
+                copy_back()
+        return Request(wait, req.Test)
 
     def allreduce_sum(self, buf, compress=None):
         if compress is not None:
-            return _compressed_sum(buf, compress, self.iallreduce_sum).wait()
+            return _compressed_sum(buf, compress, self.iallreduce_sum, self._halves).wait()
         host, copy_back = self._host_view(buf)
         spec, op = self._spec(host)
-        self.comm.Allreduce(self.MPI.IN_PLACE, spec, op)
+        with WATCHDOG.watch("allreduce"):
+            self.comm.Allreduce(self.MPI.IN_PLACE, spec, op)
         if copy_back:
             copy_back()
 
     def bcast(self, buf, root=0):
         host, copy_back = self._host_view(buf)
-        self.comm.Bcast(host, root=root)
+        with WATCHDOG.watch("bcast"):
+            self.comm.Bcast(host, root=root)
         if copy_back:
             copy_back()
 
     def barrier(self):
-        self.comm.Barrier()
+        with WATCHDOG.watch("barrier"):
+            self.comm.Barrier()
 
     def allgather_obj(self, obj):
-        return self.comm.allgather(obj)
+        with WATCHDOG.watch("allgather"):
+            return self.comm.allgather(obj)
 
     def bcast_obj(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
+        with WATCHDOG.watch("bcast"):
+            return self.comm.bcast(obj, root=root)
 
     def abort(self, code=1):
         self.comm.Abort(code)
+
+    def set_timeout(self, seconds):
+        WATCHDOG.start(seconds, self.MPI.COMM_WORLD)
+
+    def at_step(self, step):
+        WATCHDOG.step = step
 
 
 # --------------------------------------------------------------------------- simulated
@@ -237,15 +397,22 @@ class SimulatedWorld:
     """State shared by N simulated ranks: one slot per rank and a barrier.
 
     If any rank fails, `fail()` breaks the barrier so that every other rank
-    raises instead of waiting forever: a simulated job never hangs.
+    raises instead of waiting forever: a simulated job never hangs. A wait
+    longer than `timeout` is a stall: the ranks not waiting at the barrier are
+    known here, and the stall is reported as a TrainingError that names them.
     """
 
-    def __init__(self, size, timeout=600.0):
-        self.size = size
+    def __init__(self, size, timeout=300.0):
+        self.size, self.timeout = size, timeout
         self.slots = [None] * size
-        self.barrier = threading.Barrier(size, timeout=timeout)
+        self.barrier = threading.Barrier(size)
+        self.waiting = [None] * size       # (op, step) of each rank inside the barrier
+        self.failed = False
+        self.stall = None                  # the message, fixed by the first rank to see the stall
+        self.lock = threading.Lock()
 
     def fail(self):
+        self.failed = True
         self.barrier.abort()
 
 
@@ -257,25 +424,43 @@ class SimulatedComm(Communicator):
 
     def __init__(self, world: SimulatedWorld, rank: int):
         self.world, self.rank, self.size, self.local_rank = world, rank, world.size, rank
+        self.step = 0
 
-    def _sync(self):
+    def set_timeout(self, seconds):
+        self.world.timeout = seconds
+
+    def at_step(self, step):
+        self.step = step
+
+    def _sync(self, op="barrier"):
+        w = self.world
+        w.waiting[self.rank] = (op, self.step)
         try:
-            self.world.barrier.wait()
+            w.barrier.wait(w.timeout)
         except threading.BrokenBarrierError:
-            raise RuntimeError(f"simulated rank {self.rank}: another rank failed") from None
+            if w.failed:
+                raise RuntimeError(f"simulated rank {self.rank}: another rank failed") from None
+            with w.lock:
+                if w.stall is None:
+                    missing = [r for r in range(w.size) if w.waiting[r] is None]
+                    w.stall = (f"rank {self.rank}: no progress for {w.timeout:g} s at step {self.step}, "
+                               f"waiting in {op}; ranks {missing} have not arrived")
+            raise TrainingError(w.stall) from None
+        w.waiting[self.rank] = None     # only after success: a stall must still see who was waiting
 
-    def _exchange(self, value):
+    def _exchange(self, value, op):
         w = self.world
         w.slots[self.rank] = value
-        self._sync()
+        self._sync(op)
         got = list(w.slots)
-        self._sync()              # nobody may overwrite a slot before everyone has read it
+        self._sync(op)            # nobody may overwrite a slot before everyone has read it
         return got
 
     def iallreduce_sum(self, buf, compress=None):
         if compress is not None:
             return _compressed_sum(buf, compress, self.iallreduce_sum)
-        parts = self._exchange(buf.copy())
+        # Ranks may sit on different GPUs: the sum is done on this rank's device, from peer copies.
+        parts = [backend.to_device_of(p, buf) for p in self._exchange(buf.copy(), "allreduce")]
         total = parts[0].astype(np.float32) if buf.dtype == np.float16 else parts[0].copy()
         for p in parts[1:]:
             total += p
@@ -283,14 +468,14 @@ class SimulatedComm(Communicator):
         return Request()
 
     def bcast(self, buf, root=0):
-        src = self._exchange(buf.copy() if self.rank == root else None)[root]
-        buf[...] = src
+        src = self._exchange(buf.copy() if self.rank == root else None, "bcast")[root]
+        buf[...] = backend.to_device_of(src, buf)
 
     def barrier(self):
         self._sync()
 
     def allgather_obj(self, obj):
-        return self._exchange(obj)
+        return self._exchange(obj, "allgather")
 
     def abort(self, code=1):
         self.world.fail()
@@ -315,11 +500,16 @@ def run_simulated(size, fn, *args, **kwargs):
             errors[r] = e
             world.fail()
 
-    threads = [threading.Thread(target=body, args=(r,), name=f"sim-rank-{r}") for r in range(size)]
+    # Daemon threads: a rank stuck for good (the watchdog's case) must not keep the process alive.
+    threads = [threading.Thread(target=body, args=(r,), name=f"sim-rank-{r}", daemon=True) for r in range(size)]
     for t in threads:
         t.start()
+    deadline = None
     for t in threads:
-        t.join()
+        while t.is_alive() and (deadline is None or time.monotonic() < deadline):
+            t.join(0.05)
+            if deadline is None and world.stall is not None:
+                deadline = time.monotonic() + 1.0   # the others' errors, but not the stuck rank
     # re-raise the root cause, not the ranks that merely saw the barrier break
     real = [(r, e) for r, e in enumerate(errors) if e is not None
             and not (isinstance(e, RuntimeError) and "another rank failed" in str(e))]
@@ -334,6 +524,10 @@ def run_simulated(size, fn, *args, **kwargs):
 
 
 # --------------------------------------------------------------------------- debug
+
+class NonFiniteError(TrainingError, FloatingPointError):
+    """--debug found NaN or Inf on its way into a collective."""
+
 
 class DebugComm(Communicator):
     """Wraps a communicator; before every collective all ranks compare what they
@@ -353,11 +547,11 @@ class DebugComm(Communicator):
         got = self.inner.allgather_obj((sig, finite))     # every rank sees every verdict: no rank waits alone
         bad = [r for r, (s, _) in enumerate(got) if s != got[0][0]]
         if bad:
-            raise RuntimeError(f"collective mismatch: rank 0 calls {got[0][0]}, but rank {bad[0]} calls "
-                               f"{got[bad[0]][0]}")
+            raise TrainingError(f"--debug: collective mismatch: rank 0 calls {got[0][0]}, but rank {bad[0]} "
+                                f"calls {got[bad[0]][0]}")
         nonfinite = [r for r, (_, f) in enumerate(got) if not f]
         if nonfinite:
-            raise FloatingPointError(f"rank {nonfinite[0]} passes NaN or Inf to {op}")
+            raise NonFiniteError(f"--debug: rank {nonfinite[0]} passes NaN or Inf to {op}")
 
     def iallreduce_sum(self, buf, compress=None):
         self._check("allreduce", buf)
@@ -381,6 +575,12 @@ class DebugComm(Communicator):
     def abort(self, code=1):
         return self.inner.abort(code)
 
+    def set_timeout(self, seconds):
+        self.inner.set_timeout(seconds)
+
+    def at_step(self, step):
+        self.inner.at_step(step)
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
@@ -396,10 +596,38 @@ def world_comm() -> Communicator:
     import os
 
     launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
-    if not launched:
-        return SerialComm()
-    comm = MPIComm()
-    return comm if comm.size > 1 else SerialComm()
+    comm = MPIComm() if launched else None
+    if comm is None or comm.size == 1:
+        check_launcher(os.environ)
+    return comm if comm is not None and comm.size > 1 else SerialComm()
+
+
+def launcher_tasks(env) -> tuple[int, str, int]:
+    """(tasks the launcher started, the variable that says so, this task's index among them).
+
+    An MPI launcher's own count comes first: Open MPI starts its daemons with srun, so its ranks see
+    Slurm's step variables too. Slurm's count counts only inside an srun step (SLURM_STEP_ID is set):
+    a batch script runs in an allocation of SLURM_NTASKS tasks but is one process, legitimately.
+    """
+    for size, rank in (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK"),
+                       ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID"), ("SLURM_NTASKS", "SLURM_PROCID")):
+        if size.startswith("SLURM") and "SLURM_STEP_ID" not in env:
+            continue
+        if env.get(size, "").isdigit():
+            return int(env[size]), size, int(env[rank]) if env.get(rank, "").isdigit() else 0
+    return 1, "", 0
+
+
+def check_launcher(env) -> None:
+    """In a world of 1, refuse to run when the launcher started several tasks: each would be a
+    separate singleton training its own model into the same --out, silently."""
+    n, var, index = launcher_tasks(env)
+    if n > 1:
+        err = UsageError(f"{var}={n} says {n} tasks were launched, but MPI sees a world of 1 "
+                         f"(each task would train alone): under Slurm use 'srun --mpi=pmix' with a PMIx-enabled "
+                         f"Slurm, or launch/mpirun.sh inside the allocation")
+        err.quiet = index != 0        # every task sees the same problem; one line is enough
+        raise err
 
 
 def format_exception(e: BaseException) -> str:

@@ -2,7 +2,7 @@
 
     launch/mpirun.sh -n 3 -- train --mode ps --dataset digits                    # 1 server, 2 workers
     launch/mpirun.sh -n 6 -- train --mode ps --servers 2 --consistency ssp --staleness 2
-    mpiexec -n 4 python -m mpi4py -m ddp train --mode ps --servers 2 --consistency async
+    mpiexec -n 4 python -m ddp train --mode ps --servers 2 --consistency async
 
 Roles. Ranks 0..S-1 are servers, ranks S..P-1 workers. The flat parameter arena is cut into S contiguous
 shards of balanced size; server s owns shard s and that shard's optimizer state. The optimizers are
@@ -54,13 +54,15 @@ import time
 import numpy as np
 
 from . import backend
-from .comm import Communicator, DebugComm, MPIComm
+from .comm import WATCHDOG, Communicator, DebugComm, MPIComm
 from .config import Config
 from .data import epoch_batches, micro_batches, shard, shard_range
-from .errors import UsageError
+from .errors import TrainingError, UsageError
 from .parallel import check_replicas
-from .train import (Reporter, TrainingError, agree, all_finite, build, evaluate, load_checkpoint,
-                    make_optimizer_for, restore, save_checkpoint, steps_per_epoch, total_steps, write_summary)
+from .run import (CHECKPOINT, Reporter, Setup, agree, all_finite, evaluate, finished_summary,
+                  is_finished, make_optimizer_for, restore, save_checkpoint, start_run, steps_per_epoch,
+                  total_steps)
+from .trace import NULL, Tracer
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
 OK, FAILED = 0, 1
@@ -82,10 +84,14 @@ def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) 
     being told: it is the same loop as train_allreduce's, with the batches only counted.
     """
     points = {}
+    every = cfg.checkpoint_every
     while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
         n = spe - batch
         if cfg.max_steps:
             n = min(n, cfg.max_steps - step)
+        if every:                             # --checkpoint-every inside the epoch (its end is saved anyway)
+            for k in range(step // every + 1, (step + n - 1) // every + 1):
+                points[k * every] = (epoch, batch + k * every - step)
         step, batch = step + n, batch + n
         if batch < spe:                       # stopped by --max-steps inside the epoch
             points[step] = (epoch, batch)
@@ -130,6 +136,7 @@ class Worker:
 
     def __init__(self, world: MPIComm, model, bounds):
         self.mpi, self.MPI = world.comm, world.MPI
+        self.tracer = model.tracer
         self.params = [model.params[a:b] for a, b in bounds]
         self.grads = [model.grads[a:b] for a, b in bounds]
         self.staged = backend.is_gpu_array(model.params)
@@ -146,6 +153,7 @@ class Worker:
             self.ready.setdefault(layer.index, []).append(s)
         self.reqs, self.keep = [], []
         self.bytes_sent = self.bytes_received = 0
+        self.pull_bytes = sum(p.nbytes for p in self.params)
 
     def expect(self, s: int, count: bool = True) -> None:
         """Post the receives of server s's reply: its parameter shard and its meta."""
@@ -155,13 +163,13 @@ class Worker:
             self.bytes_received += self.host_params[s].nbytes + self.meta[s].nbytes
 
     def push(self, s: int) -> None:
-        if self.staged:
-            backend.synchronize(self.grads[s])
-            backend.copy_to_host(self.grads[s], self.host_grads[s])
-        # The reply's receives go up before the gradient leaves. Writing the reply into the arena
-        # while backward goes on is safe: backward is done with every layer of shard s.
-        self.expect(s)
-        self.reqs.append(self.mpi.Isend(self.host_grads[s], dest=s, tag=TAG_GRAD))
+        with self.tracer.span(f"push to server {s}", "push", bytes=self.host_grads[s].nbytes):
+            if self.staged:     # a blocking copy on the stream that wrote the gradients: no separate sync
+                backend.copy_to_host(self.grads[s], self.host_grads[s])
+            # The reply's receives go up before the gradient leaves. Writing the reply into the arena
+            # while backward goes on is safe: backward is done with every layer of shard s.
+            self.expect(s)
+            self.reqs.append(self.mpi.Isend(self.host_grads[s], dest=s, tag=TAG_GRAD))
         self.bytes_sent += self.host_grads[s].nbytes
 
     def on_grad(self, layer: int) -> None:
@@ -175,7 +183,9 @@ class Worker:
 
     def wait(self) -> np.ndarray:
         """Finish every pending message; returns the replies' meta, one [clock, staleness, status] per server."""
-        self.MPI.Request.Waitall(self.reqs)
+        with WATCHDOG.watch("the worker's Waitall for the servers' replies"), \
+                self.tracer.span("pull (wait for the servers' replies)", "pull", bytes=self.pull_bytes):
+            self.MPI.Request.Waitall(self.reqs)
         self.reqs, self.keep = [], []
         if self.staged:
             for host, dev in zip(self.host_params, self.params):
@@ -210,6 +220,7 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
         while nb < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
             gb = batches[nb]
             nb += 1
+            world.at_step(step + 1)
             local = shard(gb, wcomm.rank, wcomm.size)
             # sync: a share of the global-batch mean, as in allreduce mode; async: this worker's own mean
             denom = len(gb) if sync else max(len(local), 1)
@@ -220,6 +231,7 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
                 loss += model.forward_backward(X_dev[mb], y_dev[mb], denom=denom, accumulate=j > 0,
                                                on_grad=worker.on_grad if last else None)
             meta = worker.wait()
+            loss = float(loss)                      # the step's one wait for the loss (the pushes wait too)
             step += 1
             n_steps += 1
             samples += len(gb)
@@ -254,6 +266,8 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
         if not math.isfinite(record["train_loss"]):
             error = f"training loss became {record['train_loss']} in epoch {epoch + 1}"
             break
+        if not finished_epoch:
+            record["partial"] = True
         if first_worker:
             worker.send_ctrl(0, {"kind": "epoch", "record": record})
         if finished_epoch:
@@ -281,10 +295,12 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
 class Server:
     """Owns one shard of the arena and its optimizer, and answers the workers' pushes."""
 
-    def __init__(self, cfg: Config, world: MPIComm, scomm, model, optimizer, bounds, workers: list[int], *,
+    def __init__(self, setup: Setup, world: MPIComm, scomm, optimizer, bounds, workers: list[int], *,
                  sync: bool, staleness: int | None, start_step: int, points: dict, reporter: Reporter):
-        self.cfg, self.mpi, self.MPI, self.scomm = cfg, world.comm, world.MPI, scomm
-        self.model, self.opt, self.bounds, self.workers = model, optimizer, bounds, workers
+        self.setup, self.cfg, self.mpi, self.MPI, self.scomm = setup, setup.cfg, world.comm, world.MPI, scomm
+        self.model, self.opt, self.bounds, self.workers = setup.model, optimizer, bounds, workers
+        model = setup.model
+        self.tracer = model.tracer
         a, b = bounds[world.rank]
         self.params = model.params[a:b]            # the optimizer updates this view in place
         self.sync, self.k = sync, staleness        # k: None for async (no bound)
@@ -315,7 +331,9 @@ class Server:
             self.reply(w, count=False)             # the initial shard
         done, status = [False] * n, MPI.Status()
         while not all(done):
-            i = MPI.Request.Waitany(self.grad_reqs + self.ctrl_reqs, status)
+            with WATCHDOG.watch("the server's Waitany for gradients", self._laggards), \
+                    self.tracer.span("wait for gradients", "wait"):
+                i = MPI.Request.Waitany(self.grad_reqs + self.ctrl_reqs, status)
             if i < n:
                 self.bytes_received += self.grad_in[i].nbytes
                 self.on_grad(i)
@@ -334,6 +352,10 @@ class Server:
         for w in range(n):                         # the final shard
             self.reply(w, more=False, count=False)
         MPI.Request.Waitall([r for rs in self.sends for r in rs])
+
+    def _laggards(self) -> str:
+        behind = [self.workers[w] for w in range(len(self.workers)) if self.clock[w] == self.gclock]
+        return f"workers {behind} have not pushed step {self.start_step + self.gclock + 1}"
 
     def _post_ctrl(self, w):
         self.ctrl_reqs[w] = self.mpi.Irecv(self.ctrl_in[w], source=self.workers[w], tag=TAG_CTRL)
@@ -364,11 +386,13 @@ class Server:
         if not all_finite(self.opt.grads):
             self.failed = True                     # from now on every reply says FAILED
             return
-        self.opt.step()
+        with self.tracer.span("apply", "optimizer", bytes=self.params.nbytes):
+            self.opt.step()
 
     def on_grad(self, w: int) -> None:
         before = self.gclock
         self.clock[w] += 1
+        WATCHDOG.step = self.start_step + self.gclock
         if w == 0:
             self._tick()
         if self.sync:
@@ -414,35 +438,39 @@ class Server:
         counts = [b - a for a, b in self.bounds]
         displs = [a for a, _ in self.bounds]
         full = self.model.params                   # rank 0's own shard is already in place
-        self.scomm.Gatherv(MPI.IN_PLACE if root else self.params, [full, (counts, displs)] if root else None,
-                           root=0)
-        state = {}
-        for name in self.opt.state_names:
-            mine = getattr(self.opt, name)
-            whole = np.empty(full.size, mine.dtype) if root else None
-            self.scomm.Gatherv(mine, [whole, (counts, displs)] if root else None, root=0)
-            state[name] = whole
-        if root:
+        with WATCHDOG.watch("the servers' checkpoint Gatherv"), self.tracer.span("checkpoint"):
+            self.scomm.Gatherv(MPI.IN_PLACE if root else self.params,
+                               [full, (counts, displs)] if root else None, root=0)
+            state = {}
+            for name in self.opt.state_names:
+                mine = getattr(self.opt, name)
+                whole = np.empty(full.size, mine.dtype) if root else None
+                self.scomm.Gatherv(mine, [whole, (counts, displs)] if root else None, root=0)
+                state[name] = whole
+        if root and self.reporter.active:
             state["t"] = np.array(self.opt.t, np.int64)
             epoch, batch = self.points[step]
-            save_checkpoint(os.path.join(self.cfg.out, "checkpoint.npz"), self.model.state_dict(), state,
-                            step=step, epoch=epoch, batch=batch, cfg=self.cfg)
+            save_checkpoint(os.path.join(self.cfg.out, CHECKPOINT), self.setup, self.model.state_dict(), state,
+                            step=step, epoch=epoch, batch=batch)
+            self.reporter.saved(step)
 
 
 # --------------------------------------------------------------------------- entry point
 
-def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
-    """Train with parameter servers on `comm` (an MPI world); returns the summary on every rank.
+def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[dict, Setup]:
+    """Train with parameter servers on `comm` (an MPI world); returns (summary, setup) on every rank, the
+    setup's model holding the final weights everywhere.
 
     on_step(step, model, worker_comm), if given, runs on the workers after every step.
     """
     cfg.validate()
     check_ps(cfg, comm)
+    comm.set_timeout(cfg.timeout)
     world = comm.inner if isinstance(comm, DebugComm) else comm
     S, P = cfg.servers, comm.size
     is_server = comm.rank < S
     sync = cfg.consistency == "sync" or (cfg.consistency == "ssp" and cfg.staleness == 0)
-    s = agree(comm, build, dataclasses.replace(cfg, device="cpu") if is_server else cfg, comm.local_rank)
+    s, ckpt = start_run(dataclasses.replace(cfg, device="cpu") if is_server else cfg, comm, raw)
     model = s.model
     sig = (tuple(model.sizes), model.activation, model.loss_name, model.dtype.name, model.num_params)
     sigs = comm.allgather_obj(sig)
@@ -452,10 +480,15 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
     if S > model.num_params:
         raise UsageError(f"--servers {S} is more than the model's {model.num_params} parameters")
     bounds = shard_bounds(model.num_params, S)
-    part = world.comm.Split(0 if is_server else 1, comm.rank)   # the servers; the workers
     n_workers = P - S
     spe = steps_per_epoch(cfg, len(s.train), s.batch_size)
     n_total = total_steps(cfg, len(s.train), s.batch_size)
+    start = (0, 0, 0)
+    if ckpt is not None:
+        start = (int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]))
+        if is_finished(cfg, start[0], start[1]):
+            return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
+    part = world.comm.Split(0 if is_server else 1, comm.rank)   # the servers; the workers
 
     optimizer = None
     if is_server:
@@ -464,16 +497,10 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
         # it); async servers take one optimizer step per worker step.
         updates = 1 if sync else n_workers
         optimizer = make_optimizer_for(cfg, model.params[a:b], model.grads[a:b], cfg.epochs * spe * updates)
-        part.Bcast(model.params, root=0)           # rank 0's initial weights, not equal seeds
-
-    def resume():
-        if not cfg.resume:
-            return 0, 0, 0
-        if is_server:                              # each server loads its slice
-            return restore(load_checkpoint(cfg.resume), model, optimizer, cfg.resume, span=(a, b))
-    start = np.array(agree(comm, resume) or (0, 0, 0), np.int64)
-    comm.bcast(start, root=0)                      # the workers learn where training resumes
-    start = tuple(int(v) for v in start)
+        with WATCHDOG.watch("bcast"):
+            part.Bcast(model.params, root=0)       # rank 0's initial weights, not equal seeds
+    if ckpt is not None:                           # each server loads its slice; every rank agrees it worked
+        agree(comm, lambda: restore(ckpt, model, optimizer, cfg.resume, (a, b)) if is_server else None)
     points, _ = checkpoint_points(cfg, spe, *start)
 
     rank0 = comm.rank == 0
@@ -482,16 +509,21 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
         if cfg.consistency == "ssp" and not sync:
             kind += f" (staleness <= {cfg.staleness})"
         print(f"ddp: {model} in ps mode: {S} server(s) (ranks 0-{S - 1}), {n_workers} worker(s), {kind}; "
-              f"{len(s.train)} training samples, global batch {s.batch_size}, {n_total} steps", flush=True)
+              f"{len(s.train)} training samples, global batch {s.batch_size}, {n_total} steps"
+              + (f", run folder {cfg.out}" if cfg.out else ""), flush=True)
         if cfg.staleness and cfg.consistency != "ssp":
             print(f"ddp: warning: --staleness {cfg.staleness} is ignored with --consistency {cfg.consistency}",
                   flush=True)
         if cfg.grad_norms:
             print("ddp: warning: --grad-norms is not recorded in ps mode", flush=True)
-    reporter = Reporter(cfg, rank0, n_total, start[0], resumed=bool(cfg.resume))
+    reporter = Reporter(cfg, rank0, n_total, start[0], s.prep.task, start[0] if ckpt is not None else None)
+    tracer = Tracer(comm.rank, "server" if is_server else "worker") if cfg.trace else NULL
+    model.tracer = tracer
+    if cfg.trace:
+        tracer.start(comm)
     try:
         if is_server:
-            server = Server(cfg, world, part, model, optimizer, bounds, list(range(S, P)), sync=sync,
+            server = Server(s, world, part, optimizer, bounds, list(range(S, P)), sync=sync,
                             staleness=None if cfg.consistency == "async" else cfg.staleness,
                             start_step=start[0], points=points, reporter=reporter)
             server.serve()
@@ -507,10 +539,13 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
     part.Free()
     if "error" in summary:
         raise TrainingError(summary["error"])
+    world.bcast(model.params, root=S)              # the final weights, so every rank returns the same model
     summary.update({"mode": "ps", "servers": S, "workers": n_workers, "consistency": cfg.consistency,
                     "staleness_bound": cfg.staleness if cfg.consistency == "ssp" else None,
                     "model_bytes": model.params.nbytes,
                     "step_bytes_sent": [t[0] for t in traffic], "step_bytes_received": [t[1] for t in traffic]})
-    if rank0:
-        write_summary(cfg, summary, f", max staleness {summary['max_staleness']}")
-    return summary
+    if cfg.trace:
+        tracer.merge(comm, cfg.trace)
+        summary["trace"] = cfg.trace
+    summary = reporter.summary(summary, f", max staleness {summary['max_staleness']}") if rank0 else summary
+    return summary, s

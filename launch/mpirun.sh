@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Launch a ddp command on N MPI ranks, with the settings that make MPI behave on these machines.
+# Launch a ddp command, or your own script, on N MPI ranks, with the settings that make MPI behave here.
 #
 #   launch/mpirun.sh -n 4 -- train --dataset digits --epochs 2
+#   launch/mpirun.sh -n 4 -- python my_script.py --its-args       # or: -- my_script.py
 #   launch/mpirun.sh --hostfile launch/hostfile.example --iface eth0 -- train --dataset digits
 #   launch/mpirun.sh -n 2 --dry-run -- train --dataset digits     # print the command, run nothing
+#   launch/mpirun.sh -n 4 --max-restarts 2 -- train --dataset digits --checkpoint-every 50
 #
-# Every rank runs `PYTHON -m mpi4py -m ddp ARGS...`: `-m mpi4py` turns an uncaught exception on any
-# rank into MPI_Abort, so one failing rank ends the job instead of leaving the others waiting in a
-# collective. See launch/README.md for hostfiles, Slurm and keeping a system MPI.
+# Every rank runs `PYTHON -m ddp ARGS...`. ddp's own guard (ddp/guard.py) ends the whole job when one
+# rank fails, and prints one line per error; this script drops Open MPI's banners around it and
+# exits with the job's exit code (0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM).
+# See launch/README.md for hostfiles, Slurm and keeping a system MPI.
 set -euo pipefail
 
 prog=mpirun.sh
@@ -15,9 +18,12 @@ prog=mpirun.sh
 usage() {
     cat <<EOF
 usage: $prog [-n N] [--hostfile FILE | --host H1:S1,H2:S2] [--iface IFACE]
-             [--mpiexec PATH] [--dry-run] -- DDP_ARGS...
+             [--mpiexec PATH] [--max-restarts N] [--dry-run]
+             -- DDP_ARGS... | python SCRIPT.py ARGS... | SCRIPT.py ARGS...
 
-Run 'PYTHON -m mpi4py -m ddp DDP_ARGS...' on N MPI ranks.
+Run 'PYTHON -m ddp DDP_ARGS...' on N MPI ranks; with a script (python SCRIPT.py or SCRIPT.py),
+run 'PYTHON -m mpi4py SCRIPT.py ARGS...' instead, with the same settings. Exits with the job's
+exit code (0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM).
 
 options:
   -n, --np N        number of ranks (default: the slots in --hostfile/--host, else
@@ -27,6 +33,10 @@ options:
   --iface IFACE     network interface (or Open MPI CIDR) for MPI's TCP traffic, e.g. eth0;
                     default: \$DDP_IFACE, else MPI's own choice
   --mpiexec PATH    mpiexec to use (default: \$MPIEXEC, else the one next to PYTHON, else PATH)
+  --max-restarts N  when the job fails, run the same command again, up to N times (default: 0);
+                    ddp resumes from --out's latest checkpoint. Exit codes 0, 2 (bad usage) and 143
+                    (stopped by SIGTERM) are final, and so is an interrupt of this script. Relaunch k
+                    gets DDP_RESTART=k and DDP_RESTART_REASONS (the reasons so far, ';'-separated)
   --dry-run         print the command instead of running it
   -h, --help        show this help and exit
 
@@ -34,6 +44,8 @@ environment:
   PYTHON            interpreter for the ranks (default: the active venv's python, else python3)
   MPIEXEC           default for --mpiexec
   DDP_IFACE         default for --iface
+  DDP_MPI_BANNERS   1: keep Open MPI's banners on abort and non-zero exit (dropped by default:
+                    ddp prints its own one line per error)
 
 Open MPI and MPICH are told apart by 'mpiexec --version'. For Open MPI the script sets
 OMPI_MCA_btl=^ofi (unless OMPI_MCA_btl is set, even to ''), allows running as root when run by root, passes
@@ -42,6 +54,7 @@ and --bind-to none with a host list. PYTHON must exist at the same path on every
 
 examples:
   $prog -n 4 -- train --dataset digits --epochs 2
+  $prog -n 2 -- python my_script.py
   $prog --hostfile hosts --iface eth0 -- train --dataset digits --out runs/a
 EOF
 }
@@ -61,6 +74,7 @@ hostlist=""
 iface="${DDP_IFACE:-}"
 mpiexec="${MPIEXEC:-}"
 dry_run=0
+max_restarts=0
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -75,6 +89,8 @@ while [[ $# -gt 0 ]]; do
         --iface=*) iface="${1#*=}"; shift ;;
         --mpiexec) need_value "$1" $#; mpiexec="$2"; shift 2 ;;
         --mpiexec=*) mpiexec="${1#*=}"; shift ;;
+        --max-restarts) need_value "$1" $#; max_restarts="$2"; shift 2 ;;
+        --max-restarts=*) max_restarts="${1#*=}"; shift ;;
         --dry-run) dry_run=1; shift ;;
         --) shift; break ;;
         -*) die "unknown option '$1' (ddp's own arguments go after --; see --help)" ;;
@@ -88,6 +104,7 @@ ddp_args=("$@")
 if [[ -n "$np" && ! "$np" =~ ^[1-9][0-9]*$ ]]; then
     die "-n needs a positive integer, got '$np'"
 fi
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts needs an integer >= 0, got '$max_restarts'"
 [[ -z "$hostfile" || -z "$hostlist" ]] || die "give --hostfile or --host, not both"
 if [[ -n "$hostfile" ]]; then
     [[ -f "$hostfile" && -r "$hostfile" ]] || die "hostfile '$hostfile' is not a readable file"
@@ -191,10 +208,24 @@ else
     [[ -z "$hostlist" ]] || cmd+=(-hosts "$hostlist")
     [[ -z "$iface" ]] || cmd+=(-iface "$iface")
 fi
-cmd+=("$python" -m mpi4py -m ddp "${ddp_args[@]}")
+# ddp's own guard (ddp/guard.py) ends the whole job when one rank fails. A script of the user's runs
+# like torchrun's, under the same python, with -m mpi4py so that an uncaught exception on one rank aborts
+# the job instead of leaving the others in a collective.
+first="${ddp_args[0]}"
+if [[ "$(basename -- "$first")" =~ ^python[0-9.]*$ ]]; then
+    [[ ${#ddp_args[@]} -ge 2 && ( "${ddp_args[1]}" != *.py || -f "${ddp_args[1]}" ) ]] \
+        || die "'$first' needs a script that exists, e.g. '-- python my_script.py'"
+    ranks=("$python" -m mpi4py "${ddp_args[@]:1}")
+elif [[ "$first" == *.py ]]; then
+    [[ -f "$first" ]] || die "script '$first' not found"
+    ranks=("$python" -m mpi4py "${ddp_args[@]}")
+else
+    ranks=("$python" -m ddp "${ddp_args[@]}")
+fi
 if [[ ${#envs[@]} -gt 0 ]]; then
     cmd=(env "${envs[@]}" "${cmd[@]}")
 fi
+cmd+=("${ranks[@]}")
 
 if [[ $dry_run == 1 ]]; then
     # Quote only what needs it, so the line reads like the command one would type.
@@ -209,4 +240,87 @@ if [[ $dry_run == 1 ]]; then
     echo "$out"
     exit 0
 fi
-exec "${cmd[@]}"
+# Open MPI frames every MPI_Abort and non-zero exit in 7-14 lines that blame "rank 1" and never say
+# why; ddp has printed the reason already. Drop exactly those blocks, keep everything else
+# (DDP_MPI_BANNERS=1 keeps them). The filter ignores Ctrl-C, which the terminal sends to it too: it must
+# outlive mpiexec. prterun also ends its abort banner with a NUL byte.
+filter_banners() {
+    if [[ $flavor != openmpi || "${DDP_MPI_BANNERS:-0}" == 1 ]]; then
+        cat
+        return
+    fi
+    trap '' INT
+    tr -d '\000' | awk '
+        function dashes(s) { return length(s) >= 40 && s ~ /^-+[ \t]*$/ }
+        BEGIN { inblock = 0; block = ""; skipblank = 0 }
+        {
+            if (!inblock && dashes($0)) { inblock = 1; block = $0 "\n"; next }
+            if (inblock) {
+                block = block $0 "\n"
+                if (!dashes($0)) next
+                inblock = 0
+                if (block ~ /MPI_ABORT was invoked|has exited due to process rank|exited with non-zero status/) {
+                    skipblank = 1
+                } else {
+                    printf "%s", block; fflush()
+                }
+                block = ""
+                next
+            }
+            if (skipblank && $0 ~ /^[ \t]*$/) next
+            # PRRTE tearing the job down while a rank is still in MPI_Finalize: noise after a clean exit
+            if ($0 ~ /PMIX ERROR: PMIX_ERR_UNREACH in file .*pmix_server\.c/) next
+            skipblank = 0
+            print; fflush()
+        }
+        END { if (inblock) printf "%s", block }
+    '
+}
+
+if [[ $max_restarts == 0 ]]; then
+    # exec keeps mpiexec's pid (signals reach it) and its exit code; the filter sees EOF after it.
+    exec "${cmd[@]}" 2> >(filter_banners >&2)
+fi
+
+# ---- run, and relaunch a failed job ---------------------------------------------------------
+# The job runs in the background so that a signal to this script is seen at once (a foreground
+# child would delay the trap until it ended): it is passed on to mpiexec, and ends the restarts.
+child=""
+interrupted=""
+on_signal() {
+    interrupted="$1"
+    [[ -z "$child" ]] || kill -s "$1" "$child" 2>/dev/null || true
+}
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
+trap 'on_signal HUP' HUP
+
+attempt=0
+reasons=""
+while true; do
+    run=("${cmd[@]}")
+    if [[ $attempt -gt 0 ]]; then
+        export DDP_RESTART="$attempt" DDP_RESTART_REASONS="$reasons"
+        # Open MPI hands ranks on other hosts only the variables it is told to.
+        [[ $flavor != openmpi ]] || run=("${cmd[@]:0:${#cmd[@]}-${#ranks[@]}}" -x DDP_RESTART -x DDP_RESTART_REASONS
+                                         "${ranks[@]}")
+    fi
+    set +e
+    "${run[@]}" 2> >(filter_banners >&2) &
+    child=$!
+    wait "$child"
+    rc=$?
+    # A trapped signal ends 'wait' early: wait again until the job itself has ended.
+    while kill -0 "$child" 2>/dev/null; do
+        wait "$child"
+        rc=$?
+    done
+    set -e
+    child=""
+    if [[ -n "$interrupted" || $rc == 0 || $rc == 2 || $rc == 143 || $attempt -ge $max_restarts ]]; then
+        exit "$rc"
+    fi
+    attempt=$((attempt + 1))
+    reasons+="${reasons:+;}exit code $rc"
+    echo "$prog: job failed (exit code $rc); restart $attempt of $max_restarts from the latest checkpoint" >&2
+done

@@ -1,0 +1,193 @@
+"""Issue 9: the collective watchdog, every exit path ending the whole job, one line per error.
+
+The MPI cases run a couple of trials each under a real mpiexec (tests/exit_trials.py runs ten
+for the figures). "Ends within N s" bounds are liveness checks with wide margins, not timings.
+"""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from exit_trials import TRAIN, error_lines, finish, inject_trial, signal_trial, start
+from helpers import ROOT, mpi_env, mpiexec, run_cli
+
+from ddp.config import Config
+from ddp.errors import TrainingError
+from ddp.train import run
+
+TRIALS = [0, 1]        # which rank is hit alternates with the trial
+
+
+# --------------------------------------------------------------------------- no MPI needed
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_timeout_must_be_finite_and_positive(tmp_path, value):
+    res = run_cli("train", "--timeout", value, "--out", str(tmp_path))
+    assert res.returncode == 2
+    want = ("ddp: error: --timeout must be a finite number, got" if value in ("nan", "inf")
+            else f"ddp: error: timeout {float(value)} must be a number of seconds > 0")
+    assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith(want), res.stderr
+
+
+def test_simulated_watchdog_names_the_rank_that_has_not_arrived(tmp_path):
+    """Rank 1 sleeps 60 s after step 3; with --timeout 1 the others give up and name it."""
+    def stall(step, model, comm):
+        if step == 3 and comm.rank == 1:
+            time.sleep(60)
+    cfg = Config(dataset="digits", hidden="16", epochs=1, simulate_ranks=3, progress=False, out=str(tmp_path),
+                 timeout=1)
+    t0 = time.monotonic()
+    with pytest.raises(TrainingError) as e:
+        run(cfg, on_step=stall)
+    assert time.monotonic() - t0 < 45           # liveness: it did not wait for the sleeper
+    msg = str(e.value)
+    assert "no progress for 1 s at step 4, waiting in allreduce; ranks [1] have not arrived" in msg, msg
+
+
+def test_debug_nan_is_one_line_without_warnings(tmp_path):
+    res = run_cli("train", "--dataset", "diabetes", "--hidden", "32", "--lr", "1e6", "--epochs", "3",
+                  "--no-standardize", "--no-progress", "--debug", "--simulate-ranks", "2", "--out", str(tmp_path))
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == ["ddp: error: --debug: rank 0 passes NaN or Inf to allreduce"], res.stderr
+
+
+def test_diverging_run_prints_no_runtime_warning(tmp_path):
+    res = run_cli("train", "--dataset", "diabetes", "--hidden", "32", "--lr", "1e6", "--epochs", "3",
+                  "--no-standardize", "--no-progress", "--out", str(tmp_path))
+    assert res.returncode == 1
+    assert res.stderr.startswith("ddp: error: gradients became NaN or Inf"), res.stderr
+    assert len(res.stderr.splitlines()) == 1, res.stderr
+
+
+# --------------------------------------------------------------------------- the watchdog under MPI
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("trial", TRIALS)
+@pytest.mark.parametrize("mode", ["allreduce", "ps"])
+def test_stopped_rank_ends_the_job(tmp_path, mode, trial):
+    stopped = trial % 2
+    rc, took, err = signal_trial(str(tmp_path), signal.SIGSTOP, rank=stopped, mode=mode, timeout=10)
+    lines = error_lines(err)
+    assert rc == 1 and took < 20, (rc, took, err[-3000:])
+    assert lines and all("no progress for 10 s at step" in ln for ln in lines), err[-3000:]
+    live = 1 - stopped
+    assert lines == [ln for ln in lines if ln.startswith(f"ddp: error: rank {live}:")]
+    assert lines[0].endswith(f"; ranks [{stopped}] have not arrived"), lines
+
+
+# --------------------------------------------------------------------------- plain mpiexec, every exit path
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("trial", TRIALS)
+def test_sigint_to_one_rank_ends_the_job(tmp_path, trial):
+    rc, took, err = signal_trial(str(tmp_path), signal.SIGINT, rank=1 - trial % 2)
+    assert rc == 130 and took < 10, (rc, took, err[-3000:])
+    assert error_lines(err) == [f"ddp: error: rank {1 - trial % 2}: interrupted (SIGINT)"], err[-3000:]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("trial", TRIALS)
+def test_usage_error_on_one_rank_ends_the_job(tmp_path, trial):
+    rank = 1 - trial % 2
+    rc, took, err = inject_trial(str(tmp_path), "usage", rank=rank)
+    assert rc == 2 and took < 10, (rc, took, err[-3000:])
+    assert error_lines(err) == [f"ddp: error: rank {rank}: injected usage error"], err[-3000:]
+
+
+@pytest.mark.mpi
+def test_system_exit_on_one_rank_keeps_its_code(tmp_path):
+    """SIGTERM's checkpoint-and-exit is SystemExit(143) on the rank that got it: the job ends with 143."""
+    rc, took, err = inject_trial(str(tmp_path), "143", rank=1)
+    assert rc == 143 and took < 10, (rc, took, err[-3000:])
+
+
+@pytest.mark.mpi
+def test_console_script_under_plain_mpiexec(tmp_path):
+    """`mpiexec -n 2 ddp train` (no -m mpi4py): SIGINT to one rank, and a usage error all ranks agree on."""
+    rc, took, err = signal_trial(str(tmp_path / "a"), signal.SIGINT, rank=1, launcher="console")
+    assert rc == 130 and took < 10, (rc, took, err[-3000:])
+    proc = start(str(tmp_path / "b"), ["train", "--resume", str(tmp_path / "none.npz"), "--out", str(tmp_path)],
+                 launcher="console")
+    rc, _, err = finish(proc)
+    assert rc == 2
+    assert error_lines(err) == [f"ddp: error: checkpoint {tmp_path / 'none.npz'} not found"], err
+
+
+API = """
+import sys
+from mpi4py import MPI
+from ddp.errors import UsageError
+from ddp.guard import one_job
+rank = MPI.COMM_WORLD.Get_rank()
+try:
+    with one_job():
+        if rank in {BAD}:
+            raise UsageError("bad input on rank %d" % rank)
+        MPI.COMM_WORLD.Barrier()
+except UsageError as e:
+    print("caught on rank", rank, flush=True)
+    sys.exit(0)
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("bad, code", [("(0, 1)", 0), ("(1,)", 2)])
+def test_python_api_guard(tmp_path, bad, code):
+    """A user's script: an error on every rank propagates on every rank (and can be caught);
+    an error on one rank ends the job with its code instead of leaving the other in Barrier."""
+    script = tmp_path / "user.py"
+    script.write_text(API.replace("{BAD}", bad))
+    t0 = time.monotonic()
+    res = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(script)], env=mpi_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == code and time.monotonic() - t0 < 60, res.stderr[-3000:]
+    if code == 0:
+        assert sorted(res.stdout.splitlines()) == ["caught on rank 0", "caught on rank 1"]
+    else:
+        assert error_lines(res.stderr) == ["ddp: error: rank 1: bad input on rank 1"], res.stderr
+
+
+# --------------------------------------------------------------------------- launch/mpirun.sh: codes and lines
+
+def _mpirun_sh(tmp, args, inject=None):
+    return finish(start(tmp, args, launcher="mpirun.sh", inject=inject))
+
+
+@pytest.mark.mpi
+def test_mpirun_sh_usage_error_on_all_ranks_is_one_line(tmp_path):
+    rc, _, err = _mpirun_sh(str(tmp_path / "a"), ["train", "--bogus"])
+    assert rc == 2 and err.splitlines() == ["ddp: error: unrecognized arguments: --bogus (see 'ddp --help')"], err
+    rc, _, err = _mpirun_sh(str(tmp_path / "b"), ["train", "--resume", str(tmp_path / "no.npz"), "--out",
+                                                  str(tmp_path)])
+    assert rc == 2 and err.splitlines() == [f"ddp: error: checkpoint {tmp_path / 'no.npz'} not found"]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind, code, line", [("usage", 2, "ddp: error: rank 1: injected usage error"),
+                                              ("failure", 1, "ddp: error: rank 1: injected failure"),
+                                              ("143", 143, None)])
+def test_mpirun_sh_error_on_one_rank(tmp_path, kind, code, line):
+    rc, _, err = _mpirun_sh(str(tmp_path), [*TRAIN, "--out", str(tmp_path / "o")],
+                            inject=f"1:5:{kind}")
+    assert rc == code, err
+    assert len(err.splitlines()) <= 3 and "MPI_ABORT" not in err, err
+    if line:
+        assert err.splitlines() == [line], err
+
+
+@pytest.mark.mpi
+def test_mpirun_sh_debug_nan_is_one_line(tmp_path):
+    rc, _, err = _mpirun_sh(str(tmp_path), ["train", "--dataset", "diabetes", "--hidden", "32", "--lr", "1e6",
+                                            "--epochs", "3", "--no-standardize", "--no-progress", "--debug",
+                                            "--out", str(tmp_path / "o")])
+    assert rc == 1
+    assert err.splitlines() == ["ddp: error: --debug: rank 0 passes NaN or Inf to allreduce"], err
+
+
+@pytest.mark.mpi
+def test_mpirun_sh_sigint_to_one_rank_exits_130(tmp_path):
+    rc, took, err = signal_trial(str(tmp_path), signal.SIGINT, rank=1, launcher="mpirun.sh")
+    assert rc == 130 and took < 10, (rc, took, err)
+    assert err.splitlines() == ["ddp: error: rank 1: interrupted (SIGINT)"], err
