@@ -102,7 +102,9 @@ def main() -> int:
             k = r % len(names)
             for name in names[k:] + names[:k]:
                 t = time.perf_counter()
-                res = subprocess.run(cmds[name], env=env, capture_output=True, text=True, timeout=300)
+                # a fresh --out every run: ddp refuses to write over a finished run
+                cmd = [c.replace(out, os.path.join(out, str(r))) for c in cmds[name]]
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
                 elapsed = time.perf_counter() - t
                 if res.returncode != 0:
                     print(f"{name} failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
