@@ -25,9 +25,9 @@ links are full duplex), and t_c the compute of one rank (forward, backward, opti
                 backward pass, and every extra bucket costs 2(p-1)*alpha.
     efficiency  E = t_c / T   (per-rank throughput against one rank that never communicates)
 
-alpha and beta are measured in the same run, in every round (pooled: each size's median): a ping-pong (one way: alpha + m*beta) for ps,
-and an allreduce on 2 hosts (2*alpha + m*beta, the ring formula at p = 2) for the ring. alpha is the 8-byte
-message's time; beta is the least-squares slope over 256 KiB .. 4 MiB (tbf passes a burst at wire speed, so
+alpha and beta are measured in the same run, in every round (pooled: each size's median): a ping-pong
+(one way: alpha + m*beta) for ps, and an allreduce on 2 hosts (2*alpha + m*beta, the ring formula at p = 2)
+for the ring. alpha is the 8-byte message's time; beta is the least-squares slope over 256 KiB .. 4 MiB (tbf passes a burst at wire speed, so
 smaller messages beat the shaped rate and say nothing about the 2.7 MB that matter). Compute is timed in the
 same job: forward+backward inside the very steps being predicted (so it carries the CPU load that the
 communication sees; the slowest worker, step by step), plus the optimizer timed beside them; the table also
@@ -39,9 +39,9 @@ emulated host, Open MPI over TCP only, the ranks started through tests/cluster/n
 is shaped in both directions (its eth0, and its port on the bridge) by `tc qdisc replace ... tbf rate R burst
 B latency 50ms`, B = max(64 KiB, R x 1 ms); this kernel has no netem, so latency is what it is. Rates: 1 and
 2.5 Gbit/s. At 5 and 10 Gbit/s TCP through the veth pairs is bound by these 2 shared cores, not by the link,
-and a link model does not apply (benchmarks/RESULTS.md shows a 10 Gbit/s run). Open MPI's allreduce is pinned to its ring algorithm (the model's), and
-TCP's slow start after idle is off, as on a tuned cluster. Cases, at each rate: allreduce on 2, 3 and 4
-hosts; ps with 1 and 2 servers and 2 and 3 workers, each server on a host of its own. The measured step is
+and a link model does not apply (benchmarks/RESULTS.md shows a 10 Gbit/s run). Open MPI's allreduce is pinned
+to its ring algorithm (the model's), and TCP's slow start after idle is off, as on a tuned cluster. Cases, at
+each rate: allreduce on 2, 3 and 4 hosts; ps with 1 and 2 servers and 2 and 3 workers, each server on a host of its own. The measured step is
 ddp's own training loop (ddp.train.run, --mode allreduce or ps) on the MLP 784-512-512-10, float32, 128
 samples per worker, timed between optimizer steps; rounds of all cases alternate, and every figure is a
 median. Namespaces are always deleted, on error and on Ctrl-C too.
@@ -355,7 +355,8 @@ def predict_cases(meas: dict) -> list[dict]:
         pred, step = statistics.median(preds), statistics.median(steps)
         rows.append({"case": case["name"], "t_c": statistics.median(comps), "rest": pred - statistics.median(comps),
                      "predicted": pred, "measured": step,
-                     "error_sweep": statistics.median(alone) / step - 1, "error": pred / step - 1, "rounds": len(rounds)})
+                     "error_sweep": statistics.median(alone) / step - 1, "error": pred / step - 1,
+                     "rounds": len(rounds)})
     return rows
 
 
@@ -452,7 +453,8 @@ def report(results: dict, rounds: int, steps: int, seconds: float) -> int:
         for row in predict_cases(meas):
             worst = max(worst, abs(row["error"]))
             rows.append([f"{gbit:g}", row["case"], f"{row['t_c'] * 1e3:.2f}", f"{row['rest'] * 1e3:.2f}",
-                         f"{row['predicted'] * 1e3:.2f}", f"{row['measured'] * 1e3:.2f}", f"{row['error']:+.1%}", f"{row['error_sweep']:+.1%}",
+                         f"{row['predicted'] * 1e3:.2f}", f"{row['measured'] * 1e3:.2f}", f"{row['error']:+.1%}",
+                         f"{row['error_sweep']:+.1%}",
                          "ok" if abs(row["error"]) <= TOLERANCE else "OFF"])
     sys.path.insert(0, HERE)
     import common
@@ -540,7 +542,8 @@ def table(args) -> int:
     big_batch = 64
     cpu_big = per_sample * Pb / P * big_batch          # forward+backward FLOPs grow with the parameters
     gpu_big = 6 * Pb * args.gpu_batch / (args.gpu_tflops * 1e12)
-    desc = f"MLP {'-'.join(map(str, BIG))} ({Pb / 1e6:.1f}M parameters, {4 * Pb / 1e6:.0f} MB), {big_batch} samples per rank"
+    desc = (f"MLP {'-'.join(map(str, BIG))} ({Pb / 1e6:.1f}M parameters, {4 * Pb / 1e6:.0f} MB), "
+            f"{big_batch} samples per rank")
     models.append((f"{desc}, compute {cpu_big * 1e3:.0f} ms per step: this CPU core's per-sample time scaled by "
                    f"the parameter count ({Pb / P:.0f}x the FLOPs)", 4 * Pb, cpu_big))
     models.append((f"MLP {'-'.join(map(str, BIG))}, {args.gpu_batch} samples per rank, compute {gpu_big * 1e3:.1f} ms "
