@@ -25,26 +25,26 @@ links are full duplex), and t_c the compute of one rank (forward, backward, opti
                 backward pass, and every extra bucket costs 2(p-1)*alpha.
     efficiency  E = t_c / T   (per-rank throughput against one rank that never communicates)
 
-alpha and beta are measured in the same run, in every round (pooled: each size's median): a ping-pong
-(one way: alpha + m*beta) for ps, and an allreduce on 2 hosts (2*alpha + m*beta, the ring formula at p = 2)
-for the ring. alpha is the 8-byte message's time; beta is the least-squares slope over 256 KiB .. 4 MiB (tbf passes a burst at wire speed, so
-smaller messages beat the shaped rate and say nothing about the 2.7 MB that matter). Compute is timed in the
-same job: forward+backward inside the very steps being predicted (so it carries the CPU load that the
-communication sees; the slowest worker, step by step), plus the optimizer timed beside them; the table also
-gives the error with compute timed alone just before each case (a sweep over 32, 64, 128 samples, which
-also gives the per-sample time that --table uses).
+alpha and beta are measured in the same run, in every round (pooled: each size's median): a ping-pong (one way:
+alpha + m*beta) for ps, and an allreduce on 2 hosts (2*alpha + m*beta, the ring formula at p = 2) for the ring.
+alpha is the 8-byte message's time; beta is the least-squares slope over 256 KiB .. 4 MiB (tbf passes a burst at
+wire speed, so smaller messages beat the shaped rate and say nothing about the 2.7 MB that matter). Compute is
+timed in the same job: forward+backward inside the very steps being predicted (so it carries the CPU load that
+the communication sees; the slowest worker, step by step), plus the optimizer timed beside them; the table also
+gives the error with compute timed alone just before each case (a sweep over 32, 64, 128 samples, which also
+gives the per-sample time that --table uses).
 
 THE CHECK (--check, root): network namespaces on a private bridge (tests/cluster/netns.sh), one rank per
-emulated host, Open MPI over TCP only, the ranks started through tests/cluster/ns_agent.sh. Each host's link
-is shaped in both directions (its eth0, and its port on the bridge) by `tc qdisc replace ... tbf rate R burst
-B latency 50ms`, B = max(64 KiB, R x 1 ms); this kernel has no netem, so latency is what it is. Rates: 1 and
-2.5 Gbit/s. At 5 and 10 Gbit/s TCP through the veth pairs is bound by these 2 shared cores, not by the link,
-and a link model does not apply (benchmarks/RESULTS.md shows a 10 Gbit/s run). Open MPI's allreduce is pinned
-to its ring algorithm (the model's), and TCP's slow start after idle is off, as on a tuned cluster. Cases, at
-each rate: allreduce on 2, 3 and 4 hosts; ps with 1 and 2 servers and 2 and 3 workers, each server on a host of its own. The measured step is
-ddp's own training loop (ddp.train.run, --mode allreduce or ps) on the MLP 784-512-512-10, float32, 128
-samples per worker, timed between optimizer steps; rounds of all cases alternate, and every figure is a
-median. Namespaces are always deleted, on error and on Ctrl-C too.
+emulated host, Open MPI over TCP only, the ranks started through tests/cluster/ns_agent.sh. Each host's link is
+shaped in both directions (its eth0, and its port on the bridge) by `tc qdisc replace ... tbf rate R burst B
+latency 50ms`, B = max(64 KiB, R x 1 ms); this kernel has no netem, so latency is what it is. Rates: 1 and 2.5
+Gbit/s. At 5 and 10 Gbit/s TCP through the veth pairs is bound by these 2 shared cores, not by the link, and a
+link model does not apply (benchmarks/RESULTS.md shows a 10 Gbit/s run). Open MPI's allreduce is pinned to its
+ring algorithm (the model's), and TCP's slow start after idle is off, as on a tuned cluster. Cases, at each
+rate: allreduce on 2, 3 and 4 hosts; ps with 1 and 2 servers and 2 and 3 workers, each server on a host of its
+own. The measured step is ddp's own training loop (ddp.train.run, --mode allreduce or ps) on the MLP
+784-512-512-10, float32, 128 samples per worker, timed between optimizer steps; rounds of all cases alternate,
+and every figure is a median. Namespaces are always deleted, on error and on Ctrl-C too.
 """
 from __future__ import annotations
 
