@@ -3,7 +3,6 @@
 The MPI cases run a couple of trials each under a real mpiexec (tests/exit_trials.py runs ten
 for the figures). "Ends within N s" bounds are liveness checks with wide margins, not timings.
 """
-import os
 import signal
 import subprocess
 import sys
