@@ -98,24 +98,57 @@ def asarray(x, xp, dtype=None):
     return xp.asarray(x, dtype=dtype)
 
 
+_blas_axpy = None
+
+
+def _find_blas_axpy() -> dict:
+    """{dtype: C function y += a*x} from the BLAS that NumPy has already loaded, or {}.
+
+    scipy.linalg.blas offers the same call, but importing scipy costs 0.4 s of every rank's
+    start-up. The library is found in /proc/self/maps (Linux); its symbols depend on how it was
+    built: NumPy's wheels export scipy_cblas_saxpy64_, a system OpenBLAS cblas_saxpy.
+    """
+    import ctypes
+
+    found = {}
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({w for w in f.read().split() if "blas" in os.path.basename(w) and ".so" in w})
+    except OSError:
+        return found
+    for lib in libs:
+        try:
+            dll = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for pattern, int_t in (("scipy_cblas_{}axpy64_", ctypes.c_int64), ("cblas_{}axpy64_", ctypes.c_int64),
+                               ("cblas_{}axpy", ctypes.c_int)):
+            fns = [getattr(dll, pattern.format(c), None) for c in "sd"]
+            if all(fns):
+                for fn, dtype, real in zip(fns, (np.float32, np.float64), (ctypes.c_float, ctypes.c_double)):
+                    fn.restype = None
+                    fn.argtypes = [int_t, real, ctypes.c_void_p, int_t, ctypes.c_void_p, int_t]
+                    found[np.dtype(dtype)] = (fn, np.iinfo(np.int64 if int_t is ctypes.c_int64 else np.int32).max)
+                return found
+    return found
+
+
 def axpy(a: float, x, y) -> None:
     """y += a * x in place, in ONE pass over memory (BLAS axpy).
 
     NumPy's `y += a * x` reads and writes a temporary as big as the arena; on
     the optimizer's hot path that second pass was half of its time.
     """
+    global _blas_axpy
     if is_gpu_array(y):
         y += a * x     # a fused elementwise kernel would save the temporary; the GPU has bandwidth to spare
         return
-    if y.dtype in (np.float32, np.float64) and x.dtype == y.dtype and x.flags.c_contiguous \
-            and y.flags.c_contiguous and y.ndim == 1:
-        from scipy.linalg import blas
-
-        fn = blas.saxpy if y.dtype == np.float32 else blas.daxpy
-        out = fn(x, y, a=a)
-        if out is y or np.shares_memory(out, y):
-            return
-        y[...] = out     # (an f2py copy was made: keep the result anyway)
+    if _blas_axpy is None:
+        _blas_axpy = _find_blas_axpy()
+    fn, n_max = _blas_axpy.get(y.dtype, (None, 0))
+    if fn is not None and x.dtype == y.dtype and x.flags.c_contiguous and y.flags.c_contiguous \
+            and y.flags.writeable and y.ndim == 1 and x.shape == y.shape and y.size <= n_max:
+        fn(y.size, float(a), x.ctypes.data, 1, y.ctypes.data, 1)
         return
     y += a * x
 
@@ -160,12 +193,74 @@ def cupy_version() -> str | None:
     return None
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS")
+# Set by launchers for each process they start: how many of the job's processes run on this node.
+LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+thread_note = None     # limit_threads' last description, for the training start line
+
+
+def local_ranks_from_env(env=None) -> int | None:
+    """Processes of this job on this node, as the launcher announced them (None if it did not)."""
+    env = os.environ if env is None else env
+    for key in LOCAL_SIZE_VARS:
+        if env.get(key, "").isdigit() and int(env[key]) > 0:
+            return int(env[key])
+    if "SLURM_STEP_ID" in env:   # an srun step; the batch script's own allocation variables do not count
+        # "2(x3),1": 2 tasks on each of the first 3 nodes, then 1; this node is SLURM_NODEID.
+        counts = []
+        for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+            n, _, rep = part.partition("(x")
+            if n.isdigit():
+                counts += [int(n)] * (int(rep.rstrip(")")) if rep.rstrip(")").isdigit() else 1)
+        node = int(env["SLURM_NODEID"]) if env.get("SLURM_NODEID", "").isdigit() else 0
+        if node < len(counts) and counts[node] > 0:
+            return counts[node]
+    return None
+
+
+def limit_threads(local_ranks: int | None = None, simulated: int = 1, env=None) -> str:
+    """Cap BLAS and OpenMP threads so that the ranks on this node share its cores; returns a description
+    such as "openblas=1 (2 cores / 2 local ranks)", also kept in `thread_note` for the start line.
+
+    Every rank's BLAS would otherwise start one thread per core: 4 ranks on 2 cores ran 8 spinning threads
+    and a quick start 30x slower than with one thread each. Threads = the cores this process may use
+    (its affinity mask) // (local ranks x simulated ranks), at least 1. Simulated ranks are threads of one
+    process that call BLAS at the same time, so they count like ranks. A user's OMP_NUM_THREADS (or
+    OPENBLAS_, MKL_, BLIS_NUM_THREADS, VECLIB_MAXIMUM_THREADS) wins: nothing is changed then.
+    local_ranks (MPI's count) is checked against the launcher's (local_ranks_from_env).
+    """
+    global thread_note
+    env = os.environ if env is None else env
+    user = [k for k in THREAD_VARS if env.get(k, "").strip()]
+    if user:
+        why = "set by " + ", ".join(f"{k}={env[k]}" for k in user)
+    else:
+        # The larger count wins: under srun with PMIx, Open MPI's shared-memory split saw 1 rank per node.
+        local = max(local_ranks or 1, local_ranks_from_env(env) or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, cores // (local * max(simulated, 1)))
+        why = f"{cores} core{'s' * (cores > 1)} / {local} local rank{'s' * (local > 1)}" + \
+            (f" x {simulated} simulated" if simulated > 1 else "")
+        try:
+            from threadpoolctl import threadpool_limits
+
+            import scipy.linalg.blas  # noqa: F401 (its own OpenBLAS must be loaded to be limited too)
+            threadpool_limits(limits=n)
+        except ImportError as e:
+            why = f"not limited: {e}"
+    thread_note = f"{blas_threads()} ({why})"
+    return thread_note
+
+
 def blas_threads() -> str:
-    """What BLAS reports about its threads, for `ddp info`."""
+    """What the loaded BLAS and OpenMP libraries report about their threads."""
     try:
         from threadpoolctl import threadpool_info
 
-        return ", ".join(f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info()
-                         if i.get("user_api") == "blas") or "unknown"
+        return ", ".join(sorted({f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info()})) \
+            or "unknown"
     except Exception:
         return os.environ.get("OMP_NUM_THREADS", "unknown")

@@ -1,8 +1,12 @@
-"""Command line: `ddp train`, `ddp gradcheck`, `ddp info`.
+"""Command line: `ddp train`, `ddp predict`, `ddp evaluate`, `ddp plot`, `ddp gradcheck`, `ddp info`.
 
     ddp train --dataset digits --hidden 128,64 --epochs 20 --out runs/digits
     ddp train --config run.toml --lr 0.05          # flags override the TOML file
+    ddp train --resume runs/digits/checkpoint.npz --epochs 40      # continue; the checkpoint holds the rest
     launch/mpirun.sh -n 4 -- train --dataset digits
+    ddp evaluate --checkpoint runs/digits/checkpoint.npz --dataset digits --split test
+    ddp predict --checkpoint runs/digits/checkpoint.npz --data-path rows.csv --out predictions.csv
+    ddp plot runs/digits --out curves.png
     ddp gradcheck --sizes 5,8,3 --activation tanh
 
 Bad input ends with one line, `ddp: error: ...`, and exit code 2; a failure with
@@ -16,11 +20,14 @@ import argparse
 import sys
 
 from . import __version__
-from .config import add_flags, from_args
+from .config import add_flags, given_settings
 from .errors import UsageError
 from .guard import run_main
 
 WHITESPACE_NUL = " \t\x00"   # Open MPI ends its version string with a NUL
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "identity")
+LOSSES = ("mse", "binary_cross_entropy", "softmax_cross_entropy")
+BUILTIN = ("digits", "breast_cancer", "diabetes", "synthetic_classification", "synthetic_regression")
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,13 +48,41 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gradcheck", help="compare analytic gradients with central differences (float64)",
                        description="Compare analytic gradients with central differences in float64, per layer.")
     g.add_argument("--sizes", default="5,8,6,3", help="layer sizes including inputs and outputs (default: 5,8,6,3)")
-    g.add_argument("--activation", default="tanh", help="hidden activation (default: tanh)")
-    g.add_argument("--loss", default="softmax_cross_entropy", help="loss (default: softmax_cross_entropy)")
+    g.add_argument("--activation", default="tanh", choices=ACTIVATIONS, metavar="NAME",
+                   help=f"hidden activation; one of: {', '.join(ACTIVATIONS)} (default: tanh)")
+    g.add_argument("--loss", default="softmax_cross_entropy", choices=LOSSES, metavar="NAME",
+                   help=f"loss; one of: {', '.join(LOSSES)} (default: softmax_cross_entropy)")
     g.add_argument("--batch", type=int, default=4, help="batch size (default: 4)")
     g.add_argument("--eps", type=float, default=1e-6, help="finite-difference step (default: 1e-6)")
     g.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     g.add_argument("--tolerance", type=float, default=1e-7,
                    help="exit 1 if any layer's relative error exceeds this (default: 1e-7)")
+    pr = sub.add_parser("predict", help="predict raw rows with a trained model: one prediction per row",
+                        description="Predict each row of a file (.npz with X, .csv, idx) with a checkpoint's model. "
+                                    "Rows are raw: the checkpoint's standardization is applied.")
+    pr.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint.npz or best.npz (or a run folder)")
+    pr.add_argument("--data-path", required=True, metavar="F",
+                    help="rows to predict: .npz (array X), .csv/.csv.gz (the model's features, optionally the "
+                         "target last; header detected) or 'IMAGES,LABELS' idx")
+    pr.add_argument("--out", metavar="P.csv", help="write the predictions here (default: standard output)")
+    pr.add_argument("--proba", action="store_true", help="write class probabilities instead (classification)")
+    ev = sub.add_parser("evaluate", help="loss and accuracy/R² of a trained model on a file or dataset",
+                        description="Evaluate a checkpoint's model on raw rows. With --dataset, the data is split "
+                                    "as the training run split it, so --split test reproduces its test metric.")
+    ev.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint.npz or best.npz (or a run folder)")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-path", metavar="F", help="labelled rows: .npz (X, y) or .csv (target last)")
+    src.add_argument("--dataset", metavar="NAME", choices=BUILTIN,
+                     help=f"a built-in dataset; one of: {', '.join(BUILTIN)}")
+    ev.add_argument("--split", choices=("train", "val", "test", "all"), metavar="PART",
+                    help="with --dataset: train, val, test or all (default: test on the run's own dataset, "
+                         "else all)")
+    ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    pl = sub.add_parser("plot", help="draw learning curves of one or more runs to a PNG",
+                        description="Train/validation loss, the validation metric, and per-layer gradient norms "
+                                    "(runs trained with --grad-norms) per epoch, several runs overlaid.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or metrics.jsonl files)")
+    pl.add_argument("--out", default="curves.png", metavar="FILE.png", help="image to write (default: curves.png)")
     sub.add_parser("info", help="print the environment: MPI, GPUs, CuPy, NumPy, BLAS threads",
                    description="Print the MPI library, CUDA-awareness, GPUs, CuPy/NumPy versions and BLAS threads.")
     return p
@@ -76,6 +111,93 @@ def cmd_gradcheck(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_train(args, comm) -> None:
+    from .backend import limit_threads
+    from .run import agree, auto_out, resolve_config
+    from .train import run
+
+    cfg = agree(comm, resolve_config, given_settings(args))
+    limit_threads(getattr(comm, "local_size", None), cfg.simulate_ranks)
+    if not cfg.out:
+        cfg.out = comm.bcast_obj(auto_out(cfg) if comm.rank == 0 else None)
+    run(cfg, comm)
+
+
+def cmd_predict(args) -> int:
+    import csv
+
+    from .api import load, read_rows
+    model = load(args.checkpoint)
+    X, _ = read_rows(args.data_path, model.prep.n_features)
+    if args.proba:
+        P = model.predict_proba(X)
+        header, rows = [f"p_{c}" for c in model.classes_], [[f"{v:.9g}" for v in row] for row in P]
+    else:
+        pred = model.predict(X)
+        pred = pred.reshape(len(pred), -1)
+        header = ["prediction"] if pred.shape[1] == 1 else [f"prediction_{j}" for j in range(pred.shape[1])]
+        rows = [[f"{v:.17g}" if isinstance(v, float) else str(v) for v in row.tolist()] for row in pred]
+    fh = sys.stdout
+    try:
+        if args.out:
+            fh = open(args.out, "w", newline="")
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+    except OSError as e:
+        raise UsageError(f"cannot write {args.out}: {e.strerror or e}") from None
+    finally:
+        if fh is not sys.stdout:
+            fh.close()
+    if args.out:
+        print(f"ddp: {len(rows)} predictions written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    import numpy as np
+
+    from .api import load, read_rows
+    from .config import Config
+    from .run import raw_splits
+    model = load(args.checkpoint)
+    if args.data_path:
+        if args.split:
+            raise UsageError("--split applies to --dataset, not to --data-path")
+        X, y = read_rows(args.data_path, model.prep.n_features)
+        if y is None:
+            raise UsageError(f"{args.data_path} has no target: evaluate needs labelled rows")
+        where = args.data_path
+    else:
+        saved = dict(model.config)
+        same = saved.get("dataset") == args.dataset
+        part = args.split or ("test" if same else "all")
+        cfg = Config(**{**saved, "dataset": args.dataset, "data_path": ""}).validate()
+        train, val, test = raw_splits(cfg)
+        pick = {"train": [train], "val": [val], "test": [test], "all": [train, val, test]}[part]
+        X = np.concatenate([p.X for p in pick])
+        y = np.concatenate([p.y for p in pick])
+        if train.classes is not None:          # raw_splits gives class indices: back to the labels
+            y = train.classes[y]
+        where = f"{args.dataset} ({part}, {len(X)} rows)"
+        if len(X) == 0:
+            raise UsageError(f"the {part} split of {args.dataset} is empty in this run's configuration")
+    metrics = model.evaluate(X, y)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"ddp: {where}: " + ", ".join(f"{k} {v:.6g}" for k, v in metrics.items() if k != "n"))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot
+    print(f"ddp: wrote {plot(args.runs, args.out)}")
+    return 0
+
+
 def cmd_info() -> int:
     import platform
 
@@ -83,7 +205,7 @@ def cmd_info() -> int:
 
     from . import backend
     print(f"ddp {__version__}, Python {platform.python_version()}, NumPy {np.__version__}")
-    print(f"BLAS threads: {backend.blas_threads()}")
+    local = None
     try:
         from mpi4py import MPI
 
@@ -92,8 +214,10 @@ def cmd_info() -> int:
         print(f"mpi4py {__import__('mpi4py').__version__}; MPI: {library}")
         print(f"MPI standard {'.'.join(map(str, MPI.Get_version()))}; world size {MPI.COMM_WORLD.Get_size()}; "
               f"CUDA-aware: {'yes' if cuda_aware_mpi() else 'no (GPU buffers are staged through pinned host memory)'}")
+        local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
     except Exception as e:
         print(f"MPI: not available ({type(e).__name__}: {e})")
+    print(f"BLAS threads: {backend.blas_threads()} loaded; ddp train uses {backend.limit_threads(local)} per rank")
     print(f"CuPy: {backend.cupy_version() or 'not installed'}")
     n = backend.gpu_count()
     print(f"GPUs: {n}" if n else f"GPUs: none usable ({backend.gpu_unavailable_reason()})")
@@ -109,13 +233,15 @@ def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return cmd_info()
-    if args.command == "gradcheck":
-        return cmd_gradcheck(args)
+    if args.command != "train":
+        return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
+                "plot": cmd_plot}[args.command](args)
     from .comm import world_comm
-    from .train import run
+    from .run import handle_sigterm
 
-    cfg = from_args(args)
-    run(cfg, world_comm())
+    comm = world_comm()
+    handle_sigterm()
+    cmd_train(args, comm)
     return 0
 
 

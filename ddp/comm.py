@@ -578,10 +578,38 @@ def world_comm() -> Communicator:
     import os
 
     launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
-    if not launched:
-        return SerialComm()
-    comm = MPIComm()
-    return comm if comm.size > 1 else SerialComm()
+    comm = MPIComm() if launched else None
+    if comm is None or comm.size == 1:
+        check_launcher(os.environ)
+    return comm if comm is not None and comm.size > 1 else SerialComm()
+
+
+def launcher_tasks(env) -> tuple[int, str, int]:
+    """(tasks the launcher started, the variable that says so, this task's index among them).
+
+    An MPI launcher's own count comes first: Open MPI starts its daemons with srun, so its ranks see
+    Slurm's step variables too. Slurm's count counts only inside an srun step (SLURM_STEP_ID is set):
+    a batch script runs in an allocation of SLURM_NTASKS tasks but is one process, legitimately.
+    """
+    for size, rank in (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK"),
+                       ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID"), ("SLURM_NTASKS", "SLURM_PROCID")):
+        if size.startswith("SLURM") and "SLURM_STEP_ID" not in env:
+            continue
+        if env.get(size, "").isdigit():
+            return int(env[size]), size, int(env[rank]) if env.get(rank, "").isdigit() else 0
+    return 1, "", 0
+
+
+def check_launcher(env) -> None:
+    """In a world of 1, refuse to run when the launcher started several tasks: each would be a
+    separate singleton training its own model into the same --out, silently."""
+    n, var, index = launcher_tasks(env)
+    if n > 1:
+        err = UsageError(f"{var}={n} says {n} tasks were launched, but MPI sees a world of 1 "
+                         f"(each task would train alone): under Slurm use 'srun --mpi=pmix' with a PMIx-enabled "
+                         f"Slurm, or launch/mpirun.sh inside the allocation")
+        err.quiet = index != 0        # every task sees the same problem; one line is enough
+        raise err
 
 
 def format_exception(e: BaseException) -> str:

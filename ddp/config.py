@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field
 
+from .data import DATASETS, infer_format
 from .errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -28,9 +30,10 @@ def opt(default, help, choices=None, group="training"):
 @dataclass
 class Config:
     # data
-    dataset: str = opt("digits", "dataset: digits, breast_cancer, diabetes, synthetic_classification, "
-                       "synthetic_regression, or npz/csv/idx with --data-path", group="data")
-    data_path: str = opt("", "file for npz/csv datasets; 'IMAGES,LABELS' for idx", group="data")
+    dataset: str = opt("auto", "a built-in dataset, or a file format with --data-path (auto: the format "
+                       "from --data-path's extension, else digits)", ("auto", *DATASETS), group="data")
+    data_path: str = opt("", "a .npz (arrays X, y), .csv or .csv.gz (last column the target, header "
+                         "detected, string labels allowed) or 'IMAGES,LABELS' idx files", group="data")
     task: str = opt("auto", "classification or regression (auto: from the dataset)",
                     ["auto", "classification", "regression"], group="data")
     n_samples: int = opt(2000, "samples in a synthetic dataset", group="data")
@@ -68,10 +71,16 @@ class Config:
     epochs: int = opt(10, "passes over the training set")
     max_steps: int = opt(0, "stop after this many optimizer steps (0: no limit)")
     seed: int = opt(0, "seed for initialisation, the data split and shuffling")
-    out: str = opt("runs/ddp", "output folder for metrics.jsonl, checkpoint.npz and summary.json")
-    resume: str = opt("", "checkpoint.npz to continue from")
+    out: str = opt("", "run folder for metrics.jsonl, checkpoints, config.toml and summary.json (default: "
+                   "runs/DATASET, or runs/DATASET-2, -3... if that holds a run; with --resume, the checkpoint's "
+                   "folder)")
+    resume: str = opt("", "checkpoint.npz to continue from; its configuration is the base, and only run "
+                      "length, output and monitoring flags may differ")
+    overwrite: bool = opt(False, "start a new run in an --out folder that already holds one, replacing it")
+    checkpoint_every: int = opt(0, "also save checkpoint.npz every N optimizer steps (0: at epoch ends only)")
     grad_norms: bool = opt(False, "log each layer's gradient norm per epoch (watch gradients vanish)")
-    progress: bool = opt(True, "show a progress bar")
+    progress: bool = opt(True, "show a progress bar (only when stderr is a terminal)")
+    quiet: bool = opt(False, "do not print the one line per epoch")
     # distributed
     mode: str = opt("allreduce", "allreduce (gradient averaging) or ps (parameter server)",
                     ["allreduce", "ps"], group="distributed")
@@ -105,29 +114,53 @@ class Config:
             sizes = [int(s) for s in text.split(",")]
         except ValueError:
             raise UsageError(f"--hidden {self.hidden!r} must be comma-separated integers, e.g. 128,64") from None
-        if min(sizes) < 1:
-            raise UsageError(f"--hidden {self.hidden!r}: layer sizes must be positive")
+        if min(sizes) < 1 or max(sizes) > MAX_WIDTH:
+            raise UsageError(f"--hidden {self.hidden!r}: layer sizes must be in 1..{MAX_WIDTH}")
         return sizes
 
     def validate(self) -> "Config":
+        """Check every value, and resolve dataset 'auto'. Raises UsageError naming the setting."""
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise UsageError(f"unknown {f.name.replace('_', ' ')} {getattr(self, f.name)!r}: "
-                                 f"expected one of {', '.join(choices)}")
+            if choices and value not in choices:
+                raise UsageError(f"unknown {f.name.replace('_', ' ')} {value!r}: expected one of {', '.join(choices)}")
+            if f.type == "float" and not math.isfinite(value):
+                raise UsageError(f"--{flag(f.name)} must be a finite number, got {value}")
+        if self.dataset == "auto":
+            self.dataset = infer_format(self.data_path) if self.data_path else "digits"
+        elif self.data_path and self.dataset not in FILE_FORMATS:
+            raise UsageError(f"--data-path is for file datasets ({', '.join(FILE_FORMATS)}); dataset "
+                             f"{self.dataset!r} is built in: drop --data-path or --dataset")
         checks = [
             (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
-            (self.batch_size >= 1, f"batch size {self.batch_size} must be >= 1"),
-            (self.epochs >= 1, f"epochs {self.epochs} must be >= 1"),
-            (self.max_steps >= 0, f"max steps {self.max_steps} must be >= 0"),
-            (self.accumulate >= 1, f"accumulate {self.accumulate} must be >= 1"),
-            (self.bucket_mb >= 0, f"bucket size {self.bucket_mb} MB must be >= 0"),
-            (self.simulate_ranks >= 0, f"simulate ranks {self.simulate_ranks} must be >= 0"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"Adam betas must be in [0, 1), got "
+                                                         f"{self.beta1}, {self.beta2}"),
+            (self.eps > 0, f"Adam eps must be positive, got {self.eps}"),
+            (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
+            (self.step_size >= 1, f"step size {self.step_size} must be >= 1"),
+            (self.warmup_steps >= 0, f"warmup steps {self.warmup_steps} must be >= 0"),
+            (0 <= self.seed <= MAX_SEED, f"seed {self.seed} must be in 0..2**63-1"),
+            (1 <= self.batch_size <= MAX_COUNT, f"batch size {self.batch_size} must be >= 1"),
+            (1 <= self.epochs <= MAX_COUNT, f"epochs {self.epochs} must be in 1..{MAX_COUNT}"),
+            (0 <= self.max_steps <= MAX_COUNT, f"max steps {self.max_steps} must be in 0..{MAX_COUNT}"),
+            (1 <= self.accumulate <= self.batch_size, f"accumulate {self.accumulate} must be in 1..batch size "
+                                                      f"({self.batch_size}): each micro-batch needs a sample"),
+            (0 <= self.bucket_mb <= 1 << 20, f"bucket size {self.bucket_mb} MB must be in 0..{1 << 20}"),
+            (0 <= self.simulate_ranks <= MAX_SIMULATED, f"simulate ranks {self.simulate_ranks} must be in "
+                                                        f"0..{MAX_SIMULATED} (threads of one process)"),
             (self.check_every >= 0, f"check every {self.check_every} must be >= 0"),
+            (self.checkpoint_every >= 0, f"checkpoint every {self.checkpoint_every} must be >= 0"),
             (self.staleness >= 0, f"staleness {self.staleness} must be >= 0"),
             (self.servers >= 1, f"servers {self.servers} must be >= 1"),
-            (math.isfinite(self.timeout) and self.timeout > 0,
-             f"timeout {self.timeout} must be a finite number of seconds > 0"),
+            (self.timeout > 0, f"timeout {self.timeout} must be > 0 seconds"),
+            (1 <= self.n_samples <= MAX_SAMPLES, f"n samples {self.n_samples} must be in 1..{MAX_SAMPLES}"),
+            (1 <= self.n_features <= MAX_WIDTH, f"n features {self.n_features} must be in 1..{MAX_WIDTH}"),
+            (2 <= self.n_classes <= MAX_WIDTH, f"n classes {self.n_classes} must be in 2..{MAX_WIDTH}"),
+            (0 <= self.val_fraction < 1, f"val fraction {self.val_fraction} must be in [0, 1)"),
+            (0 <= self.test_fraction < 1, f"test fraction {self.test_fraction} must be in [0, 1)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -140,9 +173,49 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+FILE_FORMATS = ("npz", "csv", "idx")
+MAX_SEED = 2**63 - 1            # NumPy seeds are unbounded, but the checkpoint stores the seed as int64
+MAX_COUNT = 10**9
+MAX_WIDTH = 1 << 20
+MAX_SAMPLES = 10**8              # synthetic rows: 10^8 x 20 float64 is 16 GB already
+MAX_SIMULATED = 64               # each simulated rank is a thread; hundreds only thrash
+
+# On resume the checkpoint's configuration is the base. These settings may differ from it, because they do
+# not change what is computed: how long to run, where output goes, what is shown, and how the same
+# arithmetic is spread over ranks and devices. Any other difference is refused by name.
+RUN_SETTINGS = frozenset({
+    "epochs", "max_steps", "out", "resume", "overwrite", "checkpoint_every", "progress", "quiet", "grad_norms",
+    "check_every", "debug", "timeout", "trace", "device", "simulate_ranks", "bucket_mb", "overlap",
+    "accumulate", "mode", "servers",
+})
 
 
-def _coerce(name, value):
+NOT_INHERITED = frozenset({"max_steps", "resume", "overwrite", "out"})
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def merge_for_resume(saved: dict, given: dict, path: str) -> dict:
+    """The configuration of a resumed run: the checkpoint's `saved` settings, then the `given` ones (from
+    flags or TOML). A given setting that changes the data, model, optimizer or seed is an error."""
+    values = {}
+    for name, value in saved.items():
+        # A key a newer ddp wrote is not ours to judge. --max-steps stopped the saved invocation; carrying
+        # it over would stop the resumed one at once.
+        if name in FIELDS and name not in NOT_INHERITED:
+            values[name] = _coerce(name, value, f"checkpoint {path}")
+    for name, value in given.items():
+        if name in RUN_SETTINGS or name not in values or values[name] == value:
+            values[name] = value
+            continue
+        raise UsageError(f"--{flag(name)} {value!r} differs from the checkpoint's {values[name]!r}; a resumed "
+                         f"run keeps its data, model, optimizer and seed (start a new run with --out instead)")
+    return values
+
+
+def _coerce(name, value, where="config"):
     """A TOML or checkpoint value, checked against the field's type."""
     f = FIELDS[name]
     typ = {"str": str, "int": int, "float": float, "bool": bool}[f.type]
@@ -151,7 +224,7 @@ def _coerce(name, value):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise UsageError(f"config key {name!r} must be a {f.type}, got {value!r}")
+        raise UsageError(f"{where} key {name!r} must be a {f.type}, got {value!r}")
     return value
 
 
@@ -163,6 +236,8 @@ def load_toml(path: str) -> dict:
         raise UsageError(f"config file {path} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {e.start}); TOML files must be UTF-8") from None
     except OSError as e:
         raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
     if isinstance(data.get("train"), dict):      # allow a [train] table as well as top-level keys
@@ -185,18 +260,36 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         g = f.metadata["group"]
         if g not in groups:
             groups[g] = parser.add_argument_group(g)
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        name = "--" + flag(f.name)
+        choices = f.metadata["choices"]
+        help_text = f.metadata["help"] + (f"; one of: {', '.join(choices)}" if choices else "")
+        help_text += f" (default: {f.default!r})"
         if f.type == "bool":
-            groups[g].add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            groups[g].add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                    help=help_text)
         else:
             typ = {"str": str, "int": int, "float": float}[f.type]
-            groups[g].add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_text,
-                                   choices=f.metadata["choices"], metavar=f.name.upper())
+            groups[g].add_argument(name, type=typ, default=argparse.SUPPRESS, help=help_text,
+                                   choices=choices, metavar=f.name.upper())
 
 
-def from_args(ns: argparse.Namespace) -> Config:
+def given_settings(ns: argparse.Namespace) -> dict:
+    """The settings the user gave: the TOML file's, then the flags'. Defaults are not included, so that a
+    resumed run can tell what was asked for from what was merely not said."""
     values = load_toml(ns.config) if getattr(ns, "config", None) else {}
     values.update({k: v for k, v in vars(ns).items() if k in FIELDS})
-    return Config(**values).validate()
+    return values
+
+
+def to_toml(cfg: Config) -> str:
+    """The configuration as TOML that --config reads back (tomllib parses it; nothing is evaluated)."""
+    lines = ["# ddp run configuration: ddp train --config config.toml (flags override it)"]
+    for name, value in cfg.to_dict().items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:                                     # a TOML basic string: JSON's escaping is valid TOML
+            text = json.dumps(value, ensure_ascii=False)
+        lines.append(f"{name} = {text}")
+    return "\n".join(lines) + "\n"

@@ -29,17 +29,22 @@ DATASETS = ("digits", "breast_cancer", "diabetes", "synthetic_classification",
 TASKS = ("auto", "classification", "regression")
 BATCH_MODES = ("sgd", "minibatch", "full")
 MAX_CSV_CLASSES = 50  # an integral CSV target with more distinct values is taken as regression
+MAX_CLASSES = 1 << 16
 
 
 @dataclass
 class Dataset:
-    """X: (N, d) float64. y: (N,) int64 labels in 0..n_classes-1, or (N, n_out) float64."""
+    """X: (N, d) float64. y: (N,) int64 class indices in 0..n_classes-1, or (N, n_out) float64.
+
+    classes[i] is the label class index i stands for, as it appeared in the data (a number or a string).
+    """
 
     X: np.ndarray
     y: np.ndarray
     task: str
     n_classes: int | None
     name: str
+    classes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.X)
@@ -61,9 +66,7 @@ def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
 
     if name in ("digits", "breast_cancer", "diabetes"):
-        import sklearn.datasets  # imported lazily: it is slow and only these three need it
-
-        X, y = getattr(sklearn.datasets, "load_" + name)(return_X_y=True)
+        X, y = load_bundled(name)
         known = "regression" if name == "diabetes" else "classification"
         return _finish(X, y, _fixed_task(name, known, task), name)
     if name.startswith("synthetic_"):
@@ -75,18 +78,76 @@ def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
         raise UsageError(f"dataset {name!r} needs a path")
     if name == "npz":
         X, y = _load_npz(path)
-        looks_like_labels = y.dtype.kind in "biu"
     elif name == "csv":
         X, y = _load_csv(path)
-        # CSV has no dtypes, so guess from the values: a few non-negative integers are labels.
-        looks_like_labels = (np.all(np.isfinite(y)) and np.all(y == np.round(y)) and np.all(y >= 0)
-                           and len(np.unique(y)) <= MAX_CSV_CLASSES)
     else:
         X, y = _load_idx_pair(path)
-        looks_like_labels = y.dtype.kind in "biu"
+    return from_arrays(X, y, task, name)
+
+
+def from_arrays(X, y, task: str = "auto", name: str = "arrays") -> Dataset:
+    """A Dataset from arrays in memory. task 'auto': labels (integers, strings, booleans, or a float column
+    of at most MAX_CSV_CLASSES distinct whole numbers, as a CSV gives) mean classification."""
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+    X, y = np.asarray(X), np.asarray(y)
     if task == "auto":
-        task = "classification" if looks_like_labels else "regression"
+        if y.dtype.kind in "biuUSO":
+            task = "classification"
+        elif y.dtype.kind == "f" and y.ndim == 1:
+            whole = np.all(np.isfinite(y)) and np.all(y == np.round(y))
+            task = "classification" if whole and len(np.unique(y)) <= MAX_CSV_CLASSES else "regression"
+        else:
+            task = "regression"
     return _finish(X, y, task, name)
+
+
+def infer_format(path: str) -> str:
+    """npz, csv or idx, from a --data-path's file name(s)."""
+    low = path.lower()
+    if low.endswith(".npz"):
+        return "npz"
+    if low.endswith((".csv", ".csv.gz")):
+        return "csv"
+    if "," in path or "ubyte" in low or low.endswith((".idx", ".idx.gz")):
+        return "idx"
+    raise UsageError(f"cannot tell the format of --data-path {path!r} from its name: give --dataset npz, csv "
+                     "or idx (files named .npz, .csv, .csv.gz, or 'IMAGES,LABELS' idx files are recognised)")
+
+
+def load_bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits, breast_cancer or diabetes, as its load_NAME(return_X_y=True) gives them.
+
+    The files are plain CSV inside the installed package. Reading them directly skips importing
+    sklearn.datasets, which pulls in scipy.stats and the estimator machinery: 1.1 s per rank.
+    tests/test_data.py proves both readers give bit-identical arrays.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")     # a top-level spec is found without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"dataset {name!r} comes with scikit-learn, which is not installed "
+                         "(pip install scikit-learn)")
+    folder = os.path.join(spec.submodule_search_locations[0], "datasets", "data")
+
+    def table(file, **kw):
+        with gzip.open(os.path.join(folder, file), "rt", encoding="utf-8") as f:
+            return np.loadtxt(f, **kw)
+
+    if name == "digits":
+        data = table("digits.csv.gz", delimiter=",")
+        return data[:, :-1], data[:, -1].astype(int)
+    if name == "breast_cancer":    # header: n_samples, n_features, class names
+        data = np.loadtxt(os.path.join(folder, "breast_cancer.csv"), delimiter=",", skiprows=1)
+        return data[:, :-1], data[:, -1].astype(int)
+    # sklearn's scaled=True: each column centred, divided by its std, then by sqrt(n_samples),
+    # in the same order of operations so that the result is the same to the last bit.
+    X, y = table("diabetes_data_raw.csv.gz"), table("diabetes_target.csv.gz")
+    mean, std = np.nanmean(X, axis=0), np.nanstd(X, axis=0)
+    X -= mean
+    X /= std
+    X /= X.shape[0] ** 0.5
+    return X, y
 
 
 def _fixed_task(name: str, known: str, task: str) -> str:
@@ -135,40 +196,61 @@ def _read_bytes(path: str) -> bytes:
         raise UsageError(f"cannot read {path}: {e}") from None
 
 
-def _load_npz(path: str):
+def _load_npz_arrays(path: str, required=("X", "y")) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"file not found: {path}")
     try:
         # allow_pickle=False: a pickled object array in a data file could run arbitrary code.
         with np.load(path, allow_pickle=False) as f:
-            missing = {"X", "y"} - set(f.files)
+            missing = set(required) - set(f.files)
             if missing:
-                raise UsageError(f"{path} lacks array(s) {sorted(missing)}; it needs 'X' and 'y'")
-            return f["X"], f["y"]
+                raise UsageError(f"{path} lacks array(s) {sorted(missing)}; it needs {' and '.join(required)}")
+            return {k: f[k] for k in ("X", "y") if k in f.files}
     except UsageError:
         raise
     except Exception as e:  # BadZipFile, ValueError (object arrays), OSError, AttributeError (.npy)
-        raise UsageError(f"cannot read {path} as an .npz file with X and y: {e}") from None
+        raise UsageError(f"cannot read {path} as an .npz file with {' and '.join(required)}: {e}") from None
+
+
+def _load_npz(path: str):
+    arrays = _load_npz_arrays(path)
+    return arrays["X"], arrays["y"]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _load_csv(path: str):
-    """Numeric, comma-separated; the last column is the target; one header line is skipped."""
+    """Comma-separated; the last column is the target, numbers or strings (class labels). A first line whose
+    feature fields are not all numbers is a header and is skipped."""
     lines = _read_bytes(path).decode("utf-8", errors="replace").splitlines()
+    lines = [line for line in lines if line.strip()]
     if not lines:
         raise UsageError(f"CSV file {path} is empty")
+    first = [v.strip().strip('"') for v in lines[0].split(",")]
+    skip = 0 if all(_is_number(v) for v in first[:-1]) and (len(first) > 1 or _is_number(first[0])) else 1
+    if len(first) < 2:
+        raise UsageError(f"CSV file {path} needs at least 2 columns (features, then target), found {len(first)}")
+    n = len(first)
+    body = lines[skip:]
+    if not body:
+        raise UsageError(f"CSV file {path} has a header but no rows")
     try:
-        [float(v) for v in lines[0].split(",")]
-        skip = 0
-    except ValueError:
-        skip = 1  # the first line is not numbers, so it is a header
-    try:
-        table = np.loadtxt(lines[skip:], delimiter=",", dtype=np.float64, ndmin=2)
+        X = np.loadtxt(body, delimiter=",", dtype=np.float64, ndmin=2, usecols=range(n - 1), quotechar='"')
+        y = np.loadtxt(body, delimiter=",", dtype=str, ndmin=1, usecols=n - 1, quotechar='"')
     except ValueError as e:
         raise UsageError(f"cannot parse CSV file {path}: {e}") from None
-    if table.shape[1] < 2:
-        raise UsageError(f"CSV file {path} needs at least 2 columns (features, then target), "
-                         f"found {table.shape[1]}")
-    return table[:, :-1], table[:, -1]
+    y = np.char.strip(y)
+    try:
+        y = y.astype(np.float64)
+    except ValueError:
+        pass                                      # string labels: classification
+    return X, y
 
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): all multi-byte values are big-endian.
@@ -213,15 +295,17 @@ def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset
     which a tiny sample may not show.
     """
     X, y = np.asarray(X), np.asarray(y)
-    if X.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
-        raise UsageError(f"dataset {name!r}: X and y must be numeric, got {X.dtype} and {y.dtype}")
+    labels_ok = "biufUSO" if task == "classification" else "biuf"
+    if X.dtype.kind not in "biuf" or y.dtype.kind not in labels_ok:
+        raise UsageError(f"dataset {name!r}: X must be numeric and y numeric{' or labels' if task == 'classification' else ''}, "
+                         f"got {X.dtype} and {y.dtype}")
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
         raise UsageError(f"dataset {name!r}: X must be 2-D and non-empty, got shape {X.shape}")
     if y.ndim not in (1, 2) or len(y) != len(X):
         raise UsageError(f"dataset {name!r}: X has {len(X)} rows but y has shape {y.shape}")
     X = X.astype(np.float64)
     for label, a in (("X", X), ("y", y)):
-        bad = np.count_nonzero(~np.isfinite(a))
+        bad = np.count_nonzero(~np.isfinite(a)) if a.dtype.kind in "biuf" else 0
         if bad:
             raise UsageError(f"dataset {name!r}: {label} contains NaN or Inf ({bad} values)")
 
@@ -231,17 +315,24 @@ def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset
     if y.ndim == 2 and y.shape[1] != 1:
         raise UsageError(f"dataset {name!r}: classification labels must be 1-D, got {y.shape}")
     y = y.reshape(-1)
+    if y.dtype.kind == "O":
+        y = y.astype(str)
     if y.dtype.kind == "f" and np.any(y != np.round(y)):
-        raise UsageError(f"dataset {name!r}: classification labels must be integers, "
-                         f"found {y[y != np.round(y)][0]}")
-    if np.any(y < 0):
-        raise UsageError(f"dataset {name!r}: classification labels must be >= 0, found {y.min()}")
-    y = y.astype(np.int64)
-    n_classes = n_classes or int(y.max()) + 1
-    if n_classes < 2:
-        raise UsageError(f"dataset {name!r}: classification needs at least 2 classes, "
-                         f"labels are all {y.max()}")
-    return Dataset(X, y, task, n_classes, name)
+        raise UsageError(f"dataset {name!r}: classification labels must be whole numbers or strings, "
+                         f"found {y[y != np.round(y)][0]} (use --task regression for a numeric target)")
+    if y.dtype.kind in "fb":
+        y = y.astype(np.int64)
+    if n_classes is not None:                     # synthetic: the labels ARE the class indices
+        classes = np.arange(n_classes)
+    else:
+        classes = np.unique(y)
+        if len(classes) > MAX_CLASSES:
+            raise UsageError(f"dataset {name!r}: {len(classes)} distinct labels; classification supports at "
+                             f"most {MAX_CLASSES} classes (use --task regression for a numeric target)")
+    if len(classes) < 2:
+        raise UsageError(f"dataset {name!r}: classification needs at least 2 classes, labels are all {classes[0]}")
+    index = np.searchsorted(classes, y)
+    return Dataset(X, index.astype(np.int64), task, len(classes), name, classes)
 
 
 # ------------------------------------------------------------- splitting and scaling
@@ -275,10 +366,26 @@ class Standardizer:
 
     def fit(self, X: np.ndarray) -> "Standardizer":
         """X: (N, d). A constant feature gets std 1, so it maps to 0 instead of dividing by 0."""
-        self.mean = X.mean(axis=0)
-        std = X.std(axis=0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.mean = X.mean(axis=0)
+            std = X.std(axis=0)
+        bad = np.flatnonzero(~(np.isfinite(self.mean) & np.isfinite(std)))
+        if bad.size:
+            j = int(bad[0])
+            raise UsageError(f"column {j} overflows float64 when standardized (values up to "
+                             f"{np.abs(X[:, j]).max():.3g}); rescale it")
         self.std = np.where(std > 0, std, 1.0)
         return self
+
+    @classmethod
+    def from_stats(cls, mean, std) -> "Standardizer":
+        s = cls()
+        s.mean, s.std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        return s
+
+    def inverse(self, Z: np.ndarray) -> np.ndarray:
+        """(M, d) standardized -> original units."""
+        return Z * self.std + self.mean
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         """X: (M, d) -> (M, d) float64."""

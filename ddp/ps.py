@@ -59,8 +59,9 @@ from .config import Config
 from .data import epoch_batches, micro_batches, shard, shard_range
 from .errors import UsageError
 from .parallel import check_replicas
-from .train import (Reporter, TrainingError, agree, all_finite, build, evaluate, load_checkpoint,
-                    make_optimizer_for, restore, save_checkpoint, steps_per_epoch, total_steps, write_summary)
+from .run import (CHECKPOINT, Reporter, Setup, TrainingError, agree, all_finite, evaluate, finished_summary,
+                  is_finished, make_optimizer_for, restore, save_checkpoint, start_run, steps_per_epoch,
+                  total_steps)
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
 OK, FAILED = 0, 1
@@ -82,10 +83,14 @@ def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) 
     being told: it is the same loop as train_allreduce's, with the batches only counted.
     """
     points = {}
+    every = cfg.checkpoint_every
     while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
         n = spe - batch
         if cfg.max_steps:
             n = min(n, cfg.max_steps - step)
+        if every:                             # --checkpoint-every inside the epoch (its end is saved anyway)
+            for k in range(step // every + 1, (step + n - 1) // every + 1):
+                points[k * every] = (epoch, batch + k * every - step)
         step, batch = step + n, batch + n
         if batch < spe:                       # stopped by --max-steps inside the epoch
             points[step] = (epoch, batch)
@@ -256,6 +261,8 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
         if not math.isfinite(record["train_loss"]):
             error = f"training loss became {record['train_loss']} in epoch {epoch + 1}"
             break
+        if not finished_epoch:
+            record["partial"] = True
         if first_worker:
             worker.send_ctrl(0, {"kind": "epoch", "record": record})
         if finished_epoch:
@@ -283,10 +290,11 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
 class Server:
     """Owns one shard of the arena and its optimizer, and answers the workers' pushes."""
 
-    def __init__(self, cfg: Config, world: MPIComm, scomm, model, optimizer, bounds, workers: list[int], *,
+    def __init__(self, setup: Setup, world: MPIComm, scomm, optimizer, bounds, workers: list[int], *,
                  sync: bool, staleness: int | None, start_step: int, points: dict, reporter: Reporter):
-        self.cfg, self.mpi, self.MPI, self.scomm = cfg, world.comm, world.MPI, scomm
-        self.model, self.opt, self.bounds, self.workers = model, optimizer, bounds, workers
+        self.setup, self.cfg, self.mpi, self.MPI, self.scomm = setup, setup.cfg, world.comm, world.MPI, scomm
+        self.model, self.opt, self.bounds, self.workers = setup.model, optimizer, bounds, workers
+        model = setup.model
         a, b = bounds[world.rank]
         self.params = model.params[a:b]            # the optimizer updates this view in place
         self.sync, self.k = sync, staleness        # k: None for async (no bound)
@@ -431,17 +439,19 @@ class Server:
                 whole = np.empty(full.size, mine.dtype) if root else None
                 self.scomm.Gatherv(mine, [whole, (counts, displs)] if root else None, root=0)
                 state[name] = whole
-        if root:
+        if root and self.reporter.active:
             state["t"] = np.array(self.opt.t, np.int64)
             epoch, batch = self.points[step]
-            save_checkpoint(os.path.join(self.cfg.out, "checkpoint.npz"), self.model.state_dict(), state,
-                            step=step, epoch=epoch, batch=batch, cfg=self.cfg)
+            save_checkpoint(os.path.join(self.cfg.out, CHECKPOINT), self.setup, self.model.state_dict(), state,
+                            step=step, epoch=epoch, batch=batch)
+            self.reporter.saved(step)
 
 
 # --------------------------------------------------------------------------- entry point
 
-def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
-    """Train with parameter servers on `comm` (an MPI world); returns the summary on every rank.
+def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[dict, Setup]:
+    """Train with parameter servers on `comm` (an MPI world); returns (summary, setup) on every rank, the
+    setup's model holding the final weights everywhere.
 
     on_step(step, model, worker_comm), if given, runs on the workers after every step.
     """
@@ -452,7 +462,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
     S, P = cfg.servers, comm.size
     is_server = comm.rank < S
     sync = cfg.consistency == "sync" or (cfg.consistency == "ssp" and cfg.staleness == 0)
-    s = agree(comm, build, dataclasses.replace(cfg, device="cpu") if is_server else cfg, comm.local_rank)
+    s, ckpt = start_run(dataclasses.replace(cfg, device="cpu") if is_server else cfg, comm, raw)
     model = s.model
     sig = (tuple(model.sizes), model.activation, model.loss_name, model.dtype.name, model.num_params)
     sigs = comm.allgather_obj(sig)
@@ -462,10 +472,15 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
     if S > model.num_params:
         raise UsageError(f"--servers {S} is more than the model's {model.num_params} parameters")
     bounds = shard_bounds(model.num_params, S)
-    part = world.comm.Split(0 if is_server else 1, comm.rank)   # the servers; the workers
     n_workers = P - S
     spe = steps_per_epoch(cfg, len(s.train), s.batch_size)
     n_total = total_steps(cfg, len(s.train), s.batch_size)
+    start = (0, 0, 0)
+    if ckpt is not None:
+        start = (int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]))
+        if is_finished(cfg, start[0], start[1]):
+            return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
+    part = world.comm.Split(0 if is_server else 1, comm.rank)   # the servers; the workers
 
     optimizer = None
     if is_server:
@@ -476,15 +491,8 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
         optimizer = make_optimizer_for(cfg, model.params[a:b], model.grads[a:b], cfg.epochs * spe * updates)
         with WATCHDOG.watch("bcast"):
             part.Bcast(model.params, root=0)       # rank 0's initial weights, not equal seeds
-
-    def resume():
-        if not cfg.resume:
-            return 0, 0, 0
-        if is_server:                              # each server loads its slice
-            return restore(load_checkpoint(cfg.resume), model, optimizer, cfg.resume, span=(a, b))
-    start = np.array(agree(comm, resume) or (0, 0, 0), np.int64)
-    comm.bcast(start, root=0)                      # the workers learn where training resumes
-    start = tuple(int(v) for v in start)
+    if ckpt is not None:                           # each server loads its slice; every rank agrees it worked
+        agree(comm, lambda: restore(ckpt, model, optimizer, cfg.resume, (a, b)) if is_server else None)
     points, _ = checkpoint_points(cfg, spe, *start)
 
     rank0 = comm.rank == 0
@@ -493,16 +501,17 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
         if cfg.consistency == "ssp" and not sync:
             kind += f" (staleness <= {cfg.staleness})"
         print(f"ddp: {model} in ps mode: {S} server(s) (ranks 0-{S - 1}), {n_workers} worker(s), {kind}; "
-              f"{len(s.train)} training samples, global batch {s.batch_size}, {n_total} steps", flush=True)
+              f"{len(s.train)} training samples, global batch {s.batch_size}, {n_total} steps"
+              + (f", run folder {cfg.out}" if cfg.out else ""), flush=True)
         if cfg.staleness and cfg.consistency != "ssp":
             print(f"ddp: warning: --staleness {cfg.staleness} is ignored with --consistency {cfg.consistency}",
                   flush=True)
         if cfg.grad_norms:
             print("ddp: warning: --grad-norms is not recorded in ps mode", flush=True)
-    reporter = Reporter(cfg, rank0, n_total, start[0], resumed=bool(cfg.resume))
+    reporter = Reporter(cfg, rank0, n_total, start[0], s.prep.task, start[0] if ckpt is not None else None)
     try:
         if is_server:
-            server = Server(cfg, world, part, model, optimizer, bounds, list(range(S, P)), sync=sync,
+            server = Server(s, world, part, optimizer, bounds, list(range(S, P)), sync=sync,
                             staleness=None if cfg.consistency == "async" else cfg.staleness,
                             start_step=start[0], points=points, reporter=reporter)
             server.serve()
@@ -518,10 +527,10 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None) -> dict:
     part.Free()
     if "error" in summary:
         raise TrainingError(summary["error"])
+    world.bcast(model.params, root=S)              # the final weights, so every rank returns the same model
     summary.update({"mode": "ps", "servers": S, "workers": n_workers, "consistency": cfg.consistency,
                     "staleness_bound": cfg.staleness if cfg.consistency == "ssp" else None,
                     "model_bytes": model.params.nbytes,
                     "step_bytes_sent": [t[0] for t in traffic], "step_bytes_received": [t[1] for t in traffic]})
-    if rank0:
-        write_summary(cfg, summary, f", max staleness {summary['max_staleness']}")
-    return summary
+    summary = reporter.summary(summary, f", max staleness {summary['max_staleness']}") if rank0 else summary
+    return summary, s

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Launch a ddp command on N MPI ranks, with the settings that make MPI behave on these machines.
+# Launch a ddp command, or your own script, on N MPI ranks, with the settings that make MPI behave here.
 #
 #   launch/mpirun.sh -n 4 -- train --dataset digits --epochs 2
+#   launch/mpirun.sh -n 4 -- python my_script.py --its-args       # or: -- my_script.py
 #   launch/mpirun.sh --hostfile launch/hostfile.example --iface eth0 -- train --dataset digits
 #   launch/mpirun.sh -n 2 --dry-run -- train --dataset digits     # print the command, run nothing
+#   launch/mpirun.sh -n 4 --max-restarts 2 -- train --dataset digits --checkpoint-every 50
 #
 # Every rank runs `PYTHON -m ddp ARGS...`. ddp's own guard (ddp/guard.py) ends the whole job when one
 # rank fails, and prints one line per error; this script drops Open MPI's banners around it and
-# exits with the job's exit code (0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM).
-# See launch/README.md for hostfiles, Slurm and keeping a system MPI.
+# exits with the job's exit code (0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM). See launch/README.md for hostfiles, Slurm and keeping a system MPI.
 set -euo pipefail
 
 prog=mpirun.sh
@@ -16,9 +17,11 @@ prog=mpirun.sh
 usage() {
     cat <<EOF
 usage: $prog [-n N] [--hostfile FILE | --host H1:S1,H2:S2] [--iface IFACE]
-             [--mpiexec PATH] [--dry-run] -- DDP_ARGS...
+             [--mpiexec PATH] [--max-restarts N] [--dry-run]
+             -- DDP_ARGS... | python SCRIPT.py ARGS... | SCRIPT.py ARGS...
 
-Run 'PYTHON -m ddp DDP_ARGS...' on N MPI ranks; exits with the job's exit code.
+Run 'PYTHON -m ddp DDP_ARGS...' on N MPI ranks, and exit with the job's exit code; with a script
+(python SCRIPT.py or SCRIPT.py), run 'PYTHON -m mpi4py SCRIPT.py ARGS...' instead, with the same settings.
 
 options:
   -n, --np N        number of ranks (default: the slots in --hostfile/--host, else
@@ -28,6 +31,10 @@ options:
   --iface IFACE     network interface (or Open MPI CIDR) for MPI's TCP traffic, e.g. eth0;
                     default: \$DDP_IFACE, else MPI's own choice
   --mpiexec PATH    mpiexec to use (default: \$MPIEXEC, else the one next to PYTHON, else PATH)
+  --max-restarts N  when the job fails, run the same command again, up to N times (default: 0);
+                    ddp resumes from --out's latest checkpoint. Exit codes 0, 2 (bad usage) and 143
+                    (stopped by SIGTERM) are final, and so is an interrupt of this script. Relaunch k
+                    gets DDP_RESTART=k and DDP_RESTART_REASONS (the reasons so far, ';'-separated)
   --dry-run         print the command instead of running it
   -h, --help        show this help and exit
 
@@ -45,6 +52,7 @@ and --bind-to none with a host list. PYTHON must exist at the same path on every
 
 examples:
   $prog -n 4 -- train --dataset digits --epochs 2
+  $prog -n 2 -- python my_script.py
   $prog --hostfile hosts --iface eth0 -- train --dataset digits --out runs/a
 EOF
 }
@@ -64,6 +72,7 @@ hostlist=""
 iface="${DDP_IFACE:-}"
 mpiexec="${MPIEXEC:-}"
 dry_run=0
+max_restarts=0
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -78,6 +87,8 @@ while [[ $# -gt 0 ]]; do
         --iface=*) iface="${1#*=}"; shift ;;
         --mpiexec) need_value "$1" $#; mpiexec="$2"; shift 2 ;;
         --mpiexec=*) mpiexec="${1#*=}"; shift ;;
+        --max-restarts) need_value "$1" $#; max_restarts="$2"; shift 2 ;;
+        --max-restarts=*) max_restarts="${1#*=}"; shift ;;
         --dry-run) dry_run=1; shift ;;
         --) shift; break ;;
         -*) die "unknown option '$1' (ddp's own arguments go after --; see --help)" ;;
@@ -91,6 +102,7 @@ ddp_args=("$@")
 if [[ -n "$np" && ! "$np" =~ ^[1-9][0-9]*$ ]]; then
     die "-n needs a positive integer, got '$np'"
 fi
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts needs an integer >= 0, got '$max_restarts'"
 [[ -z "$hostfile" || -z "$hostlist" ]] || die "give --hostfile or --host, not both"
 if [[ -n "$hostfile" ]]; then
     [[ -f "$hostfile" && -r "$hostfile" ]] || die "hostfile '$hostfile' is not a readable file"
@@ -194,10 +206,23 @@ else
     [[ -z "$hostlist" ]] || cmd+=(-hosts "$hostlist")
     [[ -z "$iface" ]] || cmd+=(-iface "$iface")
 fi
-cmd+=("$python" -m ddp "${ddp_args[@]}")
+# A script of the user's runs like torchrun's: under the same python, with -m mpi4py so that an uncaught
+# exception on one rank aborts the job instead of leaving the others in a collective.
+first="${ddp_args[0]}"
+if [[ "$(basename -- "$first")" =~ ^python[0-9.]*$ ]]; then
+    [[ ${#ddp_args[@]} -ge 2 && ( "${ddp_args[1]}" != *.py || -f "${ddp_args[1]}" ) ]] \
+        || die "'$first' needs a script that exists, e.g. '-- python my_script.py'"
+    ranks=("$python" -m mpi4py "${ddp_args[@]:1}")
+elif [[ "$first" == *.py ]]; then
+    [[ -f "$first" ]] || die "script '$first' not found"
+    ranks=("$python" -m mpi4py "${ddp_args[@]}")
+else
+    ranks=("$python" -m ddp "${ddp_args[@]}")         # ddp's guard ends the job on a failure
+fi
 if [[ ${#envs[@]} -gt 0 ]]; then
     cmd=(env "${envs[@]}" "${cmd[@]}")
 fi
+cmd+=("${ranks[@]}")
 
 if [[ $dry_run == 1 ]]; then
     # Quote only what needs it, so the line reads like the command one would type.
@@ -215,10 +240,9 @@ fi
 if [[ $flavor == openmpi && "${DDP_MPI_BANNERS:-0}" != 1 ]]; then
     # Open MPI frames every MPI_Abort and non-zero exit in 7-14 lines that blame "rank 1" and never
     # say why; ddp has printed the reason already. Drop exactly those blocks, keep everything else.
-    # exec keeps mpiexec's pid (signals reach it) and its exit code; the filter sees EOF after it.
     # The filter ignores Ctrl-C, which the terminal sends to it too: it must outlive mpiexec.
     # prterun also ends its abort banner with a NUL byte.
-    exec "${cmd[@]}" 2> >(trap '' INT; tr -d '\000' | awk '
+    exec 2> >(trap '' INT; tr -d '\000' | awk '
         function dashes(s) { return length(s) >= 40 && s ~ /^-+[ \t]*$/ }
         BEGIN { inblock = 0; block = ""; skipblank = 0 }
         {
@@ -244,4 +268,49 @@ if [[ $flavor == openmpi && "${DDP_MPI_BANNERS:-0}" != 1 ]]; then
         END { if (inblock) printf "%s", block }
     ' >&2)
 fi
-exec "${cmd[@]}"
+if [[ $max_restarts == 0 ]]; then
+    exec "${cmd[@]}"
+fi
+
+# ---- run, and relaunch a failed job ---------------------------------------------------------
+# The job runs in the background so that a signal to this script is seen at once (a foreground
+# child would delay the trap until it ended): it is passed on to mpiexec, and ends the restarts.
+child=""
+interrupted=""
+on_signal() {
+    interrupted="$1"
+    [[ -z "$child" ]] || kill -s "$1" "$child" 2>/dev/null || true
+}
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
+trap 'on_signal HUP' HUP
+
+attempt=0
+reasons=""
+while true; do
+    run=("${cmd[@]}")
+    if [[ $attempt -gt 0 ]]; then
+        export DDP_RESTART="$attempt" DDP_RESTART_REASONS="$reasons"
+        # Open MPI hands ranks on other hosts only the variables it is told to.
+        [[ $flavor != openmpi ]] || run=("${cmd[@]:0:${#cmd[@]}-${#ranks[@]}}" -x DDP_RESTART -x DDP_RESTART_REASONS
+                                         "${ranks[@]}")
+    fi
+    set +e
+    "${run[@]}" &
+    child=$!
+    wait "$child"
+    rc=$?
+    # A trapped signal ends 'wait' early: wait again until the job itself has ended.
+    while kill -0 "$child" 2>/dev/null; do
+        wait "$child"
+        rc=$?
+    done
+    set -e
+    child=""
+    if [[ -n "$interrupted" || $rc == 0 || $rc == 2 || $rc == 143 || $attempt -ge $max_restarts ]]; then
+        exit "$rc"
+    fi
+    attempt=$((attempt + 1))
+    reasons+="${reasons:+;}exit code $rc"
+    echo "$prog: job failed (exit code $rc); restart $attempt of $max_restarts from the latest checkpoint" >&2
+done

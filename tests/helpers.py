@@ -50,3 +50,18 @@ def all_ranks(comm, ok, msg=""):
     verdicts = comm.allgather_obj((bool(ok), msg))
     bad = [(r, m) for r, (v, m) in enumerate(verdicts) if not v]
     assert not bad, f"failed on rank(s): {bad}"
+
+
+LAUNCHER = os.path.join(ROOT, "launch", "mpirun.sh")
+
+
+def run_launcher(*args, timeout=180, cwd=None, **env):
+    """launch/mpirun.sh ARGS with this python and its venv's mpiexec, none of the caller's MPI settings."""
+    venv_bin = os.path.dirname(sys.executable)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("DDP_IFACE", "MPIEXEC", "OMPI_MCA_btl", "VIRTUAL_ENV") and not k.startswith("SLURM_")}
+    base.update(PYTHON=sys.executable, PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""),
+                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    base.update(env)
+    return subprocess.run(["bash", LAUNCHER, *args], capture_output=True, text=True, timeout=timeout, env=base,
+                          cwd=cwd or ROOT)

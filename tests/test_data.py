@@ -159,7 +159,7 @@ def test_csv_regression_and_many_values(tmp_path):
 
 
 def test_csv_errors(tmp_path):
-    (tmp_path / "bad.csv").write_text("a,b\n1,2\n3,oops\n")
+    (tmp_path / "bad.csv").write_text("a,b,c\n1,2,x\n3,oops,y\n")      # a feature that is not a number
     with pytest.raises(UsageError, match="cannot parse CSV"):
         load_dataset("csv", path=str(tmp_path / "bad.csv"))
     (tmp_path / "one.csv").write_text("1\n2\n")
@@ -246,8 +246,8 @@ def test_idx_pair_errors(tmp_path):
     (np.ones((5, 2)), np.arange(4) % 2, "auto", "5 rows"),
     (np.array([[1.0], [np.nan], [2.0]]), np.array([0, 1, 0]), "auto", "X contains NaN"),
     (np.ones((3, 1)), np.array([0.5, np.inf, 1.0]), "regression", "y contains NaN"),
-    (np.ones((3, 1)), np.array([0, -1, 1]), "auto", ">= 0"),
-    (np.ones((3, 1)), np.array([0, 1.5, 1]), "classification", "integers"),
+    (np.ones((3, 1)), np.array([0, 1.5, 1]), "classification", "whole numbers"),
+    (np.ones((3, 1)), np.array(["a", "b", "c"]), "regression", "numeric"),
     (np.ones((3, 1)), np.array([0, 0, 0]), "auto", "2 classes"),
 ])
 def test_file_validation(tmp_path, X, y, task, word):

@@ -1,8 +1,10 @@
 """launch/mpirun.sh: its help, the command it builds (--dry-run) for each MPI and setting, its one-line
 errors, and a real 2-rank run that must match one process."""
+import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -205,3 +207,116 @@ def test_a_failing_ddp_fails_the_launch(tmp_path):
                  timeout=120, PYTHONPATH=ROOT)
     assert res.returncode != 0
     assert "no-such-dataset" in res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------- --max-restarts
+
+def scripted_mpiexec(tmp_path, codes, flavor="mpiexec (Open MPI) 5.0.11", hang=False):
+    """An mpiexec that answers --version, and otherwise logs its call (arguments and DDP_RESTART*) to
+    calls.log and exits with the next of `codes`. hang: wait for SIGTERM first, then exit 1."""
+    (tmp_path / "codes").write_text("\n".join(map(str, codes)) + "\n")
+    exe = tmp_path / "mpiexec"
+    exe.write_text(f"""#!/bin/bash
+if [[ "$1" == --version ]]; then echo '{flavor}'; exit 0; fi
+d={tmp_path}
+echo "restart=${{DDP_RESTART-unset}} reasons=${{DDP_RESTART_REASONS-unset}} args=$*" >>"$d/calls.log"
+{"trap 'echo TERM >>$d/calls.log; exit 1' TERM; touch $d/started; while :; do sleep 0.1; done" if hang else ""}
+code=$(head -n1 "$d/codes"); sed -i 1d "$d/codes"
+exit "${{code:-0}}"
+""")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def calls(tmp_path):
+    return (tmp_path / "calls.log").read_text().splitlines()
+
+
+@pytest.mark.parametrize("codes, restarts, runs, final", [
+    ([137, 1, 0], 2, 3, 0),           # killed, failed, then done
+    ([137, 137, 137, 0], 2, 3, 137),  # out of restarts: the last failure's code
+    ([1, 0], 0, 1, 1),                # no --max-restarts: no relaunch
+    ([2, 0], 2, 1, 2),                # a usage error: relaunching cannot help
+    ([143, 0], 2, 1, 143),            # stopped by SIGTERM, with a checkpoint: the user meant it
+    ([0, 0], 2, 1, 0),
+])
+def test_max_restarts_relaunches_only_failures(tmp_path, codes, restarts, runs, final):
+    exe = scripted_mpiexec(tmp_path, codes)
+    res = launch("-n", "2", "--max-restarts", str(restarts), "--mpiexec", exe, "--", "train", "--out", "o")
+    assert res.returncode == final, res.stderr
+    got = calls(tmp_path)
+    assert len(got) == runs, got
+    reasons = []
+    for k, line in enumerate(got):
+        assert line.startswith(f"restart={k if k else 'unset'} reasons={';'.join(reasons) if k else 'unset'} "), line
+        assert line.endswith(" -m ddp train --out o")      # the same command each time
+        # Open MPI passes only the variables it is told to ranks on other hosts.
+        assert ("-x DDP_RESTART -x DDP_RESTART_REASONS" in line) == (k > 0)
+        reasons.append(f"exit code {codes[k]}")
+    lines = res.stderr.splitlines()
+    assert lines == [f"mpirun.sh: job failed (exit code {codes[k]}); restart {k + 1} of {restarts} from the latest "
+                     f"checkpoint" for k in range(runs - 1)]
+
+
+def test_max_restarts_with_mpich(tmp_path):
+    exe = scripted_mpiexec(tmp_path, [1, 0], flavor="HYDRA build details:\n    Version: 4.2.0")
+    res = launch("-n", "2", "--max-restarts", "1", "--mpiexec", exe, "--", "train")
+    assert res.returncode == 0, res.stderr
+    first, second = calls(tmp_path)
+    assert second.startswith("restart=1 reasons=exit code 1 args=-n 2 ") and "-x" not in second.split()
+
+
+def test_an_interrupted_launch_is_not_restarted(tmp_path):
+    exe = scripted_mpiexec(tmp_path, [0], hang=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MPIEXEC", "OMPI_MCA_btl", "VIRTUAL_ENV")}
+    env.update(PYTHON=sys.executable)
+    proc = subprocess.Popen(["bash", SCRIPT, "-n", "2", "--max-restarts", "3", "--mpiexec", exe, "--", "train"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(300):
+        if (tmp_path / "started").exists():
+            break
+        time.sleep(0.05)
+    proc.terminate()                 # SIGTERM to mpirun.sh alone: it must pass it on to the job
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err  # the job's own exit code, passed through
+    assert calls(tmp_path)[1:] == ["TERM"], calls(tmp_path)
+    assert "restart" not in err
+
+
+@pytest.mark.parametrize("value", ["-1", "x", ""])
+def test_max_restarts_needs_a_count(value):
+    res = launch("--max-restarts", value, "--", "train")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert f"--max-restarts needs an integer >= 0, got '{value}'" in res.stderr
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_killed_rank_restarts_from_the_checkpoint_bitwise(tmp_path):
+    """Rank 1 is SIGKILLed at step 13 (checkpoints every 5 steps); --max-restarts 2 relaunches, ddp resumes
+    from step 10, and the final checkpoint equals an uninterrupted run's exactly."""
+    hook = os.path.join(ROOT, "tests", "restart", "kill_rank_once.py")
+    args = ["train", "--dataset", "digits", "--hidden", "16", "--max-steps", "30", "--batch-size", "64",
+            "--seed", "0", "--dtype", "float64", "--momentum", "0.9", "--checkpoint-every", "5", "--no-progress"]
+    env = {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "steps.log"
+    res = launch("-n", "2", "--max-restarts", "2", "--", "python", hook, *args, "--out", str(tmp_path / "killed"),
+                 timeout=240, KILL_LOG=str(log), **env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "mpirun.sh: job failed (exit code 137); restart 1 of 2 from the latest checkpoint" in res.stderr
+    assert "restart 2 of 2" not in res.stderr
+    # The first launch died without a word; the relaunch (DDP_RESTART=1) computed steps 11..30 only.
+    assert log.read_text().splitlines() == ["1 20"]
+    whole = launch("-n", "2", "--", *args, "--out", str(tmp_path / "whole"), timeout=240, **env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    with open(tmp_path / "killed" / "summary.json") as fh:
+        summary = json.load(fh)
+    assert summary["restarts"] == 1 and summary["restart_reasons"] == ["exit code 137"]
+    assert summary["steps"] == 30
+    with np.load(tmp_path / "killed" / "checkpoint.npz", allow_pickle=False) as a, \
+            np.load(tmp_path / "whole" / "checkpoint.npz", allow_pickle=False) as b:
+        arrays = [k for k in b.files if k.startswith(("layers.", "optimizer."))]
+        assert any(k.startswith("optimizer.") for k in arrays) and sorted(a.files) == sorted(b.files)
+        for k in arrays:
+            assert a[k].tobytes() == b[k].tobytes(), k       # bitwise, not to a tolerance
+        assert int(a["step"]) == int(b["step"]) == 30

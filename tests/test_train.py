@@ -8,7 +8,8 @@ import pytest
 from helpers import rel_diff
 from ddp import backend
 from ddp.config import Config
-from ddp.train import load_data, run
+from ddp.run import load_data
+from ddp.train import run
 
 
 def cfg_for(tmp_path, **kw):
@@ -41,7 +42,7 @@ def test_learns_real_data_side_by_side_with_sklearn(tmp_path, dataset, kw, metri
 
     cfg = cfg_for(tmp_path, dataset=dataset, seed=0, **kw)
     summary = run(cfg)
-    train, _, test = load_data(cfg)            # the very split ddp trained and tested on
+    train, _, test, _ = load_data(cfg)         # the very split ddp trained and tested on
     hidden = tuple(cfg.hidden_sizes())
     if metric == "test_r2":
         sk = MLPRegressor(hidden_layer_sizes=hidden, max_iter=2000, random_state=0).fit(train.X, train.y.ravel())
@@ -91,7 +92,7 @@ def test_full_batch_step_is_one_gradient_descent_step_on_the_whole_set(tmp_path)
     cfg = cfg_for(tmp_path, dataset="synthetic_regression", n_samples=50, hidden="4", batch_mode="full",
                   epochs=1, lr=0.1, dtype="float64", val_fraction=0.0, test_fraction=0.0)
     p = final_params(cfg)
-    train, _, _ = load_data(cfg)
+    train, _, _, _ = load_data(cfg)
     ref = MLP([train.X.shape[1], 4, 1], loss="mse", dtype="float64", seed=0)
     ref.forward_backward(train.X, train.y)
     np.testing.assert_allclose(p, ref.params - 0.1 * ref.grads, rtol=1e-12, atol=1e-15)
@@ -120,7 +121,7 @@ def test_grad_norms_are_logged_per_layer(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
-    from ddp.train import TrainingError
+    from ddp.run import TrainingError
     cfg = cfg_for(tmp_path, dataset="diabetes", hidden="32", lr=1e6, epochs=3, standardize=False)
     with pytest.raises(TrainingError, match="NaN or Inf"):
         run(cfg)
@@ -130,7 +131,8 @@ def test_outputs_only_from_rank_zero_in_simulation(tmp_path):
     cfg = cfg_for(tmp_path, dataset="digits", hidden="16", epochs=1, simulate_ranks=3)
     summary = run(cfg)
     assert summary["world_size"] == 3
-    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.npz", "metrics.jsonl", "summary.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["best.npz", "checkpoint.npz", "config.toml", "metrics.jsonl",
+                                                    "summary.json"]
 
 
 def test_a_failing_simulated_rank_never_hangs(tmp_path):

@@ -1,0 +1,176 @@
+"""Use a trained model, or train one on arrays you already hold, as with scikit-learn.
+
+    import ddp
+    model = ddp.load("runs/digits/checkpoint.npz")
+    model.predict(X_raw)            # labels as they appeared in the training data
+    model.predict_proba(X_raw)      # (n, n_classes), classification
+    model.score(X_raw, y)           # accuracy, or R² for regression
+
+    model = ddp.fit(X, y, hidden="64", epochs=30, lr=0.05, momentum=0.9)    # any setting of `ddp train`
+
+Inputs are RAW rows: the checkpoint carries the training set's standardization and applies it, and
+regression predictions come back in the target's own units. Under mpiexec (or launch/mpirun.sh running your
+script), `ddp.fit` trains data-parallel on every rank and returns the same model on each.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+
+import numpy as np
+
+from .config import FIELDS, Config
+from .data import Dataset, from_arrays, split
+from .errors import UsageError
+from .model import MLP
+from .run import CHECKPOINT, Preprocess, load_checkpoint, resolve_config
+
+
+class Model:
+    """A trained MLP with the preprocessing it was trained with. `config` is the run's configuration;
+    `summary`, after ddp.fit, the run's summary (steps, world size, validation and test metrics)."""
+
+    def __init__(self, mlp: MLP, prep: Preprocess, config: dict, summary: dict | None = None):
+        self.mlp, self.prep, self.config, self.summary = mlp, prep, config, summary
+
+    @property
+    def task(self) -> str:
+        return self.prep.task
+
+    @property
+    def classes_(self) -> np.ndarray | None:
+        return self.prep.classes
+
+    def decision_function(self, X) -> np.ndarray:
+        """The model's outputs (logits, or standardized targets) for raw rows X: (n, n_features)."""
+        Xs = self.prep.inputs(X)
+        from .backend import to_numpy
+        return to_numpy(self.mlp.forward(Xs)).astype(np.float64)
+
+    def predict(self, X) -> np.ndarray:
+        """Labels (classification) or targets in their own units (regression), one per row of X."""
+        return self.prep.decode(self.decision_function(X))
+
+    def predict_proba(self, X) -> np.ndarray:
+        """(n, n_classes) class probabilities, columns in the order of `classes_`."""
+        if self.task != "classification":
+            raise UsageError("predict_proba needs a classification model; this one is regression")
+        Z = self.decision_function(X)
+        if Z.shape[1] == 1:                        # binary cross-entropy: one logit for class 1
+            p = 0.5 * (1 + np.tanh(0.5 * Z[:, 0]))
+            return np.stack([1 - p, p], axis=1)
+        Z = Z - Z.max(axis=1, keepdims=True)
+        E = np.exp(Z)
+        return E / E.sum(axis=1, keepdims=True)
+
+    def evaluate(self, X, y) -> dict:
+        """{'loss', 'accuracy' or 'r2', 'n'} on raw rows, computed as training computes them."""
+        from .comm import SerialComm
+        from .run import evaluate
+        Xs = self.prep.inputs(X)
+        ys = self.prep.encode(y)
+        if len(ys) != len(Xs):
+            raise UsageError(f"X has {len(Xs)} rows but y has {len(ys)}")
+        ds = Dataset(Xs, ys, self.task, None if self.prep.classes is None else len(self.prep.classes), "eval")
+        return {**evaluate(self.mlp, ds, SerialComm()), "n": len(ds)}
+
+    def score(self, X, y) -> float:
+        """Accuracy (classification) or R² averaged over outputs (regression), as scikit-learn's score."""
+        return self.evaluate(X, y)["accuracy" if self.task == "classification" else "r2"]
+
+    def __repr__(self):
+        return f"ddp.Model({self.mlp!r}, task={self.task!r})"
+
+
+def load(path: str, device: str = "cpu") -> Model:
+    """The model in a checkpoint (checkpoint.npz or best.npz, or a run folder holding checkpoint.npz)."""
+    import os
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT)
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("meta")
+    if meta is None:
+        raise UsageError(f"checkpoint {path} has no 'meta': it was written before ddp saved what it needs to "
+                         "use the model (format 1); retrain to use it")
+    try:
+        mlp = MLP(meta["sizes"], activation=meta["activation"], loss=meta["loss"], init=meta.get("init", "he"),
+                  dtype=meta["dtype"], device=device)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"checkpoint {path}: bad 'meta' ({type(e).__name__}: {e})") from None
+    mlp.load_state_dict(ckpt)
+    return Model(mlp, Preprocess.from_arrays(ckpt, meta.get("task", "classification"), path), ckpt.get("config", {}))
+
+
+def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -> Model:
+    """Train on arrays in memory with the settings of `ddp train` (keyword arguments named like the TOML
+    keys: hidden="64,32", epochs=20, lr=0.05, optimizer="adam", simulate_ranks=4, mode="ps", ...).
+
+    X: (n, d) numbers, y: (n,) labels (numbers or strings) or (n,) / (n, k) targets. X_val, y_val: an
+    optional validation set. Nothing is held out otherwise (val_fraction and test_fraction default to 0
+    here), and nothing is written unless out="FOLDER" is given; verbose=True prints ddp's start, epoch and
+    final lines (silent by default, as scikit-learn is). Under MPI, call it on every rank with the
+    same arrays: each rank trains on its shard of every batch, and every rank returns the same model.
+    """
+    unknown = sorted(set(settings) - set(FIELDS))
+    if unknown:
+        raise UsageError(f"unknown setting(s) {', '.join(unknown)}; see `ddp train --help` for the names")
+    for name in ("dataset", "data_path"):
+        if name in settings:
+            raise UsageError(f"ddp.fit trains on the arrays it is given; {name!r} does not apply")
+    if (X_val is None) != (y_val is None):
+        raise UsageError("give both X_val and y_val, or neither")
+    settings.setdefault("val_fraction", 0.0)
+    settings.setdefault("test_fraction", 0.0)
+    settings.setdefault("progress", False)
+    settings.setdefault("quiet", not verbose)
+    if X_val is not None and settings["val_fraction"]:
+        raise UsageError("give X_val/y_val or val_fraction, not both")
+    cfg = resolve_config({"dataset": "npz", "out": "", **settings})
+    raw = _raw_splits(cfg, X, y, X_val, y_val)
+    from .train import run_with_setup
+    if comm is None and not cfg.simulate_ranks:
+        from .comm import world_comm
+        comm = world_comm()
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        summary, setup = run_with_setup(cfg, comm, raw=raw)
+    return Model(setup.model, setup.prep, cfg.to_dict(), summary)
+
+
+def _raw_splits(cfg: Config, X, y, X_val, y_val):
+    """(train, val, test) before scaling. A validation set given apart is encoded with the training labels'
+    classes: both go through one Dataset, so a label's index is the same in each."""
+    X, y = np.asarray(X), np.asarray(y)
+    if X_val is None:
+        ds = from_arrays(X, y, cfg.task, "arrays")
+        return split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
+    X_val, y_val = np.asarray(X_val), np.asarray(y_val)
+    if len(X) != len(y) or len(X_val) != len(y_val):
+        raise UsageError(f"X has {len(X)} rows and y {len(y)}; X_val has {len(X_val)} and y_val {len(y_val)}")
+    both = from_arrays(np.concatenate([X, X_val]), np.concatenate([y, y_val]), cfg.task, "arrays")
+    n = len(X)
+    train, val = both.subset(np.arange(n)), both.subset(np.arange(n, len(both)))
+    if cfg.test_fraction:
+        train, _, test = split(train, 0.0, cfg.test_fraction, seed=cfg.seed)
+    else:
+        test = dataclasses.replace(train, X=train.X[:0], y=train.y[:0])
+    return train, val, test
+
+
+def read_rows(path: str, n_features: int):
+    """(X, y or None) from a file of raw rows: .npz (X, and y if present), CSV (n_features columns, or one
+    more holding the target; header detected), or idx. For `ddp predict` and `ddp evaluate`."""
+    from .data import _load_csv, _load_idx_pair, _load_npz_arrays, infer_format
+    fmt = infer_format(path)
+    if fmt == "npz":
+        arrays = _load_npz_arrays(path, required=("X",))
+        return arrays["X"], arrays.get("y")
+    if fmt == "idx":
+        return _load_idx_pair(path)
+    X, last = _load_csv(path)
+    if X.shape[1] == n_features:
+        return X, last
+    if X.shape[1] + 1 == n_features and last.dtype.kind == "f":
+        return np.column_stack([X, last]), None
+    raise UsageError(f"{path} has {X.shape[1] + 1} columns; the model takes {n_features} features "
+                     f"(give {n_features} columns, or {n_features + 1} with the target last)")

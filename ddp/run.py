@@ -1,0 +1,710 @@
+"""The life of a training run, shared by allreduce mode (train.py) and parameter-server mode (ps.py).
+
+    given = {"dataset": "digits", "epochs": 5}          # what the user said (flags, TOML, ddp.fit kwargs)
+    cfg = resolve_config(given)                        # + the checkpoint's settings when resuming
+    setup = agree(comm, build, cfg, comm.local_rank)   # data, preprocessing, model
+    reporter = Reporter(cfg, comm.rank == 0, ...)      # metrics.jsonl, epoch lines, best.npz, summary.json
+
+Everything a run writes lives in its folder (--out): config.toml, metrics.jsonl, checkpoint.npz, best.npz,
+summary.json. A checkpoint is self-contained: weights, optimizer state, position in the data, the resolved
+configuration, and the preprocessing (input standardization, target standardization, the class labels as
+they appeared in the data), so `ddp.load` can use the model on raw rows. It loads with allow_pickle=False.
+Only rank 0 writes. A folder that holds a run is never overwritten unless asked (--resume, --overwrite).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import __version__, backend
+from .comm import Communicator
+from .config import Config, merge_for_resume, to_toml
+from .data import Dataset, Standardizer, batch_size_for, load_dataset, shard, split
+from .errors import TrainingError, UsageError  # noqa: F401 (TrainingError: run.TrainingError stays importable)
+from .model import MLP
+from .optim import Schedule, make_optimizer
+
+CHECKPOINT, BEST = "checkpoint.npz", "best.npz"
+FORMAT = 2                       # checkpoint format: 2 added meta and data.* (preprocessing)
+RISE = 2.0                       # a final validation loss this many times the first one earns a warning
+
+
+class Stopped(Exception):
+    """SIGTERM asked the run to stop: a checkpoint was saved at the current step (every rank raises it)."""
+
+    exit_code = 143                      # 128 + SIGTERM, as a shell reports a process ended by it
+
+
+_signal = {"installed": False, "got": None}
+
+
+def handle_sigterm() -> None:
+    """From now on SIGTERM (Slurm's time limit, docker stop, kill) stops training at the end of the current
+    step with a checkpoint, instead of killing it mid-epoch. The CLI calls this; library use does not."""
+    import signal
+
+    def note(signum, frame):
+        _signal["got"] = signum
+    signal.signal(signal.SIGTERM, note)
+    _signal["installed"] = True
+
+
+def stop_requested(comm: Communicator) -> bool:
+    """Whether any rank got SIGTERM: the ranks must stop at the same step, so they agree (a 1-number
+    allreduce; only when the handler is installed)."""
+    if not _signal["installed"]:
+        return False
+    flag = np.array([1.0 if _signal["got"] else 0.0])
+    if comm.size > 1:
+        comm.allreduce_sum(flag)
+    return bool(flag[0])
+
+
+def agree(comm: Communicator, fn, *args):
+    """Run fn on every rank; if it raises UsageError on ANY rank, raise it on all.
+
+    Set-up errors (a checkpoint missing on one node, say) would otherwise leave
+    the healthy ranks waiting in the first collective.
+    """
+    err = None
+    try:
+        result = fn(*args)
+    except UsageError as e:
+        err, result = str(e), None
+    errs = comm.allgather_obj(err) if comm.size > 1 else [err]
+    for r, e in enumerate(errs):
+        if e is not None:
+            raise UsageError(e if comm.size == 1 or all(x == e for x in errs) else f"{e} (on rank {r})")
+    return result
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+@dataclass
+class Preprocess:
+    """What turns raw rows into the model's inputs, and its outputs back into labels or units.
+
+    x: the training set's per-feature mean and std (identity without --standardize).
+    y: the same for regression targets (training runs on standardized targets).
+    classes: the label each output index stands for, as it appeared in the data (numbers or strings).
+    """
+    task: str
+    x: Standardizer
+    y: Standardizer | None = None
+    classes: np.ndarray | None = None
+
+    @property
+    def n_features(self) -> int:
+        return int(self.x.mean.shape[0])
+
+    def inputs(self, X) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim == 1:
+            X = X.reshape(1, -1)
+        if X.ndim != 2 or X.dtype.kind not in "biuf":
+            raise UsageError(f"inputs must be a 2-D numeric array, got shape {X.shape} of {X.dtype}")
+        if X.shape[1] != self.n_features:
+            raise UsageError(f"inputs have {X.shape[1]} features, the model was trained on {self.n_features}")
+        X = X.astype(np.float64)
+        if not np.isfinite(X).all():
+            raise UsageError(f"inputs contain NaN or Inf ({np.count_nonzero(~np.isfinite(X))} values)")
+        return self.x.transform(X)
+
+    def encode(self, y) -> np.ndarray:
+        """Raw labels -> class indices (classification), or targets -> standardized (n, k) (regression)."""
+        y = np.asarray(y)
+        if self.task == "regression":
+            y = y.astype(np.float64).reshape(len(y), -1)
+            return self.y.transform(y) if self.y is not None else y
+        y = y.reshape(-1)
+        if y.dtype.kind == "f" and self.classes.dtype.kind in "iu" and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        if y.dtype.kind in "US" and self.classes.dtype.kind not in "US":
+            raise UsageError(f"labels are strings, but the model's classes are {self.classes.tolist()[:10]}")
+        idx = np.searchsorted(self.classes, y)
+        idx = np.minimum(idx, len(self.classes) - 1)
+        unknown = self.classes[idx] != y
+        if unknown.any():
+            raise UsageError(f"label {y[unknown][0]!r} was not among the training classes "
+                             f"{self.classes.tolist()[:10]}")
+        return idx.astype(np.int64)
+
+    def decode(self, Z) -> np.ndarray:
+        """Model outputs (n, k) -> labels (classification) or targets in their own units (regression)."""
+        if self.task == "regression":
+            out = self.y.inverse(Z) if self.y is not None else Z
+            return out[:, 0] if out.shape[1] == 1 else out
+        idx = (Z[:, 0] > 0).astype(np.int64) if Z.shape[1] == 1 else Z.argmax(axis=1)
+        return self.classes[idx]
+
+    def arrays(self) -> dict:
+        out = {"data.x_mean": self.x.mean, "data.x_std": self.x.std}
+        if self.y is not None:
+            out.update({"data.y_mean": self.y.mean, "data.y_std": self.y.std})
+        if self.classes is not None:
+            out["data.classes"] = self.classes
+        return out
+
+    @classmethod
+    def from_arrays(cls, ckpt: dict, task: str, path: str) -> "Preprocess":
+        for key in ("data.x_mean", "data.x_std"):
+            if key not in ckpt:
+                raise UsageError(f"checkpoint {path} has no {key!r}: it was written before ddp saved its "
+                                 "preprocessing (format 1); retrain to use it on raw data")
+        y = None
+        if "data.y_mean" in ckpt:
+            y = Standardizer.from_stats(ckpt["data.y_mean"], ckpt["data.y_std"])
+        classes = ckpt.get("data.classes")
+        if task == "classification" and classes is None:
+            raise UsageError(f"checkpoint {path} has no class labels (data.classes)")
+        return cls(task, Standardizer.from_stats(ckpt["data.x_mean"], ckpt["data.x_std"]), y, classes)
+
+
+# --------------------------------------------------------------------------- set-up
+
+@dataclass
+class Setup:
+    cfg: Config
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    model: MLP
+    batch_size: int
+    prep: Preprocess
+    fingerprint: str
+
+
+def raw_splits(cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
+    """The configured dataset, split into (train, val, test) before any scaling."""
+    ds = load_dataset(cfg.dataset, path=cfg.data_path or None, task=cfg.task, n_samples=cfg.n_samples,
+                      n_features=cfg.n_features, n_classes=cfg.n_classes, seed=cfg.seed)
+    return split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
+
+
+def load_data(cfg: Config, raw=None):
+    """(train, val, test, Preprocess): standardized with the training set's statistics only.
+
+    raw: (train, val, test) Datasets already in memory (ddp.fit), instead of loading cfg.dataset.
+    """
+    parts = raw if raw is not None else raw_splits(cfg)
+    train = parts[0]
+    xs = Standardizer().fit(train.X) if cfg.standardize else Standardizer.from_stats(
+        np.zeros(train.X.shape[1]), np.ones(train.X.shape[1]))
+    ys = None
+    if train.task == "regression" and cfg.standardize:
+        # Targets in their own units (diabetes: ~150) make MSE gradients huge; training on standardized
+        # targets keeps one learning rate good for all datasets. R² does not change under this affine map.
+        ys = Standardizer().fit(train.y)
+    prep = Preprocess(train.task, xs, ys, train.classes)
+    out = tuple(dataclasses.replace(p, X=xs.transform(p.X), y=ys.transform(p.y) if ys else p.y) for p in parts)
+    return (*out, prep)
+
+
+def resolve_loss(cfg: Config, ds: Dataset) -> tuple[str, int]:
+    """(loss name, number of output units) for this dataset."""
+    loss = cfg.loss
+    if loss == "auto":
+        loss = "softmax_cross_entropy" if ds.task == "classification" else "mse"
+    if ds.task == "classification":
+        if loss == "mse":
+            raise UsageError("loss mse needs a regression dataset; use softmax_cross_entropy or "
+                             "binary_cross_entropy for classification")
+        if loss == "binary_cross_entropy":
+            if ds.n_classes != 2:
+                raise UsageError(f"binary_cross_entropy needs 2 classes, dataset {ds.name} has {ds.n_classes}")
+            return loss, 1
+        return loss, ds.n_classes
+    if loss != "mse":
+        raise UsageError(f"loss {loss} needs a classification dataset; {ds.name} is regression (use mse)")
+    return loss, ds.y.shape[1]
+
+
+def fingerprint(ds: Dataset) -> str:
+    """A digest of the training rows: a resumed run must see the data its checkpoint was trained on."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.ascontiguousarray(ds.X).tobytes())
+    h.update(np.ascontiguousarray(ds.y).tobytes())
+    return h.hexdigest()
+
+
+def build(cfg: Config, device_index: int = 0, raw=None) -> Setup:
+    cfg.validate()
+    train, val, test, prep = load_data(cfg, raw)
+    bs = batch_size_for(cfg.batch_mode, cfg.batch_size, len(train))
+    loss, n_out = resolve_loss(cfg, train)
+    xp = backend.get_xp(cfg.device)
+    if xp is not np:
+        backend.use_gpu(device_index % max(backend.gpu_count(), 1))
+    model = MLP([train.X.shape[1], *cfg.hidden_sizes(), n_out], activation=cfg.activation, loss=loss,
+                init=cfg.init, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+    return Setup(cfg, train, val, test, model, bs, prep, fingerprint(train))
+
+
+def make_optimizer_for(cfg: Config, params, grads, total_steps: int):
+    sched = Schedule(cfg.schedule, total_steps=total_steps, warmup=cfg.warmup_steps,
+                     step_size=cfg.step_size, gamma=cfg.gamma)
+    return make_optimizer(cfg.optimizer, params, grads, lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, schedule=sched)
+
+
+def steps_per_epoch(cfg: Config, n: int, batch_size: int) -> int:
+    return n // batch_size if cfg.drop_last else math.ceil(n / batch_size)
+
+
+def total_steps(cfg: Config, n: int, batch_size: int) -> int:
+    total = cfg.epochs * steps_per_epoch(cfg, n, batch_size)
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def is_finished(cfg: Config, step: int, epoch: int) -> bool:
+    return epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
+
+
+def all_finite(x) -> bool:
+    """No NaN or Inf in x. The squared norm is one fast BLAS pass; only when it is not
+    finite (it may overflow on large finite values) is every element checked."""
+    xp = backend.get_array_module(x)
+    return math.isfinite(float(xp.vdot(x, x))) or bool(xp.isfinite(x).all())
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> dict:
+    """Loss and accuracy (classification) or R² (regression) over `ds`, sharded
+    across ranks: each rank evaluates a contiguous slice, and sums are reduced."""
+    n = len(ds)
+    idx = shard(np.arange(n), comm.rank, comm.size)
+    xp = model.xp
+    n_out = model.sizes[-1]
+    classification = model.loss_name != "mse"
+    # [loss sum, correct, sum y, sum y^2, sse] (the last three per output column)
+    acc = np.zeros(2 + 3 * n_out)
+    for s in range(0, len(idx), chunk):
+        rows = idx[s:s + chunk]
+        X = xp.asarray(ds.X[rows], model.dtype)
+        Z = model.forward(X)
+        y = xp.asarray(ds.y[rows]) if classification else xp.asarray(ds.y[rows], model.dtype)
+        loss, _ = model.loss_fn(Z, y, denom=1)
+        acc[0] += loss
+        if classification:
+            pred = (Z[:, 0] > 0).astype(np.int64) if n_out == 1 else Z.argmax(axis=1)
+            acc[1] += float((pred == y).sum())
+        else:
+            Yh = backend.to_numpy(Z).astype(np.float64)
+            Y = ds.y[rows]
+            acc[2:2 + n_out] += Y.sum(0)
+            acc[2 + n_out:2 + 2 * n_out] += (Y * Y).sum(0)
+            acc[2 + 2 * n_out:] += ((Y - Yh) ** 2).sum(0)
+    comm.allreduce_sum(acc)
+    if n == 0:
+        return {}
+    out = {"loss": acc[0] / n}
+    if classification:
+        out["accuracy"] = acc[1] / n
+    else:
+        sy, syy, sse = acc[2:2 + n_out], acc[2 + n_out:2 + 2 * n_out], acc[2 + 2 * n_out:]
+        sst = syy - sy * sy / n
+        out["r2"] = float(np.mean(1 - sse / np.where(sst > 0, sst, 1.0)))
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _json_array(obj) -> np.ndarray:
+    return np.array(json.dumps(obj))
+
+
+def save_checkpoint(path: str, setup: Setup, model_state: dict, opt_state: dict, *, step: int, epoch: int,
+                    batch: int) -> None:
+    """Write atomically: a crash mid-write never destroys the previous checkpoint."""
+    cfg, model = setup.cfg, setup.model
+    arrays = dict(model_state)
+    arrays.update({f"optimizer.{k}": v for k, v in opt_state.items()})
+    arrays["step"] = np.array(step, np.int64)
+    arrays["epoch"] = np.array(epoch, np.int64)
+    arrays["batch_in_epoch"] = np.array(batch, np.int64)
+    # Shuffling is a pure function of (seed, epoch), so these two ARE the data RNG state.
+    arrays["rng.seed"] = np.array(cfg.seed, np.int64)
+    arrays["rng.epoch"] = np.array(epoch, np.int64)
+    arrays["config"] = _json_array(cfg.to_dict())
+    arrays["meta"] = _json_array({
+        "format": FORMAT, "ddp_version": __version__, "sizes": model.sizes, "activation": model.activation,
+        "loss": model.loss_name, "task": setup.prep.task, "dtype": model.dtype.name, "init": model.init,
+        "n_classes": setup.train.n_classes, "data_fingerprint": setup.fingerprint})
+    arrays.update(setup.prep.arrays())
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _json_field(data: dict, key: str, path: str) -> dict:
+    try:
+        value = json.loads(str(data[key][()]))
+    except (ValueError, TypeError):
+        value = None
+    if not isinstance(value, dict):
+        raise UsageError(f"checkpoint {path}: {key!r} is not a JSON object")
+    return value
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint's arrays, checked: every field a ddp checkpoint needs, of the right kind, and finite
+    weights (a checkpoint saved after a blow-up must not be resumed or used)."""
+    if not os.path.exists(path):
+        raise UsageError(f"checkpoint {path} not found")
+    if os.path.isdir(path):
+        raise UsageError(f"checkpoint {path} is a folder; give the .npz file in it, e.g. {os.path.join(path, CHECKPOINT)}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
+    for key in ("step", "epoch", "batch_in_epoch"):
+        if key not in data:
+            raise UsageError(f"checkpoint {path} has no {key!r}: not a ddp checkpoint")
+        a = data[key]
+        if a.shape != () or a.dtype.kind not in "iu" or int(a) < 0:
+            raise UsageError(f"checkpoint {path}: {key!r} must be a non-negative integer, got {a!r}")
+    for key in ("config", "meta"):
+        if key in data:
+            data[key] = _json_field(data, key, path)
+    for key, a in data.items():
+        if key.startswith(("layers.", "optimizer.")) and key != "optimizer.t":
+            if a.dtype.kind != "f":
+                raise UsageError(f"checkpoint {path}: {key} has dtype {a.dtype}, expected floating point")
+            if not np.isfinite(a).all():
+                raise UsageError(f"checkpoint {path}: {key} holds NaN or Inf; it was saved after training "
+                                 "diverged and cannot be used")
+    return data
+
+
+def restore(ckpt: dict, model: MLP, optimizer, path: str, span: tuple[int, int] | None = None
+            ) -> tuple[int, int, int]:
+    """Load parameters and optimizer state; return (step, epoch, batch_in_epoch).
+
+    span=(start, stop) loads only that slice of each optimizer state array: a parameter
+    server's shard (the model itself is always loaded whole, which checks the architecture).
+    """
+    model.load_state_dict(ckpt)
+    opt_state = {k[len("optimizer."):]: v for k, v in ckpt.items() if k.startswith("optimizer.")}
+    if "t" not in opt_state:
+        raise UsageError(f"checkpoint {path} has no optimizer state")
+    if span is not None:
+        n = model.num_params
+        for name, arr in opt_state.items():
+            if name != "t":
+                if arr.shape != (n,):
+                    raise UsageError(f"checkpoint {path}: optimizer state {name} has shape {arr.shape}, "
+                                     f"expected ({n},)")
+                opt_state[name] = arr[span[0]:span[1]]
+    optimizer.load_state_dict(opt_state)
+    return int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+
+
+def check_resume(ckpt: dict, setup: Setup, path: str) -> None:
+    """The run being resumed must be the checkpoint's: same settings that shape the computation, same data."""
+    saved = ckpt.get("config")
+    if saved is not None:
+        merge_for_resume(saved, setup.cfg.to_dict(), path)
+    meta = ckpt.get("meta") or {}
+    fp = meta.get("data_fingerprint")
+    if fp is not None and fp != setup.fingerprint:
+        raise UsageError(f"the training data differs from the data checkpoint {path} was trained on "
+                         f"(dataset {setup.cfg.dataset!r}); resume with the same data, or start a new run")
+
+
+def start_run(cfg: Config, comm: Communicator, raw=None):
+    """Set-up shared by both modes, agreed by every rank: the data and model built, the checkpoint (if
+    resuming) checked against them, then the run folder checked (rank 0) before anything is written.
+    Returns (setup, checkpoint or None)."""
+    s = agree(comm, build, cfg, comm.local_rank, raw)
+
+    def load():
+        if not cfg.resume:
+            return None
+        ckpt = load_checkpoint(cfg.resume)
+        check_resume(ckpt, s, cfg.resume)
+        return ckpt
+    ckpt = agree(comm, load)
+    # Last, once every input has been checked: --overwrite clears the folder here, so bad input never costs
+    # the user the run it would have replaced.
+    agree(comm, lambda: prepare_out(cfg) if comm.rank == 0 and cfg.out else None)
+    return s, ckpt
+
+
+# --------------------------------------------------------------------------- the run's configuration and folder
+
+def resolve_config(given: dict) -> Config:
+    """The configuration of a run from the settings the user gave (flags/TOML/kwargs).
+
+    With resume, the checkpoint's saved configuration is the base and `given` may only change run settings
+    (config.RUN_SETTINGS); --out defaults to the checkpoint's folder. Under launch/mpirun.sh --max-restarts
+    (DDP_RESTART >= 1), a relaunched job resumes from its folder's checkpoint when there is one.
+    """
+    given = dict(given)
+    restart = restart_count()
+    if restart and not given.get("resume"):
+        out = given.get("out") or latest_auto_out(Config(**{k: v for k, v in given.items() if k != "out"}))
+        if out and os.path.exists(os.path.join(out, CHECKPOINT)):
+            given.update(resume=os.path.join(out, CHECKPOINT), out=out)
+    path = given.get("resume")
+    if not path:
+        return Config(**given).validate()
+    saved = saved_config(path)
+    values = merge_for_resume(saved, given, path)
+    if not given.get("out"):
+        values["out"] = os.path.dirname(os.path.abspath(path))
+    values["overwrite"] = False
+    return Config(**values).validate()
+
+
+def saved_config(path: str) -> dict:
+    """The configuration stored in a checkpoint, read without loading its arrays (start_run loads and
+    checks the whole checkpoint later, on every rank)."""
+    if not os.path.isfile(path):
+        load_checkpoint(path)                      # the one place that words a missing path
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "config" not in f.files:
+                raise UsageError(f"checkpoint {path} has no saved configuration: not a ddp checkpoint")
+            return _json_field({"config": f["config"]}, "config", path)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
+
+
+def restart_count() -> int:
+    try:
+        return max(int(os.environ.get("DDP_RESTART", "0")), 0)
+    except ValueError:
+        return 0
+
+
+def auto_out(cfg: Config) -> str:
+    """runs/DATASET, or the first runs/DATASET-N that holds no run yet."""
+    base = os.path.join("runs", cfg.dataset)
+    n, path = 1, base
+    while os.path.exists(os.path.join(path, CHECKPOINT)):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def latest_auto_out(cfg: Config) -> str | None:
+    """The newest existing runs/DATASET[-N] (a restarted job goes back to the folder it made)."""
+    base = os.path.join("runs", cfg.validate().dataset)
+    found, n = None, 1
+    while os.path.isdir(base if n == 1 else f"{base}-{n}"):
+        found = base if n == 1 else f"{base}-{n}"
+        n += 1
+    return found
+
+
+def prepare_out(cfg: Config) -> None:
+    """Check the run folder before anything is written (rank 0). Refuses to start a new run over one."""
+    out = cfg.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a folder")
+    ckpt = os.path.join(out, CHECKPOINT)
+    if os.path.exists(ckpt) and not cfg.resume and not cfg.overwrite:
+        raise UsageError(f"{out} already holds a run ({ckpt}); continue it with --resume {ckpt}, replace it "
+                         "with --overwrite, or choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".ddp-write-test-{os.getpid()}")
+        with open(probe, "w") as fh:
+            fh.write("x")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    if cfg.overwrite and not cfg.resume:
+        for name in (CHECKPOINT, BEST, "metrics.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+
+
+def finite(obj):
+    """JSON has no NaN or Infinity: non-finite floats become null, so every file stays valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return finite(obj.item())
+    return obj
+
+
+# --------------------------------------------------------------------------- output
+
+def metric_name(task: str) -> str:
+    return "val_accuracy" if task == "classification" else "val_r2"
+
+
+class Reporter:
+    """What rank 0 writes and prints: config.toml, metrics.jsonl, one line per epoch, the progress bar
+    (only on a terminal), best.npz, summary.json. Other ranks hold an inactive Reporter."""
+
+    def __init__(self, cfg: Config, active: bool, total: int, initial: int, task: str, resume_step=None):
+        self.cfg, self.task = cfg, task
+        self.active = active and bool(cfg.out)
+        self.printing = active
+        self.bar = None
+        self.best, self.best_step, self.saved_step = None, None, None
+        self.val_losses = []
+        if self.active:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, "config.toml"), "w") as fh:
+                fh.write(to_toml(cfg))
+            self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+            kept = self._kept_records(resume_step) if resume_step is not None else []
+            for rec in kept:
+                self._consider_best(rec)
+            self.metrics = open(self.metrics_path, "w")
+            for rec in kept:
+                self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+        if active and cfg.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+
+    def _kept_records(self, step: int) -> list[dict]:
+        """The records of the run up to its checkpoint: later ones (written before a crash) and the record
+        of an epoch the checkpoint stopped inside (it is written again when the epoch ends) are dropped,
+        so a resumed run's metrics.jsonl has each epoch once."""
+        kept = []
+        try:
+            with open(self.metrics_path) as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        break                      # a line cut by a crash
+                    if rec.get("step", 0) <= step and not rec.get("partial"):
+                        kept.append(rec)
+        except FileNotFoundError:
+            pass
+        return kept
+
+    def _consider_best(self, record: dict) -> bool:
+        key = metric_name(self.task)
+        value = record.get(key)
+        if value is None or not math.isfinite(value) or (self.best is not None and value <= self.best):
+            return False
+        self.best, self.best_step = value, record["step"]
+        return True
+
+    def tick(self, loss):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def epoch(self, record: dict):
+        """One epoch's record (already reduced over the ranks)."""
+        if not self.printing:
+            return
+        record = finite(record)
+        if record.get("val_loss") is not None and not record.get("partial"):
+            self.val_losses.append((record["epoch"], record["val_loss"]))
+        if self.active:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+            if not record.get("partial") and self._consider_best(record) and self.saved_step == record["step"]:
+                self._copy_best()
+        if not self.cfg.quiet:
+            self.print(self.format_epoch(record))
+
+    def format_epoch(self, r: dict) -> str:
+        parts = [f"epoch {r['epoch']}/{self.cfg.epochs}" + (" (stopped inside)" if r.get("partial") else ""),
+                 f"step {r['step']}", f"train loss {_fmt(r.get('train_loss'))}"]
+        if "val_loss" in r:
+            parts.append(f"val loss {_fmt(r['val_loss'])}")
+        key = metric_name(self.task)
+        if key in r:
+            parts.append(f"{key.replace('_', ' ')} {_fmt(r[key])}")
+        parts.append(f"{r.get('samples_per_s') or 0:,.0f} samples/s")
+        return "ddp: " + ", ".join(parts)
+
+    def saved(self, step: int):
+        """A checkpoint at `step` was just written: keep it as best.npz if that step's metric is the best."""
+        self.saved_step = step
+        if self.active and self.best_step == step:
+            self._copy_best()
+
+    def _copy_best(self):
+        src, dst = os.path.join(self.cfg.out, CHECKPOINT), os.path.join(self.cfg.out, BEST)
+        tmp = dst + ".tmp.npz"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.active and not self.metrics.closed:
+            self.metrics.close()
+
+    def print(self, msg: str):
+        if not self.printing:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def summary(self, summary: dict, extra: str = "") -> dict:
+        """summary.json (with the configuration, restarts and the best epoch) and the final line."""
+        summary = dict(summary)
+        summary["config"] = self.cfg.to_dict()
+        if self.best_step is not None:
+            summary["best"] = {"step": self.best_step, metric_name(self.task): self.best}
+        restarts = restart_count()
+        if restarts:
+            summary["restarts"] = restarts
+            summary["restart_reasons"] = [r for r in os.environ.get("DDP_RESTART_REASONS", "").split(";") if r]
+        summary = finite(summary)
+        if len(self.val_losses) >= 2:
+            (e0, first), (e1, last) = self.val_losses[0], self.val_losses[-1]
+            if last > RISE * first:
+                self.print(f"ddp: warning: validation loss rose from {first:.4g} (epoch {e0}) to {last:.4g} "
+                           f"(epoch {e1}): the learning rate may be too high, or the model overfits")
+        if self.active:
+            with open(os.path.join(self.cfg.out, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=1)
+        metric = next((k for k in ("test_accuracy", "test_r2") if summary.get(k) is not None), None)
+        tail = f", {metric} {summary[metric]:.4f}" if metric else ""
+        where = f", outputs in {self.cfg.out}" if self.active else ""
+        self.print(f"ddp: done: {summary['steps']} steps, {summary['epochs']} epochs, "
+                   f"{summary['elapsed_s']:.1f} s{tail}{extra}{where}")
+        return summary
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def finished_summary(cfg: Config, step: int, epoch: int, reporter_active: bool) -> dict:
+    """Resuming a run that already reached its end: say so, train nothing, touch nothing."""
+    if reporter_active:
+        print(f"ddp: the run in {cfg.out} already finished at step {step} (epoch {epoch} of {cfg.epochs}"
+              f"{f', max steps {cfg.max_steps}' if cfg.max_steps else ''}); nothing to do. To train further, "
+              f"resume with a larger --epochs (or --max-steps).", flush=True)
+    path = os.path.join(cfg.out, "summary.json")
+    try:
+        with open(path) as fh:
+            summary = json.load(fh)
+    except (OSError, ValueError):
+        summary = {"steps": step, "epochs": epoch}
+    summary["already_finished"] = True
+    return summary

