@@ -19,6 +19,10 @@ and noisy, so only side-by-side numbers are comparable):
   torch GEMM floor  the same 8 matmuls through torch's BLAS (informational: it
                     separates "different BLAS" from "overhead around BLAS")
 Targets: ddp <= 1.15x its GEMM floor, and ddp <= 1.0x torch. Exit code 0 either way.
+
+With --device gpu it also counts, over 10 untimed steps taken as the trainer takes
+them (forward, backward, the loss and the NaN check fetched together, the update),
+the device-to-host transfers and host synchronizations per step (through ddp.backend).
 """
 from __future__ import annotations
 
@@ -72,6 +76,25 @@ def gemm_floor(model, X, B):
             if i > 0:
                 mm(dZ[i], W[i], out=dX[i])
     return run
+
+
+def count_transfers(model, opt, X, y, steps=10) -> dict:
+    """Device-to-host transfers and host synchronizations per training step, as counted by
+    ddp.backend, for the trainer's step: forward_backward, check_finite (which fetches the
+    loss and the gradients' squared norm together), optimizer.step."""
+    from ddp.train import check_finite
+
+    def step(t):
+        check_finite(model, model.forward_backward(X, y), t)
+        opt.step()
+    step(0)
+    before = dict(backend.stats)
+    for t in range(steps):
+        step(t)
+    backend.synchronize()
+    after = dict(backend.stats)
+    after["syncs"] -= 1                                  # the synchronize() just above
+    return {k: (after[k] - before[k]) / steps for k in before}
 
 
 def torch_cases(torch, model, Xn, yn, dev, dtype):
@@ -168,6 +191,10 @@ def main(argv=None):
     else:
         print("SKIP  ddp step / torch step: torch is not installed (or has no GPU)")
     print(f"ddp step median {common.ms(base)} ms")
+    if args.device == "gpu":
+        c = count_transfers(model, opt, X, y)
+        print(f"per training step: {c['d2h']:g} device-to-host transfer(s), {c['syncs']:g} host "
+              "synchronization(s) (ddp.backend's count over 10 steps: forward, backward, loss + NaN check, update)")
     print()
     print("reproduce:", common.command_line())
     return 0

@@ -23,6 +23,7 @@ import numpy as np
 from .config import FIELDS, Config
 from .data import Dataset, from_arrays, split
 from .errors import UsageError
+from .guard import one_job
 from .model import MLP
 from .run import CHECKPOINT, Preprocess, load_checkpoint, resolve_config
 
@@ -132,7 +133,9 @@ def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -
     if comm is None and not cfg.simulate_ranks:
         from .comm import world_comm
         comm = world_comm()
-    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+    # one_job: an error every rank raises (bad settings) propagates on every rank; one that only some ranks
+    # raise ends the whole job instead of leaving the others in a collective.
+    with one_job(), (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())):
         summary, setup = run_with_setup(cfg, comm, raw=raw)
     return Model(setup.model, setup.prep, cfg.to_dict(), summary)
 

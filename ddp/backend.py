@@ -13,7 +13,12 @@ import numpy as np
 from .errors import UsageError
 
 _cupy = None
+_cupyx = None             # cupyx, for pinned host memory
 _cupy_error = None
+# Device-to-host transfers and host synchronizations made through this module
+# (benchmarks/bench_step.py reports them per step; the emulated device in the
+# tests also counts the implicit ones, which must stay at zero).
+stats = {"d2h": 0, "syncs": 0}
 
 
 def _import_cupy():
@@ -23,21 +28,29 @@ def _import_cupy():
     CUDARuntimeError, on the first array operation; we run one here so the
     user hears about it at start-up rather than mid-training.
     """
-    global _cupy, _cupy_error
+    global _cupy, _cupyx, _cupy_error
     if _cupy is not None or _cupy_error is not None:
         return _cupy
     try:
         import cupy  # noqa: the one place cupy is imported
+        import cupyx
 
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("no CUDA device found")
         (cupy.arange(2) + 1).sum().item()
-        _cupy = cupy
+        _cupy, _cupyx = cupy, cupyx
     except ImportError as e:
         _cupy_error = f"CuPy is not installed ({e}); install the 'gpu' extra"
     except Exception as e:  # CUDARuntimeError is a RuntimeError, but be broad
         _cupy_error = f"CuPy is installed but no GPU is usable ({type(e).__name__}: {e})"
     return _cupy
+
+
+def _use_device_module(module, extras=None) -> None:
+    """For the tests only: treat `module` as cupy and `extras` as cupyx (the emulated
+    device in tests/emulated_gpu.py); `None` goes back to importing the real cupy."""
+    global _cupy, _cupyx, _cupy_error
+    _cupy, _cupyx, _cupy_error = module, extras, None
 
 
 def gpu_available() -> bool:
@@ -89,8 +102,22 @@ def is_gpu_array(x) -> bool:
 def to_numpy(x) -> np.ndarray:
     """A host copy (or the array itself if it already lives on the host)."""
     if is_gpu_array(x):
+        stats["d2h"] += 1
+        stats["syncs"] += 1          # a blocking copy waits for the kernels before it
         return _cupy.asnumpy(x)
     return np.asarray(x)
+
+
+def to_device_of(x, like):
+    """`x` on the device that holds `like`: a peer copy when they differ (simulated
+    ranks on several GPUs), `x` itself otherwise. A kernel may only read arrays of
+    the current device."""
+    if not is_gpu_array(like) or x.device == like.device:
+        return x
+    with x.device:
+        synchronize()      # x was written on ITS device's stream, which the copy below does not wait for
+    with like.device:
+        return x.copy()
 
 
 def asarray(x, xp, dtype=None):
@@ -157,18 +184,21 @@ def synchronize(x=None) -> None:
     """Wait for queued GPU work: MPI reads device memory behind CuPy's back,
     so the kernels that wrote a buffer must have finished first."""
     if _cupy is not None and (x is None or is_gpu_array(x)):
+        stats["syncs"] += 1
         _cupy.cuda.get_current_stream().synchronize()
 
 
 def pinned_empty(shape, dtype) -> np.ndarray:
     """A page-locked host array, so device<->host copies run at full speed."""
     _import_cupy()
-    import cupyx
-
-    return cupyx.empty_pinned(shape, dtype)
+    return _cupyx.empty_pinned(shape, dtype)
 
 
 def copy_to_host(src, dst: np.ndarray) -> None:
+    """A blocking copy on the current stream: it starts after the kernels that wrote
+    `src` and returns when `dst` holds the data (a transfer and a synchronization)."""
+    stats["d2h"] += 1
+    stats["syncs"] += 1
     src.get(out=dst)
 
 
@@ -247,7 +277,6 @@ def limit_threads(local_ranks: int | None = None, simulated: int = 1, env=None) 
         try:
             from threadpoolctl import threadpool_limits
 
-            import scipy.linalg.blas  # noqa: F401 (its own OpenBLAS must be loaded to be limited too)
             threadpool_limits(limits=n)
         except ImportError as e:
             why = f"not limited: {e}"

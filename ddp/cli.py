@@ -237,11 +237,16 @@ def _main(argv) -> int:
         return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
                 "plot": cmd_plot}[args.command](args)
     from .comm import world_comm
-    from .run import handle_sigterm
+    from .run import Stopped, handle_sigterm
 
     comm = world_comm()
     handle_sigterm()
-    cmd_train(args, comm)
+    try:
+        cmd_train(args, comm)
+    except Stopped as e:              # every rank stopped at the same step, with the checkpoint saved
+        if comm.rank == 0:
+            print(f"ddp: {e}", file=sys.stderr, flush=True)
+        return Stopped.exit_code
     return 0
 
 

@@ -88,14 +88,25 @@ class Communicator:
         return f"{self.name} (rank {self.rank} of {self.size})"
 
 
-def _compressed_sum(buf, compress, reduce_fn):
-    """Reduce `buf` as float16 and scatter back: half the bytes on the wire."""
+def _compressed_sum(buf, compress, reduce_fn, halves=None):
+    """Reduce `buf` as float16 and scatter back: half the bytes on the wire.
+
+    `halves` (a dict) keeps one float16 buffer per GPU buffer: a new temporary every
+    step would have a new device pointer, and the staging cache keyed by pointer
+    would then grow by one pinned buffer per step."""
     if compress is None:
         return reduce_fn(buf)
     if compress != "fp16":
         raise UsageError(f"unknown compression {compress!r}: expected fp16")
     xp = backend.get_array_module(buf)
-    half = buf.astype(xp.float16)
+    if halves is not None and backend.is_gpu_array(buf):
+        key = (buf.data.ptr, buf.size)
+        half = halves.get(key)
+        if half is None:
+            half = halves[key] = xp.empty(buf.shape, xp.float16)
+        half[...] = buf
+    else:
+        half = buf.astype(xp.float16)
     done = reduce_fn(half)
 
     def finish():
@@ -294,6 +305,7 @@ class MPIComm(Communicator):
         node.Free()
         self._cuda_aware = None
         self._staging = {}
+        self._halves = {}
         self._fp16_op = None
 
     @property
@@ -309,14 +321,19 @@ class MPIComm(Communicator):
         """(array MPI should use, copy-back or None). Makes GPU buffers safe for MPI."""
         if not backend.is_gpu_array(buf):
             return buf, None
-        backend.synchronize(buf)       # MPI must not read memory a kernel is still writing
-        if self.cuda_aware:
+        # float16 is summed by a Python op (_fp16_sum) that reads HOST memory with
+        # np.frombuffer: a CUDA-aware MPI would hand it device pointers, so float16
+        # is always staged.
+        if self.cuda_aware and buf.dtype != np.float16:
+            backend.synchronize(buf)       # MPI must not read memory a kernel is still writing
             return buf, None
         key = (buf.data.ptr, buf.size, buf.dtype.str)
         host = self._staging.get(key)
         if host is None:
+            if len(self._staging) >= 64:   # a bound, whatever buffers come: pending copies keep theirs alive
+                self._staging.clear()
             host = self._staging[key] = backend.pinned_empty(buf.shape, buf.dtype)
-        backend.copy_to_host(buf, host)
+        backend.copy_to_host(buf, host)    # blocking, on the stream that wrote buf: no separate sync
         return host, lambda: backend.copy_to_device(host, buf)
 
     def _spec(self, arr):
@@ -328,7 +345,7 @@ class MPIComm(Communicator):
 
     def iallreduce_sum(self, buf, compress=None):
         if compress is not None:
-            return _compressed_sum(buf, compress, self.iallreduce_sum)
+            return _compressed_sum(buf, compress, self.iallreduce_sum, self._halves)
         host, copy_back = self._host_view(buf)
         spec, op = self._spec(host)
         req = self.comm.Iallreduce(self.MPI.IN_PLACE, spec, op)
@@ -342,7 +359,7 @@ class MPIComm(Communicator):
 
     def allreduce_sum(self, buf, compress=None):
         if compress is not None:
-            return _compressed_sum(buf, compress, self.iallreduce_sum).wait()
+            return _compressed_sum(buf, compress, self.iallreduce_sum, self._halves).wait()
         host, copy_back = self._host_view(buf)
         spec, op = self._spec(host)
         with WATCHDOG.watch("allreduce"):
@@ -447,7 +464,8 @@ class SimulatedComm(Communicator):
     def iallreduce_sum(self, buf, compress=None):
         if compress is not None:
             return _compressed_sum(buf, compress, self.iallreduce_sum)
-        parts = self._exchange(buf.copy(), "allreduce")
+        # Ranks may sit on different GPUs: the sum is done on this rank's device, from peer copies.
+        parts = [backend.to_device_of(p, buf) for p in self._exchange(buf.copy(), "allreduce")]
         total = parts[0].astype(np.float32) if buf.dtype == np.float16 else parts[0].copy()
         for p in parts[1:]:
             total += p
@@ -456,7 +474,7 @@ class SimulatedComm(Communicator):
 
     def bcast(self, buf, root=0):
         src = self._exchange(buf.copy() if self.rank == root else None, "bcast")[root]
-        buf[...] = src
+        buf[...] = backend.to_device_of(src, buf)
 
     def barrier(self):
         self._sync()

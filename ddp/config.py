@@ -81,6 +81,8 @@ class Config:
     grad_norms: bool = opt(False, "log each layer's gradient norm per epoch (watch gradients vanish)")
     progress: bool = opt(True, "show a progress bar (only when stderr is a terminal)")
     quiet: bool = opt(False, "do not print the one line per epoch")
+    trace: str = opt("", "write a timeline of every rank (Chrome trace format: open it in Perfetto or "
+                     "chrome://tracing) to this .json file")
     # distributed
     mode: str = opt("allreduce", "allreduce (gradient averaging) or ps (parameter server)",
                     ["allreduce", "ps"], group="distributed")
@@ -155,12 +157,12 @@ class Config:
             (self.checkpoint_every >= 0, f"checkpoint every {self.checkpoint_every} must be >= 0"),
             (self.staleness >= 0, f"staleness {self.staleness} must be >= 0"),
             (self.servers >= 1, f"servers {self.servers} must be >= 1"),
-            (self.timeout > 0, f"timeout {self.timeout} must be > 0 seconds"),
             (1 <= self.n_samples <= MAX_SAMPLES, f"n samples {self.n_samples} must be in 1..{MAX_SAMPLES}"),
             (1 <= self.n_features <= MAX_WIDTH, f"n features {self.n_features} must be in 1..{MAX_WIDTH}"),
             (2 <= self.n_classes <= MAX_WIDTH, f"n classes {self.n_classes} must be in 2..{MAX_WIDTH}"),
             (0 <= self.val_fraction < 1, f"val fraction {self.val_fraction} must be in [0, 1)"),
             (0 <= self.test_fraction < 1, f"test fraction {self.test_fraction} must be in [0, 1)"),
+            (self.timeout > 0, f"timeout {self.timeout} must be a number of seconds > 0"),
         ]
         for ok, msg in checks:
             if not ok:

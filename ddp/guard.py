@@ -13,7 +13,7 @@ whole job), they exit together and normally: rank 0 prints the line, no abort
 banner. Otherwise this rank prints `ddp: error: rank R: ...` (with a traceback
 only for a bug) and MPI_Abort(code) ends every rank.
 
-Exit codes: 0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM (run.Stopped, or SystemExit(143)).
+Exit codes: 0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM (SystemExit(143)).
 """
 from __future__ import annotations
 
@@ -32,8 +32,6 @@ LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK")
 
 
 def exit_code(e: BaseException) -> int:
-    if isinstance(getattr(e, "exit_code", None), int):      # run.Stopped: 143 after a SIGTERM checkpoint
-        return e.exit_code
     if isinstance(e, SystemExit):
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILURE)
     if isinstance(e, KeyboardInterrupt):
@@ -42,25 +40,18 @@ def exit_code(e: BaseException) -> int:
 
 
 def is_bug(e: BaseException) -> bool:
-    return not (isinstance(e, (UsageError, TrainingError, KeyboardInterrupt, SystemExit))
-                or hasattr(e, "exit_code"))
+    return not isinstance(e, (UsageError, TrainingError, KeyboardInterrupt, SystemExit))
 
 
-def message(e: BaseException, rank: int | None = None) -> str:
-    """What to print for e: 'ddp: error: [rank R: ]...' ('' for a silent SystemExit or a UsageError marked
-    quiet), with the traceback after the line for a bug. An exception with its own exit_code is no error."""
-    where = "" if rank is None else f"rank {rank}: "
+def message(e: BaseException) -> str | None:
+    """The line to print for e ('' for a silent SystemExit), with the traceback after it for a bug."""
     if isinstance(e, SystemExit):
-        text = e.code if isinstance(e.code, str) else ""
-    elif isinstance(e, KeyboardInterrupt):
-        text = "interrupted (SIGINT)"
-    elif is_bug(e):
-        text = f"unexpected {type(e).__name__}: {e}\n{''.join(traceback.format_exception(e)).rstrip()}"
-    else:
-        text = str(e)
-    if not text or (rank is None and getattr(e, "quiet", False)):
-        return ""
-    return f"ddp: {where}{text}" if hasattr(e, "exit_code") else f"ddp: error: {where}{text}"
+        return e.code if isinstance(e.code, str) else ""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (SIGINT)"
+    if is_bug(e):
+        return f"unexpected {type(e).__name__}: {e}\n{''.join(traceback.format_exception(e)).rstrip()}"
+    return str(e)
 
 
 def _world():
@@ -105,8 +96,8 @@ def settle(e: BaseException) -> int | None:
     if _vote(world, code):
         return world.Get_rank()
     rank = world.Get_rank()
-    text = message(e, rank) or f"ddp: error: rank {rank}: exited with code {code}"
-    print(text, file=sys.stderr, flush=True)
+    text = message(e)
+    print(f"ddp: error: rank {rank}: {text or f'exited with code {code}'}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     world.Abort(code)
     os._exit(code)      # pragma: no cover (MPI_Abort does not return)
@@ -135,6 +126,7 @@ def run_main(fn, *args) -> int:
         code = exit_code(e)
         rank = settle(e)
         text = message(e)
-        if text and not rank:
-            print(text, file=sys.stderr, flush=True)
+        # quiet: every task of a launch saw the same problem, and the first one says it (comm.world_comm)
+        if text and not rank and not getattr(e, "quiet", False):
+            print(f"ddp: error: {text}", file=sys.stderr, flush=True)
         return code

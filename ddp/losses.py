@@ -1,10 +1,13 @@
 """Losses from logits, each a forward/backward pair in one call.
 
 Every loss returns (loss, dZ) where loss = sum over samples / denom and dZ is
-the gradient of that loss. `denom` defaults to the batch size, giving the batch
-mean. In data-parallel training each rank passes the GLOBAL batch size as
-denom, so the allreduce-sum of the ranks' losses and gradients is exactly the
-global batch mean, whatever the shard sizes: no mean of means.
+the gradient of that loss. The loss is a 0-d array on the device of Z (0.0 for
+an empty batch): a Python float would make the host wait for the GPU, so the
+trainer fetches it once per step, with the finiteness check. `denom` defaults
+to the batch size, giving the batch mean. In data-parallel training each rank
+passes the GLOBAL batch size as denom, so the allreduce-sum of the ranks'
+losses and gradients is exactly the global batch mean, whatever the shard
+sizes: no mean of means.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ def mse(Z, Y, denom=None, dZ=None):
     B, n_out = Z.shape
     denom = (B if denom is None else denom) * n_out
     dZ = xp.subtract(Z, Y, out=dZ)
-    loss = float(xp.vdot(dZ, dZ)) / denom if B else 0.0
+    loss = xp.vdot(dZ, dZ) / denom if B else 0.0
     dZ *= 2.0 / denom
     return loss, dZ
 
@@ -34,7 +37,7 @@ def binary_cross_entropy(Z, y, denom=None, dZ=None):
     denom = B if denom is None else denom
     y = y.reshape(B, 1).astype(Z.dtype, copy=False)
     per = xp.maximum(Z, 0) - Z * y + xp.log1p(xp.exp(-xp.abs(Z)))
-    loss = float(per.sum()) / denom if B else 0.0
+    loss = per.sum() / denom if B else 0.0
     dZ = xp.multiply(Z, 0.5, out=dZ)       # sigmoid via tanh: stable for any z
     xp.tanh(dZ, out=dZ)
     dZ += 1
@@ -60,7 +63,7 @@ def softmax_cross_entropy(Z, y, denom=None, dZ=None):
     shifted = Z - Z.max(axis=1, keepdims=True)
     dZ = xp.exp(shifted, out=dZ)
     sumexp = dZ.sum(axis=1, keepdims=True)
-    loss = float((xp.log(sumexp[:, 0]) - shifted[rows, y]).sum()) / denom
+    loss = (xp.log(sumexp[:, 0]) - shifted[rows, y]).sum() / denom
     dZ /= sumexp
     dZ[rows, y] -= 1
     dZ *= 1.0 / denom

@@ -20,6 +20,7 @@ from . import backend
 from .errors import UsageError
 from .losses import get_loss
 from .nn import dense_backward, dense_forward, get_activation
+from .trace import NULL
 
 INITS = ("he", "xavier")
 
@@ -70,6 +71,7 @@ class MLP:
             self.layers.append(Layer(k, n_in, n_out, act, self.params, self.grads, offset))
             offset = self.layers[-1].stop
         self.params[...] = xp.asarray(self.initial_params(), self.dtype)
+        self.tracer = NULL        # trace.Tracer when the run is traced (--trace)
         self._buffers = {}        # batch size -> preallocated activations
         self._scratch = None      # second gradient arena, for accumulation
 
@@ -122,9 +124,11 @@ class MLP:
     def _forward(self, X, bufs):
         A = X
         acts = [X]
+        span = self.tracer.span
         for L, Z, Abuf in zip(self.layers, bufs["Z"], bufs["A"]):
-            dense_forward(A, L.W, L.b, out=Z)
-            A = Z if Abuf is None else L.forward_fn(Z, out=Abuf)
+            with span(f"forward L{L.index}", "forward"):
+                dense_forward(A, L.W, L.b, out=Z)
+                A = Z if Abuf is None else L.forward_fn(Z, out=Abuf)
             acts.append(A)
         return acts
 
@@ -133,8 +137,8 @@ class MLP:
         X = self._check_input(X)
         return self._forward(X, self._bufs(X.shape[0]))[-1].copy()
 
-    def forward_backward(self, X, y, denom=None, on_grad=None, accumulate=False) -> float:
-        """Loss over the batch and its gradient in `self.grads`.
+    def forward_backward(self, X, y, denom=None, on_grad=None, accumulate=False):
+        """Loss over the batch (a 0-d array on the model's device) and its gradient in `self.grads`.
 
         X: (B, n_in); y: (B,) labels or (B, n_out) targets.
         denom: what the loss sum is divided by (default B): the data-parallel
@@ -157,20 +161,22 @@ class MLP:
         loss, dZ = self.loss_fn(acts[-1], y, denom, dZ=bufs["dA"][-1])
         if accumulate and self._scratch is None:
             self._scratch = self.xp.zeros_like(self.grads)
+        span = self.tracer.span
         for L in reversed(self.layers):
             i = L.index
-            if accumulate:
-                dW = self._scratch[L.start:L.start + L.dW.size].reshape(L.dW.shape)
-                db = self._scratch[L.start + L.dW.size:L.stop]
-            else:
-                dW, db = L.dW, L.db
-            dX = bufs["dA"][i - 1] if i > 0 else None
-            dense_backward(dZ, acts[i], L.W, dX=dX, dW=dW, db=db, need_dX=i > 0)
-            if accumulate:
-                self.grads[L.start:L.stop] += self._scratch[L.start:L.stop]
-            if i > 0:
-                prev = self.layers[i - 1]
-                dZ = prev.backward_fn(dX, bufs["Z"][i - 1], acts[i], out=dX)
+            with span(f"backward L{i}", "backward"):
+                if accumulate:
+                    dW = self._scratch[L.start:L.start + L.dW.size].reshape(L.dW.shape)
+                    db = self._scratch[L.start + L.dW.size:L.stop]
+                else:
+                    dW, db = L.dW, L.db
+                dX = bufs["dA"][i - 1] if i > 0 else None
+                dense_backward(dZ, acts[i], L.W, dX=dX, dW=dW, db=db, need_dX=i > 0)
+                if accumulate:
+                    self.grads[L.start:L.stop] += self._scratch[L.start:L.stop]
+                if i > 0:
+                    prev = self.layers[i - 1]
+                    dZ = prev.backward_fn(dX, bufs["Z"][i - 1], acts[i], out=dX)
             if on_grad is not None:
                 on_grad(i)
         return loss

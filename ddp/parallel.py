@@ -24,7 +24,8 @@ from .comm import Communicator
 
 
 class Bucket:
-    def __init__(self, layers, grads):
+    def __init__(self, layers, grads, index=0):
+        self.index = index                   # 0 is the last layers' bucket, reduced first
         self.layers = {L.index for L in layers}
         self.start = min(L.start for L in layers)
         self.stop = max(L.stop for L in layers)
@@ -44,10 +45,10 @@ def make_buckets(model, bucket_bytes: int) -> list[Bucket]:
         group.append(L)
         size += (L.stop - L.start) * itemsize
         if size >= bucket_bytes:
-            buckets.append(Bucket(group, model.grads))
+            buckets.append(Bucket(group, model.grads, len(buckets)))
             group, size = [], 0
     if group:
-        buckets.append(Bucket(group, model.grads))
+        buckets.append(Bucket(group, model.grads, len(buckets)))
     return buckets
 
 
@@ -59,6 +60,7 @@ class DataParallel:
         self.verify_model()
         comm.bcast(model.params, root=0)
         self.buckets = make_buckets(model, bucket_bytes) if overlap else []
+        self.tracer = model.tracer
         self._by_layer = {i: b for b in self.buckets for i in b.layers}
         self._requests = []
 
@@ -81,9 +83,11 @@ class DataParallel:
             # The bucket holding layer 0 is ready only when backward is over:
             # nothing is left to overlap, and a blocking Allreduce is faster
             # than Iallreduce + Wait in Open MPI (benchmarks/RESULTS.md).
-            self.comm.allreduce_sum(b.view, self.compress)
+            with self.tracer.span(f"allreduce bucket {b.index}", "allreduce", bytes=b.view.nbytes, blocking=True):
+                self.comm.allreduce_sum(b.view, self.compress)
             return
-        self._requests.append(self.comm.iallreduce_sum(b.view, self.compress))
+        with self.tracer.span(f"allreduce bucket {b.index}", "allreduce", bytes=b.view.nbytes, blocking=False):
+            self._requests.append(self.comm.iallreduce_sum(b.view, self.compress))
         # Open MPI progresses non-blocking collectives only inside MPI calls:
         # testing between layers keeps the earlier buckets moving.
         for r in self._requests[:-1]:
@@ -96,14 +100,16 @@ class DataParallel:
         if not (sync and self.overlap):
             loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate)
             if sync:
-                self.comm.allreduce_sum(self.model.grads, self.compress)
+                with self.tracer.span("allreduce", "allreduce", bytes=self.model.grads.nbytes, blocking=True):
+                    self.comm.allreduce_sum(self.model.grads, self.compress)
             return loss
         for b in self.buckets:
             b.pending = len(b.layers)
         self._requests = []
         loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, on_grad=self._layer_done)
-        for r in self._requests:
-            r.wait()
+        with self.tracer.span("wait", "wait", buckets=len(self._requests)):
+            for r in self._requests:
+                r.wait()
         self._requests = []
         return loss
 
@@ -115,6 +121,8 @@ def params_hash(params) -> str:
 
 def check_replicas(comm: Communicator, params, step: int) -> None:
     """Raise on every rank, with the same message, if any rank's parameters differ from rank 0's."""
+    if comm.size == 1:
+        return                  # nothing to compare, and the hash would copy the parameters off the GPU
     hashes = comm.allgather_obj(params_hash(params))
     bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
     if bad:

@@ -57,11 +57,12 @@ from . import backend
 from .comm import WATCHDOG, Communicator, DebugComm, MPIComm
 from .config import Config
 from .data import epoch_batches, micro_batches, shard, shard_range
-from .errors import UsageError
+from .errors import TrainingError, UsageError
 from .parallel import check_replicas
-from .run import (CHECKPOINT, Reporter, Setup, TrainingError, agree, all_finite, evaluate, finished_summary,
+from .run import (CHECKPOINT, Reporter, Setup, agree, all_finite, evaluate, finished_summary,
                   is_finished, make_optimizer_for, restore, save_checkpoint, start_run, steps_per_epoch,
                   total_steps)
+from .trace import NULL, Tracer
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
 OK, FAILED = 0, 1
@@ -135,6 +136,7 @@ class Worker:
 
     def __init__(self, world: MPIComm, model, bounds):
         self.mpi, self.MPI = world.comm, world.MPI
+        self.tracer = model.tracer
         self.params = [model.params[a:b] for a, b in bounds]
         self.grads = [model.grads[a:b] for a, b in bounds]
         self.staged = backend.is_gpu_array(model.params)
@@ -151,6 +153,7 @@ class Worker:
             self.ready.setdefault(layer.index, []).append(s)
         self.reqs, self.keep = [], []
         self.bytes_sent = self.bytes_received = 0
+        self.pull_bytes = sum(p.nbytes for p in self.params)
 
     def expect(self, s: int, count: bool = True) -> None:
         """Post the receives of server s's reply: its parameter shard and its meta."""
@@ -160,13 +163,13 @@ class Worker:
             self.bytes_received += self.host_params[s].nbytes + self.meta[s].nbytes
 
     def push(self, s: int) -> None:
-        if self.staged:
-            backend.synchronize(self.grads[s])
-            backend.copy_to_host(self.grads[s], self.host_grads[s])
-        # The reply's receives go up before the gradient leaves. Writing the reply into the arena
-        # while backward goes on is safe: backward is done with every layer of shard s.
-        self.expect(s)
-        self.reqs.append(self.mpi.Isend(self.host_grads[s], dest=s, tag=TAG_GRAD))
+        with self.tracer.span(f"push to server {s}", "push", bytes=self.host_grads[s].nbytes):
+            if self.staged:     # a blocking copy on the stream that wrote the gradients: no separate sync
+                backend.copy_to_host(self.grads[s], self.host_grads[s])
+            # The reply's receives go up before the gradient leaves. Writing the reply into the arena
+            # while backward goes on is safe: backward is done with every layer of shard s.
+            self.expect(s)
+            self.reqs.append(self.mpi.Isend(self.host_grads[s], dest=s, tag=TAG_GRAD))
         self.bytes_sent += self.host_grads[s].nbytes
 
     def on_grad(self, layer: int) -> None:
@@ -180,7 +183,8 @@ class Worker:
 
     def wait(self) -> np.ndarray:
         """Finish every pending message; returns the replies' meta, one [clock, staleness, status] per server."""
-        with WATCHDOG.watch("the worker's Waitall for the servers' replies"):
+        with WATCHDOG.watch("the worker's Waitall for the servers' replies"), \
+                self.tracer.span("pull (wait for the servers' replies)", "pull", bytes=self.pull_bytes):
             self.MPI.Request.Waitall(self.reqs)
         self.reqs, self.keep = [], []
         if self.staged:
@@ -227,6 +231,7 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
                 loss += model.forward_backward(X_dev[mb], y_dev[mb], denom=denom, accumulate=j > 0,
                                                on_grad=worker.on_grad if last else None)
             meta = worker.wait()
+            loss = float(loss)                      # the step's one wait for the loss (the pushes wait too)
             step += 1
             n_steps += 1
             samples += len(gb)
@@ -295,6 +300,7 @@ class Server:
         self.setup, self.cfg, self.mpi, self.MPI, self.scomm = setup, setup.cfg, world.comm, world.MPI, scomm
         self.model, self.opt, self.bounds, self.workers = setup.model, optimizer, bounds, workers
         model = setup.model
+        self.tracer = model.tracer
         a, b = bounds[world.rank]
         self.params = model.params[a:b]            # the optimizer updates this view in place
         self.sync, self.k = sync, staleness        # k: None for async (no bound)
@@ -325,7 +331,8 @@ class Server:
             self.reply(w, count=False)             # the initial shard
         done, status = [False] * n, MPI.Status()
         while not all(done):
-            with WATCHDOG.watch("the server's Waitany for gradients", self._laggards):
+            with WATCHDOG.watch("the server's Waitany for gradients", self._laggards), \
+                    self.tracer.span("wait for gradients", "wait"):
                 i = MPI.Request.Waitany(self.grad_reqs + self.ctrl_reqs, status)
             if i < n:
                 self.bytes_received += self.grad_in[i].nbytes
@@ -379,7 +386,8 @@ class Server:
         if not all_finite(self.opt.grads):
             self.failed = True                     # from now on every reply says FAILED
             return
-        self.opt.step()
+        with self.tracer.span("apply", "optimizer", bytes=self.params.nbytes):
+            self.opt.step()
 
     def on_grad(self, w: int) -> None:
         before = self.gclock
@@ -430,7 +438,7 @@ class Server:
         counts = [b - a for a, b in self.bounds]
         displs = [a for a, _ in self.bounds]
         full = self.model.params                   # rank 0's own shard is already in place
-        with WATCHDOG.watch("the servers' checkpoint Gatherv"):
+        with WATCHDOG.watch("the servers' checkpoint Gatherv"), self.tracer.span("checkpoint"):
             self.scomm.Gatherv(MPI.IN_PLACE if root else self.params,
                                [full, (counts, displs)] if root else None, root=0)
             state = {}
@@ -509,6 +517,10 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         if cfg.grad_norms:
             print("ddp: warning: --grad-norms is not recorded in ps mode", flush=True)
     reporter = Reporter(cfg, rank0, n_total, start[0], s.prep.task, start[0] if ckpt is not None else None)
+    tracer = Tracer(comm.rank, "server" if is_server else "worker") if cfg.trace else NULL
+    model.tracer = tracer
+    if cfg.trace:
+        tracer.start(comm)
     try:
         if is_server:
             server = Server(s, world, part, optimizer, bounds, list(range(S, P)), sync=sync,
@@ -532,5 +544,8 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
                     "staleness_bound": cfg.staleness if cfg.consistency == "ssp" else None,
                     "model_bytes": model.params.nbytes,
                     "step_bytes_sent": [t[0] for t in traffic], "step_bytes_received": [t[1] for t in traffic]})
+    if cfg.trace:
+        tracer.merge(comm, cfg.trace)
+        summary["trace"] = cfg.trace
     summary = reporter.summary(summary, f", max staleness {summary['max_staleness']}") if rank0 else summary
     return summary, s

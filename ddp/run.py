@@ -28,7 +28,7 @@ from . import __version__, backend
 from .comm import Communicator
 from .config import Config, merge_for_resume, to_toml
 from .data import Dataset, Standardizer, batch_size_for, load_dataset, shard, split
-from .errors import TrainingError, UsageError  # noqa: F401 (TrainingError: run.TrainingError stays importable)
+from .errors import UsageError
 from .model import MLP
 from .optim import Schedule, make_optimizer
 
@@ -269,11 +269,14 @@ def is_finished(cfg: Config, step: int, epoch: int) -> bool:
     return epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
 
 
-def all_finite(x) -> bool:
-    """No NaN or Inf in x. The squared norm is one fast BLAS pass; only when it is not
-    finite (it may overflow on large finite values) is every element checked."""
+def all_finite(x, sqnorm=None) -> bool:
+    """No NaN or Inf in x. The squared norm is one fast BLAS pass (pass it in when it is
+    already on the host); only when it is not finite (it may overflow on large finite
+    values) is every element checked."""
     xp = backend.get_array_module(x)
-    return math.isfinite(float(xp.vdot(x, x))) or bool(xp.isfinite(x).all())
+    if sqnorm is None:
+        sqnorm = float(xp.vdot(x, x))
+    return math.isfinite(sqnorm) or bool(xp.isfinite(x).all())
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -294,7 +297,7 @@ def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> 
         Z = model.forward(X)
         y = xp.asarray(ds.y[rows]) if classification else xp.asarray(ds.y[rows], model.dtype)
         loss, _ = model.loss_fn(Z, y, denom=1)
-        acc[0] += loss
+        acc[0] += float(loss)
         if classification:
             pred = (Z[:, 0] > 0).astype(np.int64) if n_out == 1 else Z.argmax(axis=1)
             acc[1] += float((pred == y).sum())

@@ -22,21 +22,31 @@ from . import backend
 from .comm import Communicator, DebugComm, SerialComm, run_simulated
 from .config import Config
 from .data import epoch_batches, micro_batches, shard
-from .errors import UsageError
+from .errors import TrainingError, UsageError
 from .model import MLP
 from .parallel import DataParallel, check_replicas
-from .run import (CHECKPOINT, Reporter, Setup, Stopped, TrainingError, agree, all_finite, evaluate,
+from .run import (CHECKPOINT, Reporter, Setup, Stopped, agree, all_finite, evaluate,
                   finished_summary, is_finished, make_optimizer_for, restore, save_checkpoint, start_run,
                   steps_per_epoch, stop_requested, total_steps)
+from .trace import NULL, Tracer
 
 # --------------------------------------------------------------------------- the loop
 
-def check_finite(model: MLP, loss: float, step: int) -> None:
-    """After the allreduce every rank holds the same gradients, so every rank
-    reaches the same verdict here without further communication."""
-    if not all_finite(model.grads):
+def check_finite(model: MLP, loss, step: int) -> float:
+    """Raise if the gradients hold NaN or Inf; return the step's loss as a Python float.
+
+    The loss and the gradients' squared norm come to the host together, in ONE
+    transfer: the step's only wait for the GPU. After the allreduce every rank holds
+    the same gradients, so every rank reaches the same verdict without communicating."""
+    xp = model.xp
+    pair = xp.empty(2, np.float64)
+    pair[0] = loss
+    pair[1] = xp.vdot(model.grads, model.grads)
+    loss, sqnorm = (float(v) for v in backend.to_numpy(pair))
+    if not all_finite(model.grads, sqnorm):
         raise TrainingError(f"gradients became NaN or Inf at step {step + 1}; "
                             f"the loss is {loss:.4g}; try a lower learning rate")
+    return loss
 
 
 def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[dict, Setup]:
@@ -60,6 +70,8 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         start_step, start_epoch, start_batch = agree(comm, restore, ckpt, model, optimizer, cfg.resume)
         if is_finished(cfg, start_step, start_epoch):
             return finished_summary(cfg, start_step, start_epoch, comm.rank == 0), s
+    tracer = Tracer(comm.rank) if cfg.trace else NULL
+    model.tracer = tracer
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and model.device == "gpu")
     dp = DataParallel(model, comm, bucket_bytes=int(cfg.bucket_mb * (1 << 20)), overlap=overlap,
                       compress=None if cfg.compress == "none" else cfg.compress)
@@ -80,13 +92,16 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
 
     def save(step, epoch, nb):
         if reporter.active:
-            save_checkpoint(ckpt_path, s, model.state_dict(), optimizer.state_dict(), step=step, epoch=epoch,
-                            batch=nb)
+            with tracer.span("checkpoint"):
+                save_checkpoint(ckpt_path, s, model.state_dict(), optimizer.state_dict(), step=step, epoch=epoch, batch=nb)
             reporter.saved(step)
 
     X_dev = xp.asarray(train.X, model.dtype)
     y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
     step, epoch = start_step, start_epoch
+    span = tracer.span
+    if cfg.trace:
+        tracer.start(comm)
     t0 = time.perf_counter()
     try:
         while not is_finished(cfg, step, epoch):
@@ -103,10 +118,13 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
                 micro = micro_batches(local, cfg.accumulate)
                 loss = 0.0
                 for j, mb in enumerate(micro):
-                    loss += dp.forward_backward(X_dev[mb], y_dev[mb], denom=len(gb), accumulate=j > 0,
-                                                sync=j == len(micro) - 1)
-                check_finite(model, loss, step)
-                optimizer.step()
+                    with span("data", rows=len(mb)):
+                        Xb, yb = X_dev[mb], y_dev[mb]
+                    loss += dp.forward_backward(Xb, yb, denom=len(gb), accumulate=j > 0, sync=j == len(micro) - 1)
+                with span("finite check"):
+                    loss = check_finite(model, loss, step)
+                with span("optimizer"):
+                    optimizer.step()
                 step += 1
                 loss_sum += loss
                 n_steps += 1
@@ -130,7 +148,8 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
             tot = np.array([loss_sum])
             comm.allreduce_sum(tot)                         # each rank held its share of each loss
             record = {"epoch": epoch + 1, "step": step, "train_loss": tot[0] / max(n_steps, 1)}
-            record.update({f"val_{k}": v for k, v in evaluate(model, s.val, comm).items()})
+            with span("evaluate"):
+                record.update({f"val_{k}": v for k, v in evaluate(model, s.val, comm).items()})
             record["samples_per_s"] = samples / elapsed_epoch if elapsed_epoch > 0 else 0.0
             record["elapsed_s"] = time.perf_counter() - t0
             if norms is not None:
@@ -148,10 +167,14 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         check_replicas(comm, model.params, step)
     finally:
         reporter.close()
-    summary = {"steps": step, "epochs": epoch, "world_size": comm.size,
-               "elapsed_s": time.perf_counter() - t0,
-               **{f"test_{k}": v for k, v in evaluate(model, s.test, comm).items()},
-               **{f"val_{k}": v for k, v in evaluate(model, s.val, comm).items()}}
+    with span("evaluate"):
+        summary = {"steps": step, "epochs": epoch, "world_size": comm.size,
+                   "elapsed_s": time.perf_counter() - t0,
+                   **{f"test_{k}": v for k, v in evaluate(model, s.test, comm).items()},
+                   **{f"val_{k}": v for k, v in evaluate(model, s.val, comm).items()}}
+    if cfg.trace:
+        tracer.merge(comm, cfg.trace)
+        summary["trace"] = cfg.trace
     return reporter.summary(summary), s
 
 

@@ -9,7 +9,8 @@
 #
 # Every rank runs `PYTHON -m ddp ARGS...`. ddp's own guard (ddp/guard.py) ends the whole job when one
 # rank fails, and prints one line per error; this script drops Open MPI's banners around it and
-# exits with the job's exit code (0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM). See launch/README.md for hostfiles, Slurm and keeping a system MPI.
+# exits with the job's exit code (0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM).
+# See launch/README.md for hostfiles, Slurm and keeping a system MPI.
 set -euo pipefail
 
 prog=mpirun.sh
@@ -20,8 +21,9 @@ usage: $prog [-n N] [--hostfile FILE | --host H1:S1,H2:S2] [--iface IFACE]
              [--mpiexec PATH] [--max-restarts N] [--dry-run]
              -- DDP_ARGS... | python SCRIPT.py ARGS... | SCRIPT.py ARGS...
 
-Run 'PYTHON -m ddp DDP_ARGS...' on N MPI ranks, and exit with the job's exit code; with a script
-(python SCRIPT.py or SCRIPT.py), run 'PYTHON -m mpi4py SCRIPT.py ARGS...' instead, with the same settings.
+Run 'PYTHON -m ddp DDP_ARGS...' on N MPI ranks; with a script (python SCRIPT.py or SCRIPT.py),
+run 'PYTHON -m mpi4py SCRIPT.py ARGS...' instead, with the same settings. Exits with the job's
+exit code (0 ok, 1 failure, 2 usage, 130 SIGINT, 143 SIGTERM).
 
 options:
   -n, --np N        number of ranks (default: the slots in --hostfile/--host, else
@@ -206,8 +208,9 @@ else
     [[ -z "$hostlist" ]] || cmd+=(-hosts "$hostlist")
     [[ -z "$iface" ]] || cmd+=(-iface "$iface")
 fi
-# A script of the user's runs like torchrun's: under the same python, with -m mpi4py so that an uncaught
-# exception on one rank aborts the job instead of leaving the others in a collective.
+# ddp's own guard (ddp/guard.py) ends the whole job when one rank fails. A script of the user's runs
+# like torchrun's, under the same python, with -m mpi4py so that an uncaught exception on one rank aborts
+# the job instead of leaving the others in a collective.
 first="${ddp_args[0]}"
 if [[ "$(basename -- "$first")" =~ ^python[0-9.]*$ ]]; then
     [[ ${#ddp_args[@]} -ge 2 && ( "${ddp_args[1]}" != *.py || -f "${ddp_args[1]}" ) ]] \
@@ -217,7 +220,7 @@ elif [[ "$first" == *.py ]]; then
     [[ -f "$first" ]] || die "script '$first' not found"
     ranks=("$python" -m mpi4py "${ddp_args[@]}")
 else
-    ranks=("$python" -m ddp "${ddp_args[@]}")         # ddp's guard ends the job on a failure
+    ranks=("$python" -m ddp "${ddp_args[@]}")
 fi
 if [[ ${#envs[@]} -gt 0 ]]; then
     cmd=(env "${envs[@]}" "${cmd[@]}")
@@ -237,12 +240,17 @@ if [[ $dry_run == 1 ]]; then
     echo "$out"
     exit 0
 fi
-if [[ $flavor == openmpi && "${DDP_MPI_BANNERS:-0}" != 1 ]]; then
-    # Open MPI frames every MPI_Abort and non-zero exit in 7-14 lines that blame "rank 1" and never
-    # say why; ddp has printed the reason already. Drop exactly those blocks, keep everything else.
-    # The filter ignores Ctrl-C, which the terminal sends to it too: it must outlive mpiexec.
-    # prterun also ends its abort banner with a NUL byte.
-    exec 2> >(trap '' INT; tr -d '\000' | awk '
+# Open MPI frames every MPI_Abort and non-zero exit in 7-14 lines that blame "rank 1" and never say
+# why; ddp has printed the reason already. Drop exactly those blocks, keep everything else
+# (DDP_MPI_BANNERS=1 keeps them). The filter ignores Ctrl-C, which the terminal sends to it too: it must
+# outlive mpiexec. prterun also ends its abort banner with a NUL byte.
+filter_banners() {
+    if [[ $flavor != openmpi || "${DDP_MPI_BANNERS:-0}" == 1 ]]; then
+        cat
+        return
+    fi
+    trap '' INT
+    tr -d '\000' | awk '
         function dashes(s) { return length(s) >= 40 && s ~ /^-+[ \t]*$/ }
         BEGIN { inblock = 0; block = ""; skipblank = 0 }
         {
@@ -266,10 +274,12 @@ if [[ $flavor == openmpi && "${DDP_MPI_BANNERS:-0}" != 1 ]]; then
             print; fflush()
         }
         END { if (inblock) printf "%s", block }
-    ' >&2)
-fi
+    '
+}
+
 if [[ $max_restarts == 0 ]]; then
-    exec "${cmd[@]}"
+    # exec keeps mpiexec's pid (signals reach it) and its exit code; the filter sees EOF after it.
+    exec "${cmd[@]}" 2> >(filter_banners >&2)
 fi
 
 # ---- run, and relaunch a failed job ---------------------------------------------------------
@@ -296,7 +306,7 @@ while true; do
                                          "${ranks[@]}")
     fi
     set +e
-    "${run[@]}" &
+    "${run[@]}" 2> >(filter_banners >&2) &
     child=$!
     wait "$child"
     rc=$?

@@ -22,14 +22,13 @@ TRIALS = [0, 1]        # which rank is hit alternates with the trial
 
 # --------------------------------------------------------------------------- no MPI needed
 
-@pytest.mark.parametrize("value, line", [("0", "timeout 0.0 must be > 0 seconds"),
-                                         ("-1", "timeout -1.0 must be > 0 seconds"),
-                                         ("nan", "--timeout must be a finite number, got nan"),
-                                         ("inf", "--timeout must be a finite number, got inf")])
-def test_timeout_must_be_finite_and_positive(tmp_path, value, line):
-    res = run_cli("train", "--timeout", value, "--out", str(tmp_path / "o"))
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_timeout_must_be_finite_and_positive(tmp_path, value):
+    res = run_cli("train", "--timeout", value, "--out", str(tmp_path))
     assert res.returncode == 2
-    assert res.stderr.splitlines() == [f"ddp: error: {line}"]
+    want = ("ddp: error: --timeout must be a finite number, got" if value in ("nan", "inf")
+            else f"ddp: error: timeout {float(value)} must be a number of seconds > 0")
+    assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith(want), res.stderr
 
 
 def test_simulated_watchdog_names_the_rank_that_has_not_arrived(tmp_path):

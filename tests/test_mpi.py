@@ -1,9 +1,11 @@
 """Launches tests/mpi under a real mpiexec at 1, 2 and 4 ranks (oversubscribed on 2 cores),
 plus the failure test: one rank raising must end the whole job promptly."""
+import re
 import time
 
 import pytest
 
+from conftest import need_gpu
 from helpers import run_mpi
 
 pytestmark = pytest.mark.mpi
@@ -15,6 +17,31 @@ def test_mpi_suite(n):
                   timeout=600)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
     assert "passed" in res.stdout
+
+
+def device_suite(request, n, path, cuda_aware="0", min_passed=1):
+    """Run the gpu-marked tests of tests/mpi/PATH on n ranks, on the device this session uses."""
+    need_gpu()
+    emulated = request.config.getoption("--emulated-gpu")
+    if cuda_aware == "1" and not emulated:
+        from ddp.comm import cuda_aware_mpi
+        if not cuda_aware_mpi():
+            pytest.skip("this MPI library is not CUDA-aware (MPIX_Query_cuda_support says no)")
+    # --timeout: a rank whose peer failed a test would otherwise wait in MPI until the job's own timeout
+    res = run_mpi(n, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--color=no", "-W", "ignore::RuntimeWarning",
+                      "--timeout", "60", "--timeout-method", "thread", "-m", "gpu",
+                      *(["--emulated-gpu"] if emulated else []), path], timeout=300, DDP_CUDA_AWARE=cuda_aware)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    passed = re.search(r"(\d+) passed", res.stdout)
+    assert passed and int(passed.group(1)) >= min_passed and "skipped" not in res.stdout, res.stdout[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.mpi
+@pytest.mark.parametrize("cuda_aware", ["0", "1"], ids=["staged", "cuda-aware"])
+def test_mpi_suite_on_the_device(request, cuda_aware):
+    """2 real ranks on the device: GPU buffers staged through pinned host memory, or handed to MPI."""
+    device_suite(request, 2, "tests/mpi/test_allreduce.py", cuda_aware, min_passed=5)
 
 
 FAIL_AT_5 = """

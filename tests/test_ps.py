@@ -112,6 +112,14 @@ def test_ps_mpi_suite(n):
 
 
 @pytest.mark.mpi
+@pytest.mark.gpu
+def test_ps_mpi_suite_on_the_device(request):
+    """tests/mpi/test_ps.py's gpu tests at 3 ranks: workers on the device, staged through pinned memory."""
+    from test_mpi import device_suite
+    device_suite(request, 3, "tests/mpi/test_ps.py")
+
+
+@pytest.mark.mpi
 def test_cli_end_to_end_and_too_many_servers(tmp_path):
     common = ["-m", "ddp", "train", "--mode", "ps", "--dataset", "synthetic_classification", "--n-samples", "300",
               "--hidden", "16", "--epochs", "2", "--no-progress", "--out", str(tmp_path)]

@@ -135,7 +135,7 @@ def test_debug_mode_names_the_rank_that_differs(comm):
 
 
 def test_nan_stops_every_rank_at_the_same_step(comm, shared_tmp):
-    from ddp.run import TrainingError
+    from ddp.errors import TrainingError
     cfg = Config(dataset="diabetes", hidden="32", lr=1e6, epochs=3, standardize=False, progress=False,
                  out=os.path.join(shared_tmp, "nan"))
     try:
@@ -145,3 +145,70 @@ def test_nan_stops_every_rank_at_the_same_step(comm, shared_tmp):
         msg = str(e)
     msgs = comm.allgather_obj(msg)
     all_ranks(comm, "NaN or Inf" in msg and len(set(msgs)) == 1, msgs)
+
+
+# ---------------------------------------------------------------- on the device (pytest -m gpu)
+# tests/test_mpi.py runs these at 2 ranks twice: DDP_CUDA_AWARE=0 (GPU buffers staged through pinned
+# host memory) and DDP_CUDA_AWARE=1 (device buffers handed to MPI), on CuPy or the emulated device.
+
+def fresh_comm(comm):
+    """A communicator of its own, so that its staging cache holds only this test's buffers."""
+    from ddp.comm import MPIComm
+    return MPIComm(comm.comm.Dup())
+
+
+@pytest.mark.parametrize("variant", ["overlap-buckets", "no-overlap", "accumulate-3", "adam-cosine"])
+def test_n_ranks_on_the_device_equal_one_rank(comm, shared_tmp, device, emulated, variant):
+    from ddp import backend
+    kw = {**BASE, **VARIANTS[variant], "device": device}
+    got = {}
+
+    def grab(step, model, c):
+        got["p"] = backend.to_numpy(model.params).copy()
+    c = fresh_comm(comm)
+    run(Config(out=os.path.join(shared_tmp, f"dev-{variant}"), **kw), c, on_step=grab)
+    mine = got["p"]
+    run(Config(out=os.path.join(shared_tmp, f"dev-{variant}-ref-{comm.rank}"), **{**kw, "device": "cpu"}),
+        SerialComm(), on_step=grab)
+    d = rel_diff(mine, got["p"])
+    all_ranks(comm, d <= 1e-12, f"relative difference {d:.3e}")
+    # the path taken: GPU buffers are staged exactly when MPI is not CUDA-aware, through pinned memory
+    asked = os.environ.get("DDP_CUDA_AWARE")          # tests/test_mpi.py sets it: the path must follow it
+    staged = device == "gpu" and comm.size > 1 and not (c.cuda_aware if asked is None else asked == "1")
+    all_ranks(comm, bool(c._staging) == staged, f"staging cache {len(c._staging)} entries, staged={staged}")
+    if emulated is not None:
+        all_ranks(comm, all(emulated.is_pinned(h) for h in c._staging.values()), "a staging buffer is not pinned")
+
+
+def test_fp16_on_the_device(comm, device, emulated, monkeypatch):
+    """--compress fp16 on GPU buffers. The float16 sum is a Python op that reads host memory
+    (np.frombuffer), so it must never be handed device memory, even by a CUDA-aware MPI; and
+    step after step the same buffers are reused: no new pinned buffer after the first step."""
+    import ddp.comm
+    from ddp import MLP, backend
+    seen = []
+    real_sum = ddp.comm._fp16_sum
+
+    def spy(inbuf, inoutbuf, datatype):
+        if emulated is not None:
+            seen.extend(emulated.is_device_address(np.frombuffer(b, np.uint8).ctypes.data) for b in (inbuf, inoutbuf))
+        real_sum(inbuf, inoutbuf, datatype)
+    monkeypatch.setattr(ddp.comm, "_fp16_sum", spy)
+    pinned = []
+    real_pinned = backend.pinned_empty
+    monkeypatch.setattr(backend, "pinned_empty", lambda *a: pinned.append(a) or real_pinned(*a))
+    c = fresh_comm(comm)
+    model = MLP([20, 16, 8, 4], dtype="float32", device=device)
+    dp = DataParallel(model, c, bucket_bytes=256, compress="fp16")
+    xp, n, ok, after_first = model.xp, model.num_params, True, None
+    for step in range(5):
+        model.grads[...] = xp.asarray(np.arange(n) % 7 * 0.25 + comm.rank + step, np.float32)
+        for b in dp.buckets:                              # as backward hands them over
+            dp.comm.iallreduce_sum(b.view, "fp16").wait()
+        want = comm.size * (np.arange(n) % 7 * 0.25 + step) + comm.size * (comm.size - 1) / 2
+        ok = ok and np.array_equal(backend.to_numpy(model.grads), want.astype(np.float32))
+        after_first = len(pinned) if after_first is None else after_first
+    all_ranks(comm, ok, "fp16 sums of values exact in float16 differ")
+    all_ranks(comm, len(pinned) == after_first, f"{len(pinned) - after_first} pinned buffers after step 1")
+    all_ranks(comm, not any(seen), f"the fp16 op was handed device memory {sum(seen)} times")
+    all_ranks(comm, emulated is None or comm.size == 1 or comm.allreduce_obj(len(seen)) > 0, "the op never ran")

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from helpers import all_ranks, rel_diff
 
+import ddp.backend
 import ddp.ps
 from ddp.comm import SerialComm
 from ddp.config import Config
 from ddp.errors import UsageError
-from ddp.run import TrainingError, load_checkpoint
+from ddp.errors import TrainingError
+from ddp.run import load_checkpoint
 from ddp.train import run
 
 # 240 training rows in batches of 32: 8 steps per epoch, the last one uneven across 3 workers,
@@ -40,7 +42,7 @@ def train(cfg, comm):
     last = {}
 
     def on_step(step, model, c):
-        last["p"] = np.array(model.params)
+        last["p"] = ddp.backend.to_numpy(model.params).copy()     # np.array() would fail on a GPU array
     return run(cfg, comm, on_step=on_step), last.get("p")
 
 
