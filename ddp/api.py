@@ -133,6 +133,8 @@ def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -
     if comm is None and not cfg.simulate_ranks:
         from .comm import world_comm
         comm = world_comm()
+    from .backend import limit_threads      # ranks sharing a node share its cores, as under the CLI
+    limit_threads(getattr(comm, "local_size", None), cfg.simulate_ranks)
     # one_job: an error every rank raises (bad settings) propagates on every rank; one that only some ranks
     # raise ends the whole job instead of leaving the others in a collective.
     with one_job(), (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())):

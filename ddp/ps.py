@@ -2,7 +2,7 @@
 
     launch/mpirun.sh -n 3 -- train --mode ps --dataset digits                    # 1 server, 2 workers
     launch/mpirun.sh -n 6 -- train --mode ps --servers 2 --consistency ssp --staleness 2
-    mpiexec -n 4 python -m mpi4py -m ddp train --mode ps --servers 2 --consistency async
+    mpiexec -n 4 python -m ddp train --mode ps --servers 2 --consistency async
 
 Roles. Ranks 0..S-1 are servers, ranks S..P-1 workers. The flat parameter arena is cut into S contiguous
 shards of balanced size; server s owns shard s and that shard's optimizer state. The optimizers are

@@ -84,9 +84,9 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         path = getattr(comm, "gpu_path", None)
         gpu = f", MPI on GPU buffers: {path()}" if model.device == "gpu" and path and comm.size > 1 else ""
         out = f", run folder {cfg.out}" if cfg.out else ""
+        threads = backend.thread_note or backend.blas_threads()
         print(f"ddp: {model} on {comm.describe()}, {len(train)} training samples, "
-              f"global batch {B}, {n_total} steps{gpu}{out}, BLAS threads {backend.thread_note or backend.blas_threads()}",
-              flush=True)
+              f"global batch {B}, {n_total} steps{gpu}{out}, BLAS threads {threads}", flush=True)
     reporter = Reporter(cfg, rank0, n_total, start_step, s.prep.task, start_step if ckpt is not None else None)
     ckpt_path = os.path.join(cfg.out, CHECKPOINT)
 

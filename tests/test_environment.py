@@ -114,7 +114,8 @@ def test_several_tasks_in_a_world_of_one_is_an_error(env, tasks):
 @pytest.mark.parametrize("env", [
     {"SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0"},          # a batch script: legitimate
     {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"},  # srun -n 1
-    {"OMPI_COMM_WORLD_SIZE": "1", "SLURM_STEP_ID": "3", "SLURM_STEP_NUM_TASKS": "2"},  # mpiexec -n 1; its daemons came from srun
+    # mpiexec -n 1 in an allocation: Open MPI started its daemons with srun
+    {"OMPI_COMM_WORLD_SIZE": "1", "SLURM_STEP_ID": "3", "SLURM_STEP_NUM_TASKS": "2"},
     {},
 ])
 def test_one_task_is_fine(env):

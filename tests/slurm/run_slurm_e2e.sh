@@ -47,7 +47,8 @@ if [[ $install == 1 ]] && ! have_all >/dev/null; then
         || { tail -20 /tmp/ddp-slurm-apt.log; skip "could not install Slurm with apt-get (log above)"; }
 fi
 for tool in slurmd slurmctld sbatch srun sinfo munged; do
-    command -v "$tool" >/dev/null || skip "no $tool; install Slurm: apt-get install slurmd slurmctld slurm-client munge libpmix-dev"
+    command -v "$tool" >/dev/null \
+        || skip "no $tool; install Slurm: apt-get install slurmd slurmctld slurm-client munge libpmix-dev"
 done
 have_pmix || skip "no libpmix.so for Slurm's pmix plugin: apt-get install libpmix-dev"
 python="${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}"
@@ -142,10 +143,10 @@ until [[ -f "$out/requeue/checkpoint.npz" ]]; do
     sleep 0.05
 done
 scancel --signal=TERM "$id"
-# Requeued means: restarted once, pending again, and the first attempt's step gone (a new step 0 would
-# otherwise meet the old one's teardown and fail to launch).
+# Requeued means: restarted once, pending again, and the first attempt's step gone, down to its slurmstepd
+# socket in the spool directory (a new step 0 would otherwise meet the old one's teardown and fail to launch).
 until [[ "$(job_field "$id" Restarts)" == 1 && "$(job_field "$id" JobState)" == PENDING \
-         && -z "$(squeue -h -s -j "$id" 2>/dev/null)" ]]; do
+         && -z "$(squeue -h -s -j "$id" 2>/dev/null)" ]] && ! compgen -G "$work/spool/*_$id.0" >/dev/null; do
     [[ $(left) -gt 1 && "$(job_field "$id" JobState)" =~ ^(RUNNING|COMPLETING|PENDING|REQUEUED)$ ]] \
         || { cat "$out/requeue.log"; fail "the job did not requeue itself after SIGTERM"; }
     sleep 0.2
@@ -176,4 +177,5 @@ for launcher in srun mpirun; do
     "$python" "$repo/tests/cluster/compare_runs.py" "$out/$launcher" "$out/single" --rtol 1e-12 --world-size 2 \
         || fail "the $launcher job's checkpoint differs from the one-process run (runs in $out)"
 done
-log "PASS: sbatch through srun, through mpirun, and requeued after SIGTERM trained what one process trains; runs in $out"
+log "PASS: sbatch through srun, through mpirun, and requeued after SIGTERM trained what one process trains"
+log "runs in $out"
