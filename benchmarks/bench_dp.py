@@ -23,7 +23,8 @@ ratios compare numbers taken under the same load:
     (--timeout 300: its thread polls every 0.5 s) against the same step disarmed,
     in the same alternating rounds; and its bookkeeping per collective (timeit).
 Targets: ddp >= 1.6x torch DDP's throughput; sync <= 1.05x raw Allreduce;
-scaling efficiency >= 0.9; the armed watchdog costs <= 1% of the step. Only rank 0 prints; the exit code is 0 either way.
+scaling efficiency >= 0.9; the armed watchdog costs <= 1% of the step. Only rank 0
+prints; the exit code is 0 either way.
 """
 from __future__ import annotations
 

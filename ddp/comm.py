@@ -11,6 +11,7 @@ every rank is making the same call with the same buffer size.
 """
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
 import time
@@ -217,6 +218,8 @@ class Watchdog:
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, name="ddp-watchdog", daemon=True)
             self._thread.start()
+            # Registered after mpi4py's MPI_Finalize, so it runs before it: no Iprobe after finalize.
+            atexit.register(self.stop)
 
     def stop(self) -> None:
         """Disarm (benchmarks compare armed and disarmed in one job)."""
@@ -235,6 +238,8 @@ class Watchdog:
                 # This process itself was frozen (SIGSTOP, a paused VM): it is the rank the others
                 # wait for, not one that waited. The job is being ended around it; stay quiet.
                 continue
+            if self.MPI.Is_finalized():
+                return
             heard = self._poll()
             w = self.waiting
             if w is not None and (heard or time.monotonic() - w[1] > self.timeout):
