@@ -160,7 +160,7 @@ def cmd_evaluate(args) -> int:
     import numpy as np
 
     from .api import load, read_rows
-    from .config import Config
+    from .config import FIELDS, Config
     from .run import raw_splits
     model = load(args.checkpoint)
     if args.data_path:
@@ -174,7 +174,8 @@ def cmd_evaluate(args) -> int:
         saved = dict(model.config)
         same = saved.get("dataset") == args.dataset
         part = args.split or ("test" if same else "all")
-        cfg = Config(**{**saved, "dataset": args.dataset, "data_path": ""}).validate()
+        known = {k: v for k, v in saved.items() if k in FIELDS}     # a key another ddp version wrote is not ours
+        cfg = Config(**{**known, "dataset": args.dataset, "data_path": ""}).validate()
         train, val, test = raw_splits(cfg)
         pick = {"train": [train], "val": [val], "test": [test], "all": [train, val, test]}[part]
         X = np.concatenate([p.X for p in pick])
