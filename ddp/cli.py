@@ -113,13 +113,17 @@ def cmd_gradcheck(args) -> int:
 
 def cmd_train(args, comm) -> None:
     from .backend import limit_threads
-    from .run import agree, auto_out, resolve_config
+    from .run import agree, auto_out, handle_sigterm, resolve_config
     from .train import run
 
     cfg = agree(comm, resolve_config, given_settings(args))
     limit_threads(getattr(comm, "local_size", None), cfg.simulate_ranks)
     if not cfg.out:
         cfg.out = comm.bcast_obj(auto_out(cfg) if comm.rank == 0 else None)
+    if cfg.mode == "allreduce":
+        # ps mode keeps SIGTERM's default: its servers and workers are not in step, so the job ends and
+        # resumes from its last checkpoint (--checkpoint-every).
+        handle_sigterm()
     run(cfg, comm)
 
 
@@ -238,10 +242,9 @@ def _main(argv) -> int:
         return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
                 "plot": cmd_plot}[args.command](args)
     from .comm import world_comm
-    from .run import Stopped, handle_sigterm
+    from .run import Stopped
 
     comm = world_comm()
-    handle_sigterm()
     try:
         cmd_train(args, comm)
     except Stopped as e:              # every rank stopped at the same step, with the checkpoint saved
