@@ -277,11 +277,6 @@ filter_banners() {
     '
 }
 
-if [[ $max_restarts == 0 ]]; then
-    # exec keeps mpiexec's pid (signals reach it) and its exit code; the filter sees EOF after it.
-    exec "${cmd[@]}" 2> >(filter_banners >&2)
-fi
-
 # ---- run, and relaunch a failed job ---------------------------------------------------------
 # The job runs in the background so that a signal to this script is seen at once (a foreground
 # child would delay the trap until it ended): it is passed on to mpiexec, and ends the restarts.
@@ -317,6 +312,14 @@ while true; do
     done
     set -e
     child=""
+    if [[ "$interrupted" == TERM ]]; then
+        # mpiexec forwards SIGTERM to the ranks (then kills them a few seconds later): ddp's ranks stop at the
+        # end of the current step and save a checkpoint (allreduce mode), but their own line may not get out
+        # while mpiexec tears the job down, so say it here, with the exit code a SIGTERM means.
+        echo "$prog: stopped by SIGTERM; ddp saved a checkpoint at the current step in its run folder:" \
+             "resume with 'ddp train --resume RUN_FOLDER/checkpoint.npz'" >&2
+        exit 143
+    fi
     if [[ -n "$interrupted" || $rc == 0 || $rc == 2 || $rc == 143 || $attempt -ge $max_restarts ]]; then
         exit "$rc"
     fi
