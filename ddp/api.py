@@ -20,12 +20,13 @@ import io
 
 import numpy as np
 
+from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import FIELDS, Config
 from .data import Dataset, from_arrays, split
 from .errors import UsageError
 from .guard import one_job
 from .model import MLP
-from .run import CHECKPOINT, Preprocess, load_checkpoint, resolve_config
+from .run import Preprocess, resolve_config
 
 
 class Model:

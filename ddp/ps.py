@@ -54,14 +54,15 @@ import time
 import numpy as np
 
 from . import backend
+from .checkpoint import CHECKPOINT, restore, save_checkpoint
 from .comm import WATCHDOG, Communicator, DebugComm, MPIComm
 from .config import Config
 from .data import epoch_batches, micro_batches, shard, shard_range
 from .errors import TrainingError, UsageError
 from .parallel import check_replicas
-from .run import (CHECKPOINT, Reporter, Setup, agree, all_finite, evaluate, finished_summary,
-                  is_finished, make_optimizer_for, restore, save_checkpoint, start_run, steps_per_epoch,
-                  total_steps)
+from .report import Reporter
+from .run import (Setup, agree, all_finite, evaluate, finished_summary, is_finished, make_optimizer_for,
+                  start_run, steps_per_epoch, total_steps)
 from .trace import NULL, Tracer
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44

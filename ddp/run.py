@@ -3,7 +3,7 @@
     given = {"dataset": "digits", "epochs": 5}          # what the user said (flags, TOML, ddp.fit kwargs)
     cfg = resolve_config(given)                        # + the checkpoint's settings when resuming
     setup = agree(comm, build, cfg, comm.local_rank)   # data, preprocessing, model
-    reporter = Reporter(cfg, comm.rank == 0, ...)      # metrics.jsonl, epoch lines, best.npz, summary.json
+    reporter = Reporter(cfg, comm.rank == 0, ...)      # report.py: metrics, epoch lines, best.npz, summary
 
 Everything a run writes lives in its folder (--out): config.toml, metrics.jsonl, checkpoint.npz, best.npz,
 summary.json. A checkpoint is self-contained: weights, optimizer state, position in the data, the resolved
@@ -18,23 +18,20 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__, backend
+from . import backend
+from .checkpoint import BEST, CHECKPOINT, check_resume, load_checkpoint, saved_config
 from .comm import Communicator
-from .config import Config, merge_for_resume, to_toml
+from .config import Config, merge_for_resume
 from .data import Dataset, Standardizer, batch_size_for, load_dataset, shard, split
 from .errors import UsageError
 from .model import MLP
 from .optim import Schedule, make_optimizer
+from .report import restart_count
 
-CHECKPOINT, BEST = "checkpoint.npz", "best.npz"
-FORMAT = 2                       # checkpoint format: 2 added meta and data.* (preprocessing)
-RISE = 2.0                       # a final validation loss this many times the first one earns a warning
 
 
 class Stopped(Exception):
@@ -320,111 +317,6 @@ def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> 
     return out
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-def _json_array(obj) -> np.ndarray:
-    return np.array(json.dumps(obj))
-
-
-def save_checkpoint(path: str, setup: Setup, model_state: dict, opt_state: dict, *, step: int, epoch: int,
-                    batch: int) -> None:
-    """Write atomically: a crash mid-write never destroys the previous checkpoint."""
-    cfg, model = setup.cfg, setup.model
-    arrays = dict(model_state)
-    arrays.update({f"optimizer.{k}": v for k, v in opt_state.items()})
-    arrays["step"] = np.array(step, np.int64)
-    arrays["epoch"] = np.array(epoch, np.int64)
-    arrays["batch_in_epoch"] = np.array(batch, np.int64)
-    # Shuffling is a pure function of (seed, epoch), so these two ARE the data RNG state.
-    arrays["rng.seed"] = np.array(cfg.seed, np.int64)
-    arrays["rng.epoch"] = np.array(epoch, np.int64)
-    arrays["config"] = _json_array(cfg.to_dict())
-    arrays["meta"] = _json_array({
-        "format": FORMAT, "ddp_version": __version__, "sizes": model.sizes, "activation": model.activation,
-        "loss": model.loss_name, "task": setup.prep.task, "dtype": model.dtype.name, "init": model.init,
-        "n_classes": setup.train.n_classes, "data_fingerprint": setup.fingerprint})
-    arrays.update(setup.prep.arrays())
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def _json_field(data: dict, key: str, path: str) -> dict:
-    try:
-        value = json.loads(str(data[key][()]))
-    except (ValueError, TypeError):
-        value = None
-    if not isinstance(value, dict):
-        raise UsageError(f"checkpoint {path}: {key!r} is not a JSON object")
-    return value
-
-
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint's arrays, checked: every field a ddp checkpoint needs, of the right kind, and finite
-    weights (a checkpoint saved after a blow-up must not be resumed or used)."""
-    if not os.path.exists(path):
-        raise UsageError(f"checkpoint {path} not found")
-    if os.path.isdir(path):
-        raise UsageError(f"checkpoint {path} is a folder; give the .npz file in it, e.g. {os.path.join(path, CHECKPOINT)}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
-    for key in ("step", "epoch", "batch_in_epoch"):
-        if key not in data:
-            raise UsageError(f"checkpoint {path} has no {key!r}: not a ddp checkpoint")
-        a = data[key]
-        if a.shape != () or a.dtype.kind not in "iu" or int(a) < 0:
-            raise UsageError(f"checkpoint {path}: {key!r} must be a non-negative integer, got {a!r}")
-    for key in ("config", "meta"):
-        if key in data:
-            data[key] = _json_field(data, key, path)
-    for key, a in data.items():
-        if key.startswith(("layers.", "optimizer.")) and key != "optimizer.t":
-            if a.dtype.kind != "f":
-                raise UsageError(f"checkpoint {path}: {key} has dtype {a.dtype}, expected floating point")
-            if not np.isfinite(a).all():
-                raise UsageError(f"checkpoint {path}: {key} holds NaN or Inf; it was saved after training "
-                                 "diverged and cannot be used")
-    return data
-
-
-def restore(ckpt: dict, model: MLP, optimizer, path: str, span: tuple[int, int] | None = None
-            ) -> tuple[int, int, int]:
-    """Load parameters and optimizer state; return (step, epoch, batch_in_epoch).
-
-    span=(start, stop) loads only that slice of each optimizer state array: a parameter
-    server's shard (the model itself is always loaded whole, which checks the architecture).
-    """
-    model.load_state_dict(ckpt)
-    opt_state = {k[len("optimizer."):]: v for k, v in ckpt.items() if k.startswith("optimizer.")}
-    if "t" not in opt_state:
-        raise UsageError(f"checkpoint {path} has no optimizer state")
-    if span is not None:
-        n = model.num_params
-        for name, arr in opt_state.items():
-            if name != "t":
-                if arr.shape != (n,):
-                    raise UsageError(f"checkpoint {path}: optimizer state {name} has shape {arr.shape}, "
-                                     f"expected ({n},)")
-                opt_state[name] = arr[span[0]:span[1]]
-    optimizer.load_state_dict(opt_state)
-    return int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
-
-
-def check_resume(ckpt: dict, setup: Setup, path: str) -> None:
-    """The run being resumed must be the checkpoint's: same settings that shape the computation, same data."""
-    saved = ckpt.get("config")
-    if saved is not None:
-        merge_for_resume(saved, setup.cfg.to_dict(), path)
-    meta = ckpt.get("meta") or {}
-    fp = meta.get("data_fingerprint")
-    if fp is not None and fp != setup.fingerprint:
-        raise UsageError(f"the training data differs from the data checkpoint {path} was trained on "
-                         f"(dataset {setup.cfg.dataset!r}); resume with the same data, or start a new run")
-
-
 def start_run(cfg: Config, comm: Communicator, raw=None):
     """Set-up shared by both modes, agreed by every rank: the data and model built, the checkpoint (if
     resuming) checked against them, then the run folder checked (rank 0) before anything is written.
@@ -470,29 +362,6 @@ def resolve_config(given: dict) -> Config:
     return Config(**values).validate()
 
 
-def saved_config(path: str) -> dict:
-    """The configuration stored in a checkpoint, read without loading its arrays (start_run loads and
-    checks the whole checkpoint later, on every rank)."""
-    if not os.path.isfile(path):
-        load_checkpoint(path)                      # the one place that words a missing path
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if "config" not in f.files:
-                raise UsageError(f"checkpoint {path} has no saved configuration: not a ddp checkpoint")
-            return _json_field({"config": f["config"]}, "config", path)
-    except UsageError:
-        raise
-    except Exception as e:
-        raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
-
-
-def restart_count() -> int:
-    try:
-        return max(int(os.environ.get("DDP_RESTART", "0")), 0)
-    except ValueError:
-        return 0
-
-
 def auto_out(cfg: Config) -> str:
     """runs/DATASET, or the first runs/DATASET-N that holds no run yet."""
     base = os.path.join("runs", cfg.dataset)
@@ -534,167 +403,6 @@ def prepare_out(cfg: Config) -> None:
         for name in (CHECKPOINT, BEST, "metrics.jsonl", "summary.json"):
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
-
-
-def finite(obj):
-    """JSON has no NaN or Infinity: non-finite floats become null, so every file stays valid JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return finite(obj.item())
-    return obj
-
-
-# --------------------------------------------------------------------------- output
-
-def metric_name(task: str) -> str:
-    return "val_accuracy" if task == "classification" else "val_r2"
-
-
-class Reporter:
-    """What rank 0 writes and prints: config.toml, metrics.jsonl, one line per epoch, the progress bar
-    (only on a terminal), best.npz, summary.json. Other ranks hold an inactive Reporter."""
-
-    def __init__(self, cfg: Config, active: bool, total: int, initial: int, task: str, resume_step=None):
-        self.cfg, self.task = cfg, task
-        self.active = active and bool(cfg.out)
-        self.printing = active
-        self.bar = None
-        self.best, self.best_step, self.saved_step = None, None, None
-        self.val_losses = []
-        if self.active:
-            os.makedirs(cfg.out, exist_ok=True)
-            with open(os.path.join(cfg.out, "config.toml"), "w") as fh:
-                fh.write(to_toml(cfg))
-            self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-            kept = self._kept_records(resume_step) if resume_step is not None else []
-            for rec in kept:
-                self._consider_best(rec)
-            self.metrics = open(self.metrics_path, "w")
-            for rec in kept:
-                self.metrics.write(json.dumps(rec) + "\n")
-            self.metrics.flush()
-        if active and cfg.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
-
-    def _kept_records(self, step: int) -> list[dict]:
-        """The records of the run up to its checkpoint: later ones (written before a crash) and the record
-        of an epoch the checkpoint stopped inside (it is written again when the epoch ends) are dropped,
-        so a resumed run's metrics.jsonl has each epoch once."""
-        kept = []
-        try:
-            with open(self.metrics_path) as fh:
-                for line in fh:
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        break                      # a line cut by a crash
-                    if rec.get("step", 0) <= step and not rec.get("partial"):
-                        kept.append(rec)
-        except FileNotFoundError:
-            pass
-        return kept
-
-    def _consider_best(self, record: dict) -> bool:
-        key = metric_name(self.task)
-        value = record.get(key)
-        if value is None or not math.isfinite(value) or (self.best is not None and value <= self.best):
-            return False
-        self.best, self.best_step = value, record["step"]
-        return True
-
-    def tick(self, loss):
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-    def epoch(self, record: dict):
-        """One epoch's record (already reduced over the ranks)."""
-        if not self.printing:
-            return
-        record = finite(record)
-        if record.get("val_loss") is not None and not record.get("partial"):
-            self.val_losses.append((record["epoch"], record["val_loss"]))
-        if self.active:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
-            if not record.get("partial") and self._consider_best(record) and self.saved_step == record["step"]:
-                self._copy_best()
-        if not self.cfg.quiet:
-            self.print(self.format_epoch(record))
-
-    def format_epoch(self, r: dict) -> str:
-        parts = [f"epoch {r['epoch']}/{self.cfg.epochs}" + (" (stopped inside)" if r.get("partial") else ""),
-                 f"step {r['step']}", f"train loss {_fmt(r.get('train_loss'))}"]
-        if "val_loss" in r:
-            parts.append(f"val loss {_fmt(r['val_loss'])}")
-        key = metric_name(self.task)
-        if key in r:
-            parts.append(f"{key.replace('_', ' ')} {_fmt(r[key])}")
-        parts.append(f"{r.get('samples_per_s') or 0:,.0f} samples/s")
-        return "ddp: " + ", ".join(parts)
-
-    def saved(self, step: int):
-        """A checkpoint at `step` was just written: keep it as best.npz if that step's metric is the best."""
-        self.saved_step = step
-        if self.active and self.best_step == step:
-            self._copy_best()
-
-    def _copy_best(self):
-        src, dst = os.path.join(self.cfg.out, CHECKPOINT), os.path.join(self.cfg.out, BEST)
-        tmp = dst + ".tmp.npz"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self.active and not self.metrics.closed:
-            self.metrics.close()
-
-    def print(self, msg: str):
-        if not self.printing:
-            return
-        if self.bar is not None:
-            self.bar.write(msg)
-        else:
-            print(msg, flush=True)
-
-    def summary(self, summary: dict, extra: str = "") -> dict:
-        """summary.json (with the configuration, restarts and the best epoch) and the final line."""
-        summary = dict(summary)
-        summary["config"] = self.cfg.to_dict()
-        if self.best_step is not None:
-            summary["best"] = {"step": self.best_step, metric_name(self.task): self.best}
-        restarts = restart_count()
-        if restarts:
-            summary["restarts"] = restarts
-            summary["restart_reasons"] = [r for r in os.environ.get("DDP_RESTART_REASONS", "").split(";") if r]
-        summary = finite(summary)
-        if len(self.val_losses) >= 2:
-            (e0, first), (e1, last) = self.val_losses[0], self.val_losses[-1]
-            if last > RISE * first:
-                self.print(f"ddp: warning: validation loss rose from {first:.4g} (epoch {e0}) to {last:.4g} "
-                           f"(epoch {e1}): the learning rate may be too high, or the model overfits")
-        if self.active:
-            with open(os.path.join(self.cfg.out, "summary.json"), "w") as fh:
-                json.dump(summary, fh, indent=1)
-        metric = next((k for k in ("test_accuracy", "test_r2") if summary.get(k) is not None), None)
-        tail = f", {metric} {summary[metric]:.4f}" if metric else ""
-        where = f", outputs in {self.cfg.out}" if self.active else ""
-        self.print(f"ddp: done: {summary['steps']} steps, {summary['epochs']} epochs, "
-                   f"{summary['elapsed_s']:.1f} s{tail}{extra}{where}")
-        return summary
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 def finished_summary(cfg: Config, step: int, epoch: int, reporter_active: bool) -> dict:

@@ -19,15 +19,16 @@ import time
 import numpy as np
 
 from . import backend
+from .checkpoint import CHECKPOINT, restore, save_checkpoint
 from .comm import Communicator, DebugComm, SerialComm, run_simulated
 from .config import Config
 from .data import epoch_batches, micro_batches, shard
 from .errors import TrainingError, UsageError
 from .model import MLP
 from .parallel import DataParallel, check_replicas
-from .run import (CHECKPOINT, Reporter, Setup, Stopped, agree, all_finite, evaluate,
-                  finished_summary, is_finished, make_optimizer_for, restore, save_checkpoint, start_run,
-                  steps_per_epoch, stop_requested, total_steps)
+from .report import Reporter
+from .run import (Setup, Stopped, agree, all_finite, evaluate, finished_summary, is_finished, make_optimizer_for,
+                  start_run, steps_per_epoch, stop_requested, total_steps)
 from .trace import NULL, Tracer
 
 # --------------------------------------------------------------------------- the loop

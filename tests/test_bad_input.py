@@ -184,14 +184,14 @@ def test_at_least_sixty_cases():
 
 def test_summary_and_metrics_stay_valid_json_when_the_loss_is_not_finite(tmp_path):
     """Bare NaN is not JSON: a non-finite value is written as null."""
-    from ddp.run import finite
+    from ddp.report import finite
     assert json.loads(json.dumps(finite({"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(2)}))) == \
         {"a": None, "b": [1.0, None], "c": 2.0}
 
 
 def test_a_validation_loss_that_ends_far_above_its_start_is_reported(capsys):
     from ddp.config import Config
-    from ddp.run import Reporter
+    from ddp.report import Reporter
 
     def final_lines(val_losses):
         rep = Reporter(Config(epochs=len(val_losses), out=""), True, 10, 0, "regression")

@@ -21,7 +21,8 @@ from ddp.model import MLP
 from ddp.nn import ACTIVATIONS, dense_forward
 from ddp.losses import LOSSES
 from ddp.optim import make_optimizer
-from ddp.run import CHECKPOINT, build, evaluate, load_checkpoint
+from ddp.checkpoint import CHECKPOINT, load_checkpoint
+from ddp.run import build, evaluate
 from ddp.train import run
 
 ACTS = sorted(ACTIVATIONS)

@@ -19,7 +19,7 @@ from ddp.comm import SerialComm
 from ddp.config import Config
 from ddp.errors import UsageError
 from ddp.errors import TrainingError
-from ddp.run import load_checkpoint
+from ddp.checkpoint import load_checkpoint
 from ddp.train import run
 
 # 240 training rows in batches of 32: 8 steps per epoch, the last one uneven across 3 workers,

@@ -1,0 +1,144 @@
+"""Checkpoints: one .npz file holds everything a run needs to resume and a model needs to be used.
+
+    save_checkpoint(path, setup, model.state_dict(), optimizer.state_dict(), step=s, epoch=e, batch=b)
+    ckpt = load_checkpoint(path)        # checked: fields, kinds, finite weights; config and meta as dicts
+    restore(ckpt, model, optimizer, path)
+
+Arrays: layers.i.W and layers.i.b, optimizer.*, step, epoch, batch_in_epoch, rng.seed, rng.epoch, and the
+preprocessing data.x_mean, data.x_std (data.y_mean, data.y_std for regression, data.classes for
+classification); config (the resolved configuration) and meta (architecture, task, ddp version, data
+fingerprint) as JSON strings. Nothing is pickled: np.load(path, allow_pickle=False) reads it, and every write is
+atomic, so a crash never destroys the previous checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from . import __version__
+from .config import merge_for_resume
+from .errors import UsageError
+
+CHECKPOINT, BEST = "checkpoint.npz", "best.npz"
+FORMAT = 2                       # checkpoint format: 2 added meta and data.* (preprocessing)
+
+
+def _json_array(obj) -> np.ndarray:
+    return np.array(json.dumps(obj))
+
+
+def save_checkpoint(path: str, setup, model_state: dict, opt_state: dict, *, step: int, epoch: int,
+                    batch: int) -> None:
+    """Write atomically: a crash mid-write never destroys the previous checkpoint."""
+    cfg, model = setup.cfg, setup.model
+    arrays = dict(model_state)
+    arrays.update({f"optimizer.{k}": v for k, v in opt_state.items()})
+    arrays["step"] = np.array(step, np.int64)
+    arrays["epoch"] = np.array(epoch, np.int64)
+    arrays["batch_in_epoch"] = np.array(batch, np.int64)
+    # Shuffling is a pure function of (seed, epoch), so these two ARE the data RNG state.
+    arrays["rng.seed"] = np.array(cfg.seed, np.int64)
+    arrays["rng.epoch"] = np.array(epoch, np.int64)
+    arrays["config"] = _json_array(cfg.to_dict())
+    arrays["meta"] = _json_array({
+        "format": FORMAT, "ddp_version": __version__, "sizes": model.sizes, "activation": model.activation,
+        "loss": model.loss_name, "task": setup.prep.task, "dtype": model.dtype.name, "init": model.init,
+        "n_classes": setup.train.n_classes, "data_fingerprint": setup.fingerprint})
+    arrays.update(setup.prep.arrays())
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _json_field(data: dict, key: str, path: str) -> dict:
+    try:
+        value = json.loads(str(data[key][()]))
+    except (ValueError, TypeError):
+        value = None
+    if not isinstance(value, dict):
+        raise UsageError(f"checkpoint {path}: {key!r} is not a JSON object")
+    return value
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint's arrays, checked: every field a ddp checkpoint needs, of the right kind, and finite
+    weights (a checkpoint saved after a blow-up must not be resumed or used)."""
+    if not os.path.exists(path):
+        raise UsageError(f"checkpoint {path} not found")
+    if os.path.isdir(path):
+        raise UsageError(f"checkpoint {path} is a folder; give the .npz file in it, e.g. {os.path.join(path, CHECKPOINT)}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
+    for key in ("step", "epoch", "batch_in_epoch"):
+        if key not in data:
+            raise UsageError(f"checkpoint {path} has no {key!r}: not a ddp checkpoint")
+        a = data[key]
+        if a.shape != () or a.dtype.kind not in "iu" or int(a) < 0:
+            raise UsageError(f"checkpoint {path}: {key!r} must be a non-negative integer, got {a!r}")
+    for key in ("config", "meta"):
+        if key in data:
+            data[key] = _json_field(data, key, path)
+    for key, a in data.items():
+        if key.startswith(("layers.", "optimizer.")) and key != "optimizer.t":
+            if a.dtype.kind != "f":
+                raise UsageError(f"checkpoint {path}: {key} has dtype {a.dtype}, expected floating point")
+            if not np.isfinite(a).all():
+                raise UsageError(f"checkpoint {path}: {key} holds NaN or Inf; it was saved after training "
+                                 "diverged and cannot be used")
+    return data
+
+
+def restore(ckpt: dict, model, optimizer, path: str, span: tuple[int, int] | None = None
+            ) -> tuple[int, int, int]:
+    """Load parameters and optimizer state; return (step, epoch, batch_in_epoch).
+
+    span=(start, stop) loads only that slice of each optimizer state array: a parameter
+    server's shard (the model itself is always loaded whole, which checks the architecture).
+    """
+    model.load_state_dict(ckpt)
+    opt_state = {k[len("optimizer."):]: v for k, v in ckpt.items() if k.startswith("optimizer.")}
+    if "t" not in opt_state:
+        raise UsageError(f"checkpoint {path} has no optimizer state")
+    if span is not None:
+        n = model.num_params
+        for name, arr in opt_state.items():
+            if name != "t":
+                if arr.shape != (n,):
+                    raise UsageError(f"checkpoint {path}: optimizer state {name} has shape {arr.shape}, "
+                                     f"expected ({n},)")
+                opt_state[name] = arr[span[0]:span[1]]
+    optimizer.load_state_dict(opt_state)
+    return int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+
+
+def check_resume(ckpt: dict, setup, path: str) -> None:
+    """The run being resumed must be the checkpoint's: same settings that shape the computation, same data."""
+    saved = ckpt.get("config")
+    if saved is not None:
+        merge_for_resume(saved, setup.cfg.to_dict(), path)
+    meta = ckpt.get("meta") or {}
+    fp = meta.get("data_fingerprint")
+    if fp is not None and fp != setup.fingerprint:
+        raise UsageError(f"the training data differs from the data checkpoint {path} was trained on "
+                         f"(dataset {setup.cfg.dataset!r}); resume with the same data, or start a new run")
+
+
+def saved_config(path: str) -> dict:
+    """The configuration stored in a checkpoint, read without loading its arrays (start_run loads and
+    checks the whole checkpoint later, on every rank)."""
+    if not os.path.isfile(path):
+        load_checkpoint(path)                      # the one place that words a missing path
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "config" not in f.files:
+                raise UsageError(f"checkpoint {path} has no saved configuration: not a ddp checkpoint")
+            return _json_field({"config": f["config"]}, "config", path)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None

@@ -1,0 +1,184 @@
+"""What rank 0 writes and prints during a run: config.toml, metrics.jsonl, one line per epoch, the progress
+bar (only on a terminal), best.npz and summary.json. Every JSON it writes is valid JSON: a non-finite number is
+written as null.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from .checkpoint import BEST, CHECKPOINT
+from .config import Config, to_toml
+
+RISE = 2.0                       # a final validation loss this many times the first one earns a warning
+
+
+def restart_count() -> int:
+    try:
+        return max(int(os.environ.get("DDP_RESTART", "0")), 0)
+    except ValueError:
+        return 0
+
+
+def finite(obj):
+    """JSON has no NaN or Infinity: non-finite floats become null, so every file stays valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return finite(obj.item())
+    return obj
+
+
+def metric_name(task: str) -> str:
+    return "val_accuracy" if task == "classification" else "val_r2"
+
+
+class Reporter:
+    """What rank 0 writes and prints: config.toml, metrics.jsonl, one line per epoch, the progress bar
+    (only on a terminal), best.npz, summary.json. Other ranks hold an inactive Reporter."""
+
+    def __init__(self, cfg: Config, active: bool, total: int, initial: int, task: str, resume_step=None):
+        self.cfg, self.task = cfg, task
+        self.active = active and bool(cfg.out)
+        self.printing = active
+        self.bar = None
+        self.best, self.best_step, self.saved_step = None, None, None
+        self.val_losses = []
+        if self.active:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, "config.toml"), "w") as fh:
+                fh.write(to_toml(cfg))
+            self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+            kept = self._kept_records(resume_step) if resume_step is not None else []
+            for rec in kept:
+                self._consider_best(rec)
+            self.metrics = open(self.metrics_path, "w")
+            for rec in kept:
+                self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+        if active and cfg.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+
+    def _kept_records(self, step: int) -> list[dict]:
+        """The records of the run up to its checkpoint: later ones (written before a crash) and the record
+        of an epoch the checkpoint stopped inside (it is written again when the epoch ends) are dropped,
+        so a resumed run's metrics.jsonl has each epoch once."""
+        kept = []
+        try:
+            with open(self.metrics_path) as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        break                      # a line cut by a crash
+                    if rec.get("step", 0) <= step and not rec.get("partial"):
+                        kept.append(rec)
+        except FileNotFoundError:
+            pass
+        return kept
+
+    def _consider_best(self, record: dict) -> bool:
+        key = metric_name(self.task)
+        value = record.get(key)
+        if value is None or not math.isfinite(value) or (self.best is not None and value <= self.best):
+            return False
+        self.best, self.best_step = value, record["step"]
+        return True
+
+    def tick(self, loss):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def epoch(self, record: dict):
+        """One epoch's record (already reduced over the ranks)."""
+        if not self.printing:
+            return
+        record = finite(record)
+        if record.get("val_loss") is not None and not record.get("partial"):
+            self.val_losses.append((record["epoch"], record["val_loss"]))
+        if self.active:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+            if not record.get("partial") and self._consider_best(record) and self.saved_step == record["step"]:
+                self._copy_best()
+        if not self.cfg.quiet:
+            self.print(self.format_epoch(record))
+
+    def format_epoch(self, r: dict) -> str:
+        parts = [f"epoch {r['epoch']}/{self.cfg.epochs}" + (" (stopped inside)" if r.get("partial") else ""),
+                 f"step {r['step']}", f"train loss {_fmt(r.get('train_loss'))}"]
+        if "val_loss" in r:
+            parts.append(f"val loss {_fmt(r['val_loss'])}")
+        key = metric_name(self.task)
+        if key in r:
+            parts.append(f"{key.replace('_', ' ')} {_fmt(r[key])}")
+        parts.append(f"{r.get('samples_per_s') or 0:,.0f} samples/s")
+        return "ddp: " + ", ".join(parts)
+
+    def saved(self, step: int):
+        """A checkpoint at `step` was just written: keep it as best.npz if that step's metric is the best."""
+        self.saved_step = step
+        if self.active and self.best_step == step:
+            self._copy_best()
+
+    def _copy_best(self):
+        src, dst = os.path.join(self.cfg.out, CHECKPOINT), os.path.join(self.cfg.out, BEST)
+        tmp = dst + ".tmp.npz"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.active and not self.metrics.closed:
+            self.metrics.close()
+
+    def print(self, msg: str):
+        if not self.printing:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def summary(self, summary: dict, extra: str = "") -> dict:
+        """summary.json (with the configuration, restarts and the best epoch) and the final line."""
+        summary = dict(summary)
+        summary["config"] = self.cfg.to_dict()
+        if self.best_step is not None:
+            summary["best"] = {"step": self.best_step, metric_name(self.task): self.best}
+        restarts = restart_count()
+        if restarts:
+            summary["restarts"] = restarts
+            summary["restart_reasons"] = [r for r in os.environ.get("DDP_RESTART_REASONS", "").split(";") if r]
+        summary = finite(summary)
+        if len(self.val_losses) >= 2:
+            (e0, first), (e1, last) = self.val_losses[0], self.val_losses[-1]
+            if last > RISE * first:
+                self.print(f"ddp: warning: validation loss rose from {first:.4g} (epoch {e0}) to {last:.4g} "
+                           f"(epoch {e1}): the learning rate may be too high, or the model overfits")
+        if self.active:
+            with open(os.path.join(self.cfg.out, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=1)
+        metric = next((k for k in ("test_accuracy", "test_r2") if summary.get(k) is not None), None)
+        tail = f", {metric} {summary[metric]:.4f}" if metric else ""
+        where = f", outputs in {self.cfg.out}" if self.active else ""
+        self.print(f"ddp: done: {summary['steps']} steps, {summary['epochs']} epochs, "
+                   f"{summary['elapsed_s']:.1f} s{tail}{extra}{where}")
+        return summary
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
