@@ -71,7 +71,7 @@ def _vote(world, code: int) -> bool:
     import numpy as np
     from mpi4py import MPI
 
-    from .comm import TAG_EXIT
+    from .watchdog import TAG_EXIT
     me, size = world.Get_rank(), world.Get_size()
     mine = np.array([code], np.int64)
     theirs = {r: np.empty(1, np.int64) for r in range(size) if r != me}
