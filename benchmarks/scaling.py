@@ -261,7 +261,8 @@ def measure(args) -> None:
                          n_samples=BATCH * n * (args.warmup + args.steps), val_fraction=0.0, test_fraction=0.0,
                          hidden=",".join(map(str, SIZES[1:-1])), batch_size=BATCH * n, epochs=1, lr=1e-3,
                          check_every=0, progress=False, mode=case["mode"], servers=max(S, 1),
-                         out=os.path.join(args.workdir, f"{ci}-{r}"))
+                         quiet=True, out=os.path.join(args.workdir, f"{os.path.basename(args.measure)}-{ci}-{r}"))
+            # (a folder per rate too: ddp refuses to start a run in a folder that holds one)
             inside = []
 
             def on_step(step, model, comm):
