@@ -3,7 +3,7 @@
 Everything here is NumPy on the host; the trainer moves each batch to the GPU itself.
 
     ds = load_dataset("digits")
-    train, val, test = standardize(*split(ds, val_fraction=0.1, test_fraction=0.2, seed=0))
+    train, val, test = split(ds, val_fraction=0.1, test_fraction=0.2, seed=0)   # run.load_data scales them
     for batch in epoch_batches(len(train), 64, seed=0, epoch=e):   # same on every rank
         for micro in micro_batches(shard(batch, rank, world), k):  # this rank's rows
             ...train.X[micro], train.y[micro]...
@@ -395,12 +395,6 @@ class Standardizer:
             raise UsageError(f"X has {X.shape[1:]} features, the standardizer was fit on "
                              f"{self.mean.shape}")
         return (X - self.mean) / self.std
-
-
-def standardize(train: Dataset, val: Dataset, test: Dataset) -> tuple[Dataset, Dataset, Dataset]:
-    """Fit a Standardizer on train.X and apply it to all three."""
-    s = Standardizer().fit(train.X)
-    return tuple(dataclasses.replace(ds, X=s.transform(ds.X)) for ds in (train, val, test))
 
 
 # ----------------------------------------------------------- batching and sharding

@@ -9,7 +9,7 @@ import sklearn.datasets
 from sklearn.preprocessing import StandardScaler
 
 from ddp.data import (DATASETS, Dataset, Standardizer, batch_size_for, epoch_batches,
-                      load_dataset, micro_batches, read_idx, shard, split, standardize)
+                      load_dataset, micro_batches, read_idx, shard, split)
 from ddp.errors import UsageError
 
 
@@ -281,16 +281,21 @@ def test_split_bad_fractions(val, test):
 
 
 def test_standardize_uses_train_statistics_only():
+    """The training path (ddp.run.load_data): inputs and regression targets scaled with the training
+    set's statistics only, as scikit-learn's StandardScaler fitted on the training rows scales them."""
+    from ddp.config import Config
+    from ddp.run import load_data
     ds = load_dataset("diabetes")
     ds.X[:, 3] = 7.0  # a constant feature must not divide by zero
     train, val, test = split(ds, 0.2, 0.2, seed=0)
-    strain, sval, stest = standardize(train, val, test)
+    strain, sval, stest, prep = load_data(Config(dataset="diabetes"), raw=(train, val, test))
     assert np.allclose(strain.X.mean(axis=0), 0) and np.allclose(strain.X[:, 3], 0)
     assert np.allclose(np.delete(strain.X.std(axis=0), 3), 1)
-    scaler = StandardScaler().fit(train.X)
+    scaler, yscaler = StandardScaler().fit(train.X), StandardScaler().fit(train.y)
     for ours, raw in ((strain, train), (sval, val), (stest, test)):
         assert np.allclose(ours.X, scaler.transform(raw.X))
-        assert np.array_equal(ours.y, raw.y)
+        assert np.allclose(ours.y, yscaler.transform(raw.y))
+        assert np.allclose(prep.y.inverse(ours.y), raw.y)       # predictions go back to the target's units
     assert abs(sval.X.mean()) > 1e-6  # val was not re-centred on its own statistics
     assert np.array_equal(train.X, split(ds, 0.2, 0.2, seed=0)[0].X)  # inputs untouched
 
