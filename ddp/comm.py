@@ -168,6 +168,23 @@ def cuda_aware_mpi() -> bool:
 
 
 
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "PMI_LOCAL_RANK")
+
+
+def local_position(rank: int, size: int, env=None) -> tuple[int, int]:
+    """(local rank, local size) of this world rank on its node. MPI's shared-memory split is the answer,
+    unless the launcher announced more ranks on this node than the split found: under srun with PMIx,
+    Open MPI's split saw 1 rank per node, and every rank would then have chosen GPU 0."""
+    import os
+
+    env = os.environ if env is None else env
+    announced = backend.local_ranks_from_env(env)
+    mine = next((int(env[k]) for k in LOCAL_RANK_VARS if env.get(k, "").isdigit()), None)
+    if announced and announced > size and mine is not None and mine < announced:
+        return mine, announced
+    return rank, size
+
+
 class MPIComm(Communicator):
     """mpi4py's buffer-based collectives. GPU arrays go to MPI directly when the
     library is CUDA-aware; otherwise they are staged through pinned host buffers."""
@@ -183,6 +200,8 @@ class MPIComm(Communicator):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
+        if mpi_comm is None:
+            self.local_rank, self.local_size = local_position(self.local_rank, self.local_size)
         self._cuda_aware = None
         self._staging = {}
         self._halves = {}

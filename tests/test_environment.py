@@ -136,3 +136,16 @@ def test_only_the_first_task_prints(tmp_path):
     res = subprocess.run([sys.executable, "-m", "ddp", *TINY, "--out", str(tmp_path / "batch")], capture_output=True,
                          text=True, timeout=60, env=clean_env(**batch, SLURM_PROCID="0"))
     assert res.returncode == 0 and (tmp_path / "batch" / "checkpoint.npz").exists(), res.stderr
+
+
+@pytest.mark.parametrize("split, env, want", [
+    ((0, 1), {"SLURM_STEP_ID": "0", "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "0", "SLURM_LOCALID": "3"},
+     (3, 4)),                                                    # srun + PMIx: the split saw 1 per node
+    ((1, 2), {"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, (1, 2)),   # they agree
+    ((2, 4), {}, (2, 4)),                                        # no launcher variables: MPI's answer
+    ((0, 1), {"SLURM_STEP_ID": "0", "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "0"}, (0, 1)),  # no rank
+])
+def test_the_local_rank_that_picks_the_gpu(split, env, want):
+    """Each rank takes GPU local_rank % gpus: it must be this rank's position on its node."""
+    from ddp.comm import local_position
+    assert local_position(*split, env=env) == want
