@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from .errors import UsageError
+from .launcher import local_ranks_from_env
 
 _cupy = None
 _cupyx = None             # cupyx, for pinned host memory
@@ -225,30 +226,9 @@ def cupy_version() -> str | None:
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS")
-# Set by launchers for each process they start: how many of the job's processes run on this node.
-LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
 
 
 thread_note = None     # limit_threads' last description, for the training start line
-
-
-def local_ranks_from_env(env=None) -> int | None:
-    """Processes of this job on this node, as the launcher announced them (None if it did not)."""
-    env = os.environ if env is None else env
-    for key in LOCAL_SIZE_VARS:
-        if env.get(key, "").isdigit() and int(env[key]) > 0:
-            return int(env[key])
-    if "SLURM_STEP_ID" in env:   # an srun step; the batch script's own allocation variables do not count
-        # "2(x3),1": 2 tasks on each of the first 3 nodes, then 1; this node is SLURM_NODEID.
-        counts = []
-        for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
-            n, _, rep = part.partition("(x")
-            if n.isdigit():
-                counts += [int(n)] * (int(rep.rstrip(")")) if rep.rstrip(")").isdigit() else 1)
-        node = int(env["SLURM_NODEID"]) if env.get("SLURM_NODEID", "").isdigit() else 0
-        if node < len(counts) and counts[node] > 0:
-            return counts[node]
-    return None
 
 
 def limit_threads(local_ranks: int | None = None, simulated: int = 1, env=None) -> str:

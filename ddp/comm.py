@@ -11,6 +11,7 @@ every rank is making the same call with the same buffer size.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -19,6 +20,7 @@ import numpy as np
 
 from . import backend
 from .errors import TrainingError, UsageError
+from .launcher import check_launcher, launched, local_position
 
 from .watchdog import WATCHDOG  # noqa: F401 (ps.py and the benchmarks reach it through the communicators)
 
@@ -166,23 +168,6 @@ def cuda_aware_mpi() -> bool:
     return False
 
 
-
-
-LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "PMI_LOCAL_RANK")
-
-
-def local_position(rank: int, size: int, env=None) -> tuple[int, int]:
-    """(local rank, local size) of this world rank on its node. MPI's shared-memory split is the answer,
-    unless the launcher announced more ranks on this node than the split found: under srun with PMIx,
-    Open MPI's split saw 1 rank per node, and every rank would then have chosen GPU 0."""
-    import os
-
-    env = os.environ if env is None else env
-    announced = backend.local_ranks_from_env(env)
-    mine = next((int(env[k]) for k in LOCAL_RANK_VARS if env.get(k, "").isdigit()), None)
-    if announced and announced > size and mine is not None and mine < announced:
-        return mine, announced
-    return rank, size
 
 
 class MPIComm(Communicator):
@@ -497,41 +482,10 @@ def world_comm() -> Communicator:
 
     mpi4py is imported lazily so that single-process use needs no MPI at all.
     """
-    import os
-
-    launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
-    comm = MPIComm() if launched else None
+    comm = MPIComm() if launched() else None
     if comm is None or comm.size == 1:
         check_launcher(os.environ)
     return comm if comm is not None and comm.size > 1 else SerialComm()
-
-
-def launcher_tasks(env) -> tuple[int, str, int]:
-    """(tasks the launcher started, the variable that says so, this task's index among them).
-
-    An MPI launcher's own count comes first: Open MPI starts its daemons with srun, so its ranks see
-    Slurm's step variables too. Slurm's count counts only inside an srun step (SLURM_STEP_ID is set):
-    a batch script runs in an allocation of SLURM_NTASKS tasks but is one process, legitimately.
-    """
-    for size, rank in (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK"),
-                       ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID"), ("SLURM_NTASKS", "SLURM_PROCID")):
-        if size.startswith("SLURM") and "SLURM_STEP_ID" not in env:
-            continue
-        if env.get(size, "").isdigit():
-            return int(env[size]), size, int(env[rank]) if env.get(rank, "").isdigit() else 0
-    return 1, "", 0
-
-
-def check_launcher(env) -> None:
-    """In a world of 1, refuse to run when the launcher started several tasks: each would be a
-    separate singleton training its own model into the same --out, silently."""
-    n, var, index = launcher_tasks(env)
-    if n > 1:
-        err = UsageError(f"{var}={n} says {n} tasks were launched, but MPI sees a world of 1 "
-                         f"(each task would train alone): under Slurm use 'srun --mpi=pmix' with a PMIx-enabled "
-                         f"Slurm, or launch/mpirun.sh inside the allocation")
-        err.quiet = index != 0        # every task sees the same problem; one line is enough
-        raise err
 
 
 def format_exception(e: BaseException) -> str:

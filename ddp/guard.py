@@ -25,10 +25,10 @@ import traceback
 import warnings
 
 from .errors import TrainingError, UsageError
+from .launcher import launched
 
 AGREE_S = 2.0       # how long a failing rank waits to hear whether every rank failed alike
 EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT = 1, 2, 130
-LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK")
 
 
 def exit_code(e: BaseException) -> int:
@@ -57,7 +57,7 @@ def message(e: BaseException) -> str | None:
 def _world():
     """MPI_COMM_WORLD when this process is one of several MPI ranks, else None. Initialises MPI
     if the error came before it was (a bad flag): the vote needs it, and the others wait in it."""
-    if "mpi4py.MPI" not in sys.modules and not any(k in os.environ for k in LAUNCH_VARS):
+    if "mpi4py.MPI" not in sys.modules and not launched():
         return None
     from mpi4py import MPI
     if MPI.Is_finalized():

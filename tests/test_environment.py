@@ -1,5 +1,5 @@
 """What the launcher's environment means to ddp: BLAS threads per rank (backend.limit_threads), and a
-launcher that started several tasks while MPI sees a world of 1 (comm.check_launcher)."""
+launcher that started several tasks while MPI sees a world of 1 (launcher.check_launcher)."""
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ddp import backend
-from ddp.comm import check_launcher, launcher_tasks
+from ddp.launcher import LOCAL_SIZE_VARS, check_launcher, launcher_tasks, local_position, local_ranks_from_env
 from ddp.errors import UsageError
 from helpers import ROOT
 
@@ -20,7 +20,7 @@ TINY = ["train", "--dataset", "digits", "--hidden", "8", "--max-steps", "1", "--
 def clean_env(**extra):
     """This environment without the thread variables, the launchers' or Slurm's."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI"))
-           and k not in backend.LOCAL_SIZE_VARS}
+           and k not in LOCAL_SIZE_VARS}
     env.update(PYTHONPATH=ROOT, **extra)
     return env
 
@@ -49,7 +49,7 @@ def blas_after(code):
     ({}, None),
 ])
 def test_local_ranks_from_the_launchers_environment(env, want):
-    assert backend.local_ranks_from_env(env) == want
+    assert local_ranks_from_env(env) == want
 
 
 def test_each_blas_gets_its_share_of_the_cores():
@@ -147,5 +147,4 @@ def test_only_the_first_task_prints(tmp_path):
 ])
 def test_the_local_rank_that_picks_the_gpu(split, env, want):
     """Each rank takes GPU local_rank % gpus: it must be this rank's position on its node."""
-    from ddp.comm import local_position
     assert local_position(*split, env=env) == want

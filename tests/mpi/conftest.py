@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
+from ddp.launcher import launched
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))   # for tests/helpers.py
 
-LAUNCHED = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+LAUNCHED = launched()
 
 
 def pytest_collection_modifyitems(config, items):
