@@ -27,24 +27,26 @@ links are full duplex), and t_c the compute of one rank (forward, backward, opti
 
 alpha and beta are measured in the same run, in every round (pooled: each size's median): a ping-pong (one way:
 alpha + m*beta) for ps, and an allreduce on 2 hosts (2*alpha + m*beta, the ring formula at p = 2) for the ring.
-alpha is the 8-byte message's time; beta is the least-squares slope over 256 KiB .. 4 MiB (tbf passes a burst at
-wire speed, so smaller messages beat the shaped rate and say nothing about the 2.7 MB that matter). Compute is
+alpha is the 8-byte message's time; beta is the slope of a least-squares line over 256 KiB .. M (the shaper passes a
+burst at wire speed, so smaller messages beat the shaped rate and say nothing about the 2.7 MB that matter; the
+line's own intercept absorbs the burst's head start). Compute is
 timed in the same job: forward+backward inside the very steps being predicted (so it carries the CPU load that
 the communication sees; the slowest worker, step by step), plus the optimizer timed beside them; the table also
 gives the error with compute timed alone just before each case (a sweep over 32, 64, 128 samples, which also
 gives the per-sample time that --table uses).
 
-THE CHECK (--check, root): network namespaces on a private bridge (tests/cluster/netns.sh), one rank per
-emulated host, Open MPI over TCP only, the ranks started through tests/cluster/ns_agent.sh. Each host's link is
-shaped in both directions (its eth0, and its port on the bridge) by `tc qdisc replace ... tbf rate R burst B
-latency 50ms`, B = max(64 KiB, R x 1 ms); this kernel has no netem, so latency is what it is. Rates: 1 and 2.5
-Gbit/s. At 5 and 10 Gbit/s TCP through the veth pairs is bound by these 2 shared cores, not by the link, and a
-link model does not apply (benchmarks/RESULTS.md shows a 10 Gbit/s run). Open MPI's allreduce is pinned to its
-ring algorithm (the model's), and TCP's slow start after idle is off, as on a tuned cluster. Cases, at each
-rate: allreduce on 2, 3 and 4 hosts; ps with 1 and 2 servers and 2 and 3 workers, each server on a host of its
-own. The measured step is ddp's own training loop (ddp.train.run, --mode allreduce or ps) on the MLP
-784-512-512-10, float32, 128 samples per worker, timed between optimizer steps; rounds of all cases alternate,
-and every figure is a median. Namespaces are always deleted, on error and on Ctrl-C too.
+THE CHECK (--check, root): network namespaces on a private bridge (tests/cluster/netns.sh), one rank per emulated
+host, Open MPI over TCP only, the ranks started through tests/cluster/ns_agent.sh. Each host's link is shaped in
+both directions (its eth0, and its port on the bridge) to R by htb, with a 5 ms queue per peer (see shape(): fair
+queueing with a short buffer, as a Linux host's fq_codel gives; one deep FIFO per link kept small messages behind
+bulk data). This kernel has no netem, so latency is what it is. Rates: 1 and 2.5 Gbit/s. At 5 and 10 Gbit/s TCP
+through the veth pairs is bound by these 2 shared cores, not by the link, and a link model does not apply
+(benchmarks/RESULTS.md shows a 10 Gbit/s run). Open MPI's allreduce is pinned to its ring algorithm (the
+model's), and TCP's slow start after idle is off, as on a tuned cluster. Cases, at each rate: allreduce on 2, 3
+and 4 hosts; ps with 1 and 2 servers and 2 and 3 workers, each server on a host of its own. The measured step is
+ddp's own training loop (ddp.train.run, --mode allreduce or ps) on the MLP 784-512-512-10, float32, 128 samples
+per worker, timed between optimizer steps; rounds of all cases alternate, and every figure is a median.
+Namespaces are always deleted, on error and on Ctrl-C too.
 """
 from __future__ import annotations
 
@@ -68,7 +70,6 @@ CLUSTER = os.path.join(ROOT, "tests", "cluster")
 
 SIZES = (784, 512, 512, 10)          # the validation MLP: 669,706 parameters, 2.68 MB of float32
 BATCH = 128                          # samples per worker and step
-SWEEP_BYTES = (8, 1 << 18, 1 << 20, 1 << 21, 1 << 22)
 TOLERANCE = 0.15
 
 
@@ -76,6 +77,11 @@ TOLERANCE = 0.15
 
 def mlp_params(sizes) -> int:
     return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+# The sweep: a latency probe, then sizes up to the gradient itself (bigger ones behave differently here: a
+# 4 MiB 2-host allreduce at 2.5 Gbit/s overflows the 5 ms queues now and then and took 19-47 ms, not 13).
+SWEEP_BYTES = (8, 1 << 18, 1 << 20, 1 << 21, 4 * mlp_params(SIZES))
 
 
 def ring_comm(p: int, M: float, alpha: float, beta: float, buckets: int = 1) -> float:
@@ -298,17 +304,17 @@ def measure(args) -> None:
 # --------------------------------------------------------------------------- predicting from a measurement
 
 def network_fits(sweep: dict) -> dict:
-    """alpha from the smallest message; beta by least squares over messages of 256 KiB and more.
+    """alpha from the smallest message; beta, the slope of a line through the messages of 256 KiB and more.
 
-    One line through every size would not do: tbf lets a burst pass at the wire's speed, so mid-sized
-    messages beat the shaped rate, and a fit weighted to them gets beta wrong for the 2.7 MB that matter.
+    The shaper lets a burst pass at wire speed, which takes a constant off every large message's time:
+    a line through the origin would read that as a faster link (1.02 Gbit/s on a 1 Gbit/s one), its own
+    intercept absorbs it. The slope comes out near TCP's goodput, 1448 payload bytes per 1514 on the wire.
     """
     out = {}
     for kind, n_msgs, key in (("p2p", 1, "pingpong"), ("ring", 2, "allreduce2")):   # ring at p = 2: 2 alpha
         pts = {int(m): t for m, t in sweep[key].items()}
-        alpha = pts[min(pts)] / n_msgs
-        big = [(m, t - n_msgs * alpha) for m, t in pts.items() if m >= 1 << 18]
-        out[kind] = (alpha, sum(m * t for m, t in big) / sum(m * m for m, _ in big))
+        big = sorted(m for m in pts if m >= 1 << 18)
+        out[kind] = (pts[min(pts)] / n_msgs, fit_line(big, [pts[m] for m in big])[1])
     return out
 
 
@@ -370,14 +376,44 @@ def _run(cmd, timeout=120, **kw):
     return res
 
 
+def _addr(i: int) -> str:
+    return f"10.77.0.{10 + i}"          # host i's address on netns.sh's bridge
+
+
 def shape(prefix: str, hosts: int, gbit: float, queue_ms: float) -> None:
-    """tbf at `gbit` on both directions of every host's link. The bucket must hold what the kernel
-    hands over at once (a 64 KiB TSO segment) and what arrives within a timer tick at full rate."""
-    burst = max(64 * 1024, int(gbit * 1e9 / 8 / 1000))
+    """Every host's link at `gbit`, both ways, with a short queue per peer: fair queueing with a few ms
+    of buffer, as a Linux host's default qdisc (fq_codel, whose target delay is 5 ms) and a data-centre
+    switch give. This kernel has neither netem nor fq_codel; htb and u32 are here.
+
+    Why not tbf alone, one FIFO per link: a rank's small messages to one peer (MPI's rendezvous go-ahead,
+    TCP's ACKs) then wait behind its bulk data to another, every ring step waits for a neighbour's queue
+    to drain, and 4 hosts ran 18-24% slower than the same links with a queue per peer. Why short: behind
+    a 50 ms queue TCP grows its windows and socket buffers to tens of ms of data, and on 2 hosts, where
+    the go-ahead and the data share one connection, steps swung between 27 and 37 ms (the go-ahead
+    queued behind a whole message). htb shares the rate among one class per peer (u32 on the peer's
+    address: dst on the host's eth0, src on its port on the bridge), each a bfifo of `queue_ms` at the
+    full rate. The bucket holds what the kernel hands over at once (a 64 KiB TSO segment) and what
+    arrives within a timer tick at full rate.
+    """
+    burst = str(max(64 * 1024, int(gbit * 1e9 / 8 / 1000)))
+    limit = str(int(gbit * 1e9 / 8 * queue_ms / 1000))
+    rate = f"{gbit}gbit"
     for i in range(hosts):
-        for ns, dev in ((f"{prefix}-h{i}", "eth0"), (f"{prefix}-br", f"h{i}")):
-            _run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
-                  "rate", f"{gbit}gbit", "burst", str(burst), "latency", f"{queue_ms}ms"])
+        for ns, dev, field in ((f"{prefix}-h{i}", "eth0", "dst"), (f"{prefix}-br", f"h{i}", "src")):
+            tc = ["ip", "netns", "exec", ns, "tc"]
+            subprocess.run(tc + ["qdisc", "del", "dev", dev, "root"], capture_output=True, timeout=30)
+            _run(tc + ["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "99"])
+            _run(tc + ["class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", rate,
+                       "ceil", rate, "burst", burst, "cburst", burst])
+            for j in [j for j in range(hosts) if j != i] + [None]:     # None: ARP and anything else
+                cls = f"1:{99 if j is None else 10 + j}"
+                _run(tc + ["class", "add", "dev", dev, "parent", "1:1", "classid", cls, "htb",
+                           "rate", f"{gbit / hosts}gbit", "ceil", rate, "burst", burst, "cburst", burst,
+                           "quantum", "65536"])
+                _run(tc + ["qdisc", "add", "dev", dev, "parent", cls, "bfifo", "limit", limit])
+                if j is not None:
+                    _run(tc + ["filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1",
+                               "u32", "match", "ip", field, f"{_addr(j)}/32", "flowid", cls])
 
 
 def check(args) -> int:
@@ -580,7 +616,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of all cases (default: 5)")
     p.add_argument("--steps", type=int, default=12, help="timed steps per case and round (default: 12)")
     p.add_argument("--save", help="--check: write the measurements to this JSON file")
-    p.add_argument("--queue-ms", type=float, default=50.0, help="tbf queue limit in ms at the link rate (default: 50)")
+    p.add_argument("--queue-ms", type=float, default=5.0,
+                   help="--check: each peer's queue on a link, in ms at the link rate (default: 5, fq_codel's "
+                        "target delay)")
     p.add_argument("--gbits", type=lambda s: [float(x) for x in s.split(",")], default=[10.0, 25.0, 100.0],
                    help="--table: link rates in Gbit/s (default: 10,25,100)")
     p.add_argument("--alpha-us", type=float, default=20.0,

@@ -127,6 +127,59 @@ def test_training_across_emulated_hosts_equals_one_process(hosts, tmp_path):
          str(tmp_path / "single"), "--rtol", "1e-12", "--world-size", "3"])
 
 
+SINK = """
+import socket, sys
+s = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("listening", flush=True)
+c, _ = s.accept()
+n = 0
+while n < int(sys.argv[2]):
+    n += len(c.recv(1 << 20))
+c.sendall(b"k")
+"""
+
+SEND = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+data = bytes(int(sys.argv[3]))
+t = time.perf_counter()
+c.sendall(data)
+c.recv(1)
+print(time.perf_counter() - t)
+"""
+
+
+def test_scaling_shaper_caps_each_link_with_a_queue_per_peer(hosts):
+    """benchmarks/scaling.py --check's links: htb at the rate on both ends of every host's link, one class
+    (and queue) per peer. 8 MB from h0 to h1 at 1 Gbit/s cannot take less than 64 ms, less the burst;
+    unshaped, these veth pairs move it in a few ms."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("scaling", os.path.join(ROOT, "benchmarks", "scaling.py"))
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    prefix = hosts["DDP_NETNS_PREFIX"]
+    scaling.shape(prefix, 3, 1.0, 5.0)
+    for ns, dev, peers in ((f"{prefix}-h0", "eth0", ("1:11", "1:12")), (f"{prefix}-br", "h0", ("1:11", "1:12")),
+                           (f"{prefix}-br", "h2", ("1:10", "1:11"))):
+        classes = run(["ip", "netns", "exec", ns, "tc", "class", "show", "dev", dev]).stdout
+        assert all(f"class htb {c} parent 1:1 leaf" in classes for c in (*peers, "1:99")), classes
+        assert "class htb 1:1 root rate 1Gbit ceil 1Gbit" in classes, classes
+        filters = run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev]).stdout
+        assert all(f"flowid {c}" in filters for c in peers), filters
+    size = 8_000_000
+    sink = subprocess.Popen(["ip", "netns", "exec", f"{prefix}-h1", sys.executable, "-c", SINK, "5999", str(size)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout.readline().strip() == "listening"
+        out = run(["ip", "netns", "exec", f"{prefix}-h0", sys.executable, "-c", SEND, scaling._addr(1), "5999",
+                   str(size)], timeout=60).stdout
+        assert sink.wait(timeout=30) == 0
+    finally:
+        sink.kill()
+    burst = 128 * 1024
+    assert float(out) >= (size - burst) * 8 / 1e9, f"8 MB took {float(out) * 1e3:.1f} ms: the link is not shaped"
+
+
 # --------------------------------------------------------------------------- (b) compose validation
 
 def compose_binary():

@@ -109,6 +109,28 @@ def test_simulated_ranks_equal_one_rank(tmp_path, extra):
     assert rel_diff(sim, ref) <= 1e-12
 
 
+def test_ranks_meet_after_every_step_in_library_use(tmp_path, monkeypatch):
+    """Without the CLI's SIGTERM handler too, every rank joins a 1-number allreduce right after each step
+    (it drains the links before the next step's gradients: see run.stop_requested)."""
+    from ddp.comm import SimulatedComm
+    events = {0: [], 1: []}
+    original = SimulatedComm.iallreduce_sum
+
+    def logged(self, buf, compress=None):
+        events[self.rank].append("meet" if buf.size == 1 else f"sum {buf.size}")
+        return original(self, buf, compress)
+    monkeypatch.setattr(SimulatedComm, "iallreduce_sum", logged)
+
+    def on_step(step, model, comm):
+        events[comm.rank].append(f"step {step}")
+    cfg = cfg_for(tmp_path, dataset="digits", hidden="8", epochs=1, batch_size=400, simulate_ranks=2)
+    run(cfg, on_step=on_step)
+    for log in events.values():
+        steps = [i for i, e in enumerate(log) if e.startswith("step")]
+        assert len(steps) == 4                                  # 1437 training rows in batches of 400
+        assert all(log[i + 1] == "meet" and log[i - 1].startswith("sum") for i in steps)
+
+
 def test_grad_norms_are_logged_per_layer(tmp_path):
     cfg = cfg_for(tmp_path, dataset="digits", hidden="32,32,32,32", activation="sigmoid", epochs=1,
                   grad_norms=True, lr=0.1)
