@@ -19,6 +19,7 @@ memory). Nothing is pickled except a few bytes of JSON for control:
     worker -> server  TAG_CTRL    JSON bytes: {"kind": "epoch", "record": {...}} (to rank 0), {"kind": "done"}
     server -> worker  TAG_PARAMS  parameter shard
     server -> worker  TAG_META    int64 [server clock, staleness of the gradient just applied, status]
+    worker -> server  TAG_CTRL    {"kind": "stop"}: this worker got SIGTERM (sync); "done" says "stopped"
 
 Consistency (--consistency):
     sync   bulk synchronous. Workers scale their loss by the GLOBAL batch size, so the server's sum of the
@@ -42,6 +43,12 @@ checkpoint in allreduce mode's format, so either mode resumes from the other's. 
 server steps its optimizer once per worker step: the schedule's length and the checkpoint's `t` count those
 updates (n per step). Every rank returns the same summary. An exception on any rank aborts the job (the CLI
 calls MPI_Abort); NaN in a gradient makes the servers reply FAILED, and every rank raises TrainingError.
+
+SIGTERM (the CLI's handler, sync only). A worker that got it sends the servers "stop"; a server that got it,
+or got "stop", replies STOP to every worker for the same step. Every worker gets every server's reply, so
+all of them stop after that step, with no extra message between them. Their "done" says so, the servers
+save a checkpoint at that step, and every rank raises run.Stopped. Async workers are not in step, so the CLI
+leaves SIGTERM's default there.
 """
 from __future__ import annotations
 
@@ -61,12 +68,12 @@ from .data import epoch_batches, micro_batches, shard, shard_range
 from .errors import TrainingError, UsageError
 from .parallel import check_replicas
 from .report import Reporter
-from .run import (Setup, agree, all_finite, evaluate, finished_summary, is_finished, make_optimizer_for,
-                  start_run, steps_per_epoch, total_steps)
+from .run import (Setup, Stopped, agree, all_finite, evaluate, finished_summary, got_sigterm, is_finished,
+                  make_optimizer_for, start_run, steps_per_epoch, total_steps)
 from .trace import NULL, Tracer
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
-OK, FAILED = 0, 1
+OK, FAILED, STOP = 0, 1, 2     # STOP: this server got SIGTERM (sync only: stop at the end of this step)
 CTRL_BYTES = 1 << 16          # the largest control message (an epoch record is a few hundred bytes)
 
 
@@ -100,6 +107,17 @@ def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) 
         epoch, batch = epoch + 1, 0
         points[step] = (epoch, 0)
     return points, step
+
+
+def is_sync(cfg: Config) -> bool:
+    """Bulk synchronous: --consistency sync, or ssp with staleness 0."""
+    return cfg.consistency == "sync" or (cfg.consistency == "ssp" and cfg.staleness == 0)
+
+
+def position(spe: int, start: tuple, step: int) -> tuple[int, int]:
+    """(epoch, batch in epoch) as saved at `step`, for a run that started at start = (step, epoch, batch)."""
+    done = step - start[0] + start[2]
+    return start[1] + done // spe, done % spe
 
 
 def _json_bytes(obj) -> np.ndarray:
@@ -210,7 +228,7 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
     start_epoch = epoch
     first_worker = wcomm.rank == 0
     run_max, run_sum, run_n = 0, 0.0, 0.0
-    error = None
+    error, stopped, told = None, False, False
     t0 = time.perf_counter()
     while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
         batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
@@ -247,6 +265,13 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
                 check_replicas(wcomm, model.params, step)
             if on_step is not None:
                 on_step(step, model, wcomm)
+            if sync and (meta[:, 2] == STOP).any():   # every worker got the same replies for this step
+                stopped = True
+                break
+            if sync and got_sigterm() and not told:   # the servers stop everyone at one step
+                for srv in range(S):
+                    worker.send_ctrl(srv, {"kind": "stop"})
+                told = True
         finished_epoch = nb >= len(batches)
         elapsed_epoch = time.perf_counter() - t_epoch
         # Every worker reaches this point, failed or not, so the verdict below is collective.
@@ -273,11 +298,11 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
             worker.send_ctrl(0, {"kind": "epoch", "record": record})
         if finished_epoch:
             epoch, nb = epoch + 1, 0
-        else:
+        if stopped or not finished_epoch:
             break
     # Shut down: tell every server, then take the final shards, which hold every worker's last update.
     for srv in range(S):
-        worker.send_ctrl(srv, {"kind": "done"})
+        worker.send_ctrl(srv, {"kind": "done", "stopped": stopped})
         worker.expect(srv, count=False)
     worker.wait()
     traffic = (worker.bytes_sent, worker.bytes_received)
@@ -288,6 +313,8 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
                **{f"test_{k}": v for k, v in evaluate(model, s.test, wcomm).items()},
                **{f"val_{k}": v for k, v in evaluate(model, s.val, wcomm).items()},
                "max_staleness": run_max, "mean_staleness": run_sum / max(run_n, 1)}
+    if stopped:
+        summary["stopped_at"] = step
     return summary, traffic
 
 
@@ -297,7 +324,7 @@ class Server:
     """Owns one shard of the arena and its optimizer, and answers the workers' pushes."""
 
     def __init__(self, setup: Setup, world: MPIComm, scomm, optimizer, bounds, workers: list[int], *,
-                 sync: bool, staleness: int | None, start_step: int, points: dict, reporter: Reporter):
+                 sync: bool, staleness: int | None, start: tuple, spe: int, points: dict, reporter: Reporter):
         self.setup, self.cfg, self.mpi, self.MPI, self.scomm = setup, setup.cfg, world.comm, world.MPI, scomm
         self.model, self.opt, self.bounds, self.workers = setup.model, optimizer, bounds, workers
         model = setup.model
@@ -305,7 +332,8 @@ class Server:
         a, b = bounds[world.rank]
         self.params = model.params[a:b]            # the optimizer updates this view in place
         self.sync, self.k = sync, staleness        # k: None for async (no bound)
-        self.start_step, self.points, self.reporter = start_step, points, reporter
+        self.start, self.spe, self.points, self.reporter = start, spe, points, reporter
+        self.start_step = start[0]
         n, dt = len(workers), model.dtype
         self.grad_in = [np.empty(b - a, dt) for _ in range(n)]
         self.ctrl_in = [np.empty(CTRL_BYTES, np.uint8) for _ in range(n)]
@@ -319,6 +347,7 @@ class Server:
         self.ctrl_reqs = [self.MPI.REQUEST_NULL] * n
         self.sends = [[] for _ in range(n)]
         self.deferred, self.arrived, self.failed = set(), 0, False
+        self.stopping = False                      # sync: reply STOP (a SIGTERM here, or a worker's "stop")
         self.bytes_sent = self.bytes_received = 0
 
     @property
@@ -330,7 +359,7 @@ class Server:
         for w in range(n):
             self._post_ctrl(w)
             self.reply(w, count=False)             # the initial shard
-        done, status = [False] * n, MPI.Status()
+        done, stopped, status = [False] * n, False, MPI.Status()
         while not all(done):
             with WATCHDOG.watch("the server's Waitany for gradients", self._laggards), \
                     self.tracer.span("wait for gradients", "wait"):
@@ -343,6 +372,10 @@ class Server:
             msg = json.loads(self.ctrl_in[w][:status.Get_count(MPI.BYTE)].tobytes())
             if msg["kind"] == "done":
                 done[w] = True
+                stopped = stopped or msg.get("stopped", False)
+            elif msg["kind"] == "stop":
+                self.stopping = True
+                self._post_ctrl(w)
             else:
                 self.reporter.epoch(msg["record"])
                 self._post_ctrl(w)
@@ -353,6 +386,10 @@ class Server:
         for w in range(n):                         # the final shard
             self.reply(w, more=False, count=False)
         MPI.Request.Waitall([r for rs in self.sends for r in rs])
+        step = self.start_step + self.gclock
+        if stopped and step not in self.points:    # a stop for SIGTERM between the planned checkpoints
+            self.points[step] = position(self.spe, self.start, step)
+            self.checkpoint(step)
 
     def _laggards(self) -> str:
         behind = [self.workers[w] for w in range(len(self.workers)) if self.clock[w] == self.gclock]
@@ -370,7 +407,7 @@ class Server:
             buf = self.out[w]
             buf[...] = self.params
         g = self.gclock
-        self.meta_out[w] = (g, self.staleness[w], FAILED if self.failed else OK)
+        self.meta_out[w] = (g, self.staleness[w], FAILED if self.failed else STOP if self.stopping else OK)
         self.released[w] = g
         dest = self.workers[w]
         if more:
@@ -407,6 +444,7 @@ class Server:
                 g += x
             self.MPI.Request.Waitall([r for rs in self.sends for r in rs])   # they read self.params
             self.apply()
+            self.stopping = self.stopping or got_sigterm()    # once per step: every worker gets the same
             for u in range(len(self.workers)):
                 self.reply(u)
         else:
@@ -470,7 +508,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     world = comm.inner if isinstance(comm, DebugComm) else comm
     S, P = cfg.servers, comm.size
     is_server = comm.rank < S
-    sync = cfg.consistency == "sync" or (cfg.consistency == "ssp" and cfg.staleness == 0)
+    sync = is_sync(cfg)
     s, ckpt = start_run(dataclasses.replace(cfg, device="cpu") if is_server else cfg, comm, raw)
     model = s.model
     sig = (tuple(model.sizes), model.activation, model.loss_name, model.dtype.name, model.num_params)
@@ -526,7 +564,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         if is_server:
             server = Server(s, world, part, optimizer, bounds, list(range(S, P)), sync=sync,
                             staleness=None if cfg.consistency == "async" else cfg.staleness,
-                            start_step=start[0], points=points, reporter=reporter)
+                            start=start, spe=spe, points=points, reporter=reporter)
             server.serve()
             result, traffic = None, (server.bytes_sent, server.bytes_received)
         else:
@@ -540,6 +578,8 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     part.Free()
     if "error" in summary:
         raise TrainingError(summary["error"])
+    if "stopped_at" in summary:                    # the servers saved the checkpoint at that step
+        raise Stopped.at(summary["stopped_at"], os.path.join(cfg.out, CHECKPOINT), reporter.active)
     world.bcast(model.params, root=S)              # the final weights, so every rank returns the same model
     summary.update({"mode": "ps", "servers": S, "workers": n_workers, "consistency": cfg.consistency,
                     "staleness_bound": cfg.staleness if cfg.consistency == "ssp" else None,

@@ -142,8 +142,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
                     on_step(step, model, comm)
                 if stop_requested(comm):
                     save(step, *((epoch + 1, 0) if nb >= len(batches) else (epoch, nb)))
-                    where = f" to {ckpt_path}; resume with: ddp train --resume {ckpt_path}" if reporter.active else ""
-                    raise Stopped(f"stopped by SIGTERM at step {step}; checkpoint saved{where}")
+                    raise Stopped.at(step, ckpt_path, reporter.active)
             finished_epoch = nb >= len(batches)
             elapsed_epoch = time.perf_counter() - t_epoch
             tot = np.array([loss_sum])

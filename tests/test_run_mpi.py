@@ -77,7 +77,7 @@ def test_the_readme_training_loop_runs_on_two_ranks(tmp_path):
     assert float(lines[-1].split()[-1]) > 0.9                            # training accuracy on digits
 
 
-LONG = ["train", "--dataset", "synthetic_classification", "--n-samples", "4000", "--n-features", "32",
+LONG = ["train", "--dataset", "synthetic_classification", "--n-samples", "20000", "--n-features", "32",
         "--hidden", "256,256", "--batch-size", "32", "--epochs", "3", "--dtype", "float64", "--lr", "0.01",
         "--momentum", "0.9", "--seed", "5", "--no-progress", "--quiet"]
 
@@ -88,19 +88,21 @@ def _terminate_after_first_checkpoint(proc, out, signal_pid=None):
     deadline = time.monotonic() + 120
     while not (out / "checkpoint.npz").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
+        time.sleep(0.005)                       # the whole run takes about a second
     os.kill(signal_pid or proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("n, to", [(1, "process"), (2, "rank 1"), (2, "launcher")])
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes_bitwise(tmp_path, n, to):
+@pytest.mark.parametrize("n, to, mode", [(1, "process", []), (2, "rank 1", []), (2, "launcher", []),
+                                         (3, "rank 2", ["--mode", "ps"]), (3, "rank 0", ["--mode", "ps"])])
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_bitwise(tmp_path, n, to, mode):
     """SIGTERM (a Slurm time limit, docker stop): every rank stops at the same step, a checkpoint is saved
-    there, the exit code is 143, and resuming gives the weights of a run that was never stopped."""
+    there, the exit code is 143, and resuming gives the weights of a run that was never stopped. In sync ps
+    mode (1 server, 2 workers) too, whether a worker (rank 2) or the server (rank 0) gets it."""
     import subprocess
     a, b = tmp_path / "a", tmp_path / "b"
-    ok(run_launcher("-n", str(n), "--", *LONG, "--out", str(a), timeout=600))
+    ok(run_launcher("-n", str(n), "--", *LONG, *mode, "--out", str(a), timeout=600))
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     if n == 1:
         proc = subprocess.Popen([sys.executable, "-m", "ddp", *LONG, "--checkpoint-every", "25", "--out", str(b)],
@@ -115,27 +117,29 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_bitwise(tmp_path, n, to)
                                                "PATH": venv_bin + os.pathsep + env["PATH"]})
         rc, err = _terminate_after_first_checkpoint(proc, b)
     else:
-        # SIGTERM to ONE rank only (rank 1): the ranks agree to stop at the same step.
+        # SIGTERM to ONE rank only: the ranks agree to stop at the same step.
+        pid = tmp_path / f"pid{to.split()[1]}"
         script = tmp_path / "pid.py"
         script.write_text("import os, sys, runpy\nfrom mpi4py import MPI\n"
                           f"open({str(tmp_path)!r} + f'/pid{{MPI.COMM_WORLD.Get_rank()}}', 'w').write(str(os.getpid()))\n"
                           "sys.argv = ['ddp', *sys.argv[1:]]\nrunpy.run_module('ddp', run_name='__main__')\n")
         venv_bin = os.path.dirname(sys.executable)
-        proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "mpirun.sh"), "-n", "2", "--", "python",
-                                 str(script), *LONG, "--checkpoint-every", "25", "--out", str(b)],
+        proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "mpirun.sh"), "-n", str(n), "--", "python",
+                                 str(script), *LONG, *mode, "--checkpoint-every", "25", "--out", str(b)],
                                 stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                 env={**env, "PYTHON": sys.executable, "PATH": venv_bin + os.pathsep + env["PATH"]})
         import time
-        while not (tmp_path / "pid1").exists() or not (tmp_path / "pid1").read_text():
+        while not pid.exists() or not pid.read_text():
             assert proc.poll() is None
             time.sleep(0.05)
-        rc, err = _terminate_after_first_checkpoint(proc, b, int((tmp_path / "pid1").read_text()))
+        rc, err = _terminate_after_first_checkpoint(proc, b, int(pid.read_text()))
     assert rc == 143, err[-3000:]
     if to == "launcher":       # the ranks' own line may be lost in mpiexec's teardown: the launcher says it
         assert "stopped by SIGTERM" in err and "ddp train --resume" in err, err
     else:
         assert "stopped by SIGTERM at step" in err and f"ddp train --resume {b / 'checkpoint.npz'}" in err, err
     step = int(np.load(b / "checkpoint.npz")["step"])
-    assert 0 < step < 375                                   # 3 epochs of 125 steps: stopped inside the run
+    assert 0 < step < int(np.load(a / "checkpoint.npz")["step"])     # stopped inside the run
+    assert f"stopped by SIGTERM at step {step}" in err or to == "launcher", err
     ok(run_launcher("-n", str(n), "--", "train", "--resume", str(b / "checkpoint.npz"), timeout=600))
     assert_same_arrays(arrays(a / "checkpoint.npz"), arrays(b / "checkpoint.npz"))
