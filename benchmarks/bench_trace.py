@@ -27,6 +27,7 @@ from ddp.comm import SerialComm  # noqa: E402
 from ddp.model import MLP  # noqa: E402
 from ddp.optim import SGD  # noqa: E402
 from ddp.parallel import DataParallel  # noqa: E402
+from ddp.run import stop_requested  # noqa: E402
 from ddp.trace import NULL, Tracer  # noqa: E402
 
 SIZES = [784, 512, 512, 10]
@@ -40,7 +41,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     threads = common.limit_threads()
     model = MLP(SIZES, dtype="float32")
-    dp = DataParallel(model, SerialComm())
+    comm = SerialComm()
+    dp = DataParallel(model, comm)
     opt = SGD(model.params, model.grads, lr=0.01)
     rng = np.random.default_rng(0)
     X = rng.standard_normal((args.batch, SIZES[0])).astype(np.float32)
@@ -55,6 +57,8 @@ def main(argv=None):
             dp.forward_backward(Xb, yb)
             with tr.span("optimizer"):
                 opt.step()
+            with tr.span("meet", "wait"):
+                stop_requested(comm)
         return run
 
     per_round = max(1, args.iters // args.rounds)

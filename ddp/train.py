@@ -140,7 +140,9 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
                 reporter.tick(loss)
                 if on_step is not None:
                     on_step(step, model, comm)
-                if stop_requested(comm):
+                with span("meet", "wait"):                  # the end of step: see run.stop_requested
+                    stop = stop_requested(comm)
+                if stop:
                     save(step, *((epoch + 1, 0) if nb >= len(batches) else (epoch, nb)))
                     raise Stopped.at(step, ckpt_path, reporter.active)
             finished_epoch = nb >= len(batches)

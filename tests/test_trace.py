@@ -42,6 +42,7 @@ def test_two_rank_allreduce_trace(tmp_path, overlap):
     for rank, row in rows.items():
         got = names_in(row)
         assert {"data", "forward L0", "forward L2", "backward L2", "backward L0", "optimizer", "evaluate"} <= got
+        assert len([e for e in row if e["name"] == "meet"]) == len([e for e in row if e["name"] == "optimizer"])
         reduce = [e for e in row if e["cat"] == "allreduce"]
         assert reduce and all(e["args"]["bytes"] > 0 for e in reduce)
         steps = len([e for e in row if e["name"] == "optimizer"])
