@@ -68,8 +68,8 @@ from .data import epoch_batches, micro_batches, shard, shard_range
 from .errors import TrainingError, UsageError
 from .parallel import check_replicas
 from .report import Reporter
-from .run import (Setup, Stopped, agree, all_finite, evaluate, finished_summary, got_sigterm, is_finished,
-                  make_optimizer_for, start_run, steps_per_epoch, total_steps)
+from .run import (Setup, Stopped, agree, all_finite, epoch_record, final_metrics, finished_summary, got_sigterm,
+                  is_finished, make_optimizer_for, start_run, steps_per_epoch, total_steps)
 from .trace import NULL, Tracer
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
@@ -282,18 +282,13 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
             error = (f"gradients became NaN or Inf by step {max(p[1] for p in peaks)}; lower the learning "
                      f"rate (now {cfg.lr:g}, {model.dtype.name})")
             break
-        record = {"epoch": epoch + 1, "step": step, "train_loss": tot[0] / max(n_steps, 1)}
-        record.update({f"val_{k}": v for k, v in evaluate(model, s.val, wcomm).items()})
-        record["samples_per_s"] = samples / elapsed_epoch if elapsed_epoch > 0 else 0.0
-        record["elapsed_s"] = time.perf_counter() - t0
-        record["max_staleness"] = max(p[0] for p in peaks)
-        record["mean_staleness"] = tot[2] / max(tot[3], 1)
+        record = epoch_record(model, s.val, wcomm, epoch=epoch, step=step, loss_sum=tot[0], n_steps=n_steps,
+                              samples=samples, seconds=elapsed_epoch, t0=t0, finished=finished_epoch,
+                              max_staleness=max(p[0] for p in peaks), mean_staleness=tot[2] / max(tot[3], 1))
         run_max, run_sum, run_n = max(run_max, record["max_staleness"]), run_sum + tot[2], run_n + tot[3]
         if not math.isfinite(record["train_loss"]):
             error = f"training loss became {record['train_loss']} in epoch {epoch + 1}"
             break
-        if not finished_epoch:
-            record["partial"] = True
         if first_worker:
             worker.send_ctrl(0, {"kind": "epoch", "record": record})
         if finished_epoch:
@@ -309,9 +304,7 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
     if error is not None:
         return {"error": error}, traffic
     check_replicas(wcomm, model.params, step)
-    summary = {"steps": step, "epochs": epoch, "world_size": world.size, "elapsed_s": time.perf_counter() - t0,
-               **{f"test_{k}": v for k, v in evaluate(model, s.test, wcomm).items()},
-               **{f"val_{k}": v for k, v in evaluate(model, s.val, wcomm).items()},
+    summary = {**final_metrics(s, wcomm, step=step, epoch=epoch, world_size=world.size, t0=t0),
                "max_staleness": run_max, "mean_staleness": run_sum / max(run_n, 1)}
     if stopped:
         summary["stopped_at"] = step
@@ -333,7 +326,6 @@ class Server:
         self.params = model.params[a:b]            # the optimizer updates this view in place
         self.sync, self.k = sync, staleness        # k: None for async (no bound)
         self.start, self.spe, self.points, self.reporter = start, spe, points, reporter
-        self.start_step = start[0]
         n, dt = len(workers), model.dtype
         self.grad_in = [np.empty(b - a, dt) for _ in range(n)]
         self.ctrl_in = [np.empty(CTRL_BYTES, np.uint8) for _ in range(n)]
@@ -386,14 +378,14 @@ class Server:
         for w in range(n):                         # the final shard
             self.reply(w, more=False, count=False)
         MPI.Request.Waitall([r for rs in self.sends for r in rs])
-        step = self.start_step + self.gclock
+        step = self.start[0] + self.gclock
         if stopped and step not in self.points:    # a stop for SIGTERM between the planned checkpoints
             self.points[step] = position(self.spe, self.start, step)
             self.checkpoint(step)
 
     def _laggards(self) -> str:
         behind = [self.workers[w] for w in range(len(self.workers)) if self.clock[w] == self.gclock]
-        return f"workers {behind} have not pushed step {self.start_step + self.gclock + 1}"
+        return f"workers {behind} have not pushed step {self.start[0] + self.gclock + 1}"
 
     def _post_ctrl(self, w):
         self.ctrl_reqs[w] = self.mpi.Irecv(self.ctrl_in[w], source=self.workers[w], tag=TAG_CTRL)
@@ -430,7 +422,7 @@ class Server:
     def on_grad(self, w: int) -> None:
         before = self.gclock
         self.clock[w] += 1
-        WATCHDOG.step = self.start_step + self.gclock
+        WATCHDOG.step = self.start[0] + self.gclock
         if w == 0:
             self._tick()
         if self.sync:
@@ -462,7 +454,7 @@ class Server:
                     self.deferred.discard(u)
                     self.reply(u)
         if self.gclock > before:
-            self.checkpoint(self.start_step + self.gclock)
+            self.checkpoint(self.start[0] + self.gclock)
 
     def _tick(self):
         if self.reporter.bar is not None:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -333,6 +334,28 @@ def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> 
         sst = syy - sy * sy / n
         out["r2"] = float(np.mean(1 - sse / np.where(sst > 0, sst, 1.0)))
     return out
+
+
+def epoch_record(model: MLP, val: Dataset, comm: Communicator, *, epoch: int, step: int, loss_sum: float,
+                 n_steps: int, samples: int, seconds: float, t0: float, finished: bool, **extra) -> dict:
+    """One line of metrics.jsonl, the same in both modes: epoch (1-based), step, the mean training loss
+    (loss_sum already summed over ranks), val_* metrics, samples/s over the epoch's `seconds`, elapsed_s
+    since t0, then `extra`, and "partial" when the epoch was cut short."""
+    record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(n_steps, 1)}
+    record.update({f"val_{k}": v for k, v in evaluate(model, val, comm).items()})
+    record["samples_per_s"] = samples / seconds if seconds > 0 else 0.0
+    record["elapsed_s"] = time.perf_counter() - t0
+    record.update(extra)
+    if not finished:
+        record["partial"] = True
+    return record
+
+
+def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_size: int, t0: float) -> dict:
+    """The summary's figures, the same in both modes: steps, epochs, world size, time, test_* and val_*."""
+    return {"steps": step, "epochs": epoch, "world_size": world_size, "elapsed_s": time.perf_counter() - t0,
+            **{f"test_{k}": v for k, v in evaluate(s.model, s.test, comm).items()},
+            **{f"val_{k}": v for k, v in evaluate(s.model, s.val, comm).items()}}
 
 
 def start_run(cfg: Config, comm: Communicator, raw=None):

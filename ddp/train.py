@@ -27,8 +27,8 @@ from .errors import TrainingError, UsageError
 from .model import MLP
 from .parallel import DataParallel, check_replicas
 from .report import Reporter
-from .run import (Setup, Stopped, agree, all_finite, evaluate, finished_summary, is_finished, make_optimizer_for,
-                  start_run, steps_per_epoch, stop_requested, total_steps)
+from .run import (Setup, Stopped, agree, all_finite, epoch_record, final_metrics, finished_summary, is_finished,
+                  make_optimizer_for, start_run, steps_per_epoch, stop_requested, total_steps)
 from .trace import NULL, Tracer
 
 # --------------------------------------------------------------------------- the loop
@@ -149,15 +149,11 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
             elapsed_epoch = time.perf_counter() - t_epoch
             tot = np.array([loss_sum])
             comm.allreduce_sum(tot)                         # each rank held its share of each loss
-            record = {"epoch": epoch + 1, "step": step, "train_loss": tot[0] / max(n_steps, 1)}
+            extra = {} if norms is None else {"grad_norms": (norms / max(n_steps, 1)).tolist()}
             with span("evaluate"):
-                record.update({f"val_{k}": v for k, v in evaluate(model, s.val, comm).items()})
-            record["samples_per_s"] = samples / elapsed_epoch if elapsed_epoch > 0 else 0.0
-            record["elapsed_s"] = time.perf_counter() - t0
-            if norms is not None:
-                record["grad_norms"] = (norms / max(n_steps, 1)).tolist()
-            if not finished_epoch:
-                record["partial"] = True
+                record = epoch_record(model, s.val, comm, epoch=epoch, step=step, loss_sum=tot[0], n_steps=n_steps,
+                                      samples=samples, seconds=elapsed_epoch, t0=t0, finished=finished_epoch,
+                                      **extra)
             if not math.isfinite(record["train_loss"]):
                 raise TrainingError(f"training loss became {record['train_loss']} in epoch {epoch + 1}")
             reporter.epoch(record)
@@ -170,10 +166,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     finally:
         reporter.close()
     with span("evaluate"):
-        summary = {"steps": step, "epochs": epoch, "world_size": comm.size,
-                   "elapsed_s": time.perf_counter() - t0,
-                   **{f"test_{k}": v for k, v in evaluate(model, s.test, comm).items()},
-                   **{f"val_{k}": v for k, v in evaluate(model, s.val, comm).items()}}
+        summary = final_metrics(s, comm, step=step, epoch=epoch, world_size=comm.size, t0=t0)
     if cfg.trace:
         tracer.merge(comm, cfg.trace)
         summary["trace"] = cfg.trace
