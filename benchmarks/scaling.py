@@ -376,11 +376,14 @@ def _run(cmd, timeout=120, **kw):
     return res
 
 
-def _addr(i: int) -> str:
-    return f"10.77.0.{10 + i}"          # host i's address on netns.sh's bridge
+def host_addresses(hosts_file: str) -> list[str]:
+    """The emulated hosts' addresses, h0 first, from the hosts file that netns.sh wrote."""
+    with open(hosts_file) as f:
+        names = dict(line.split()[::-1] for line in f if line.strip())
+    return [names[f"h{i}"] for i in range(len(names) - 1)]      # less "localhost"
 
 
-def shape(prefix: str, hosts: int, gbit: float, queue_ms: float) -> None:
+def shape(prefix: str, addrs: list[str], gbit: float, queue_ms: float) -> None:
     """Every host's link at `gbit`, both ways, with a short queue per peer: fair queueing with a few ms
     of buffer, as a Linux host's default qdisc (fq_codel, whose target delay is 5 ms) and a data-centre
     switch give. This kernel has neither netem nor fq_codel; htb and u32 are here.
@@ -398,6 +401,7 @@ def shape(prefix: str, hosts: int, gbit: float, queue_ms: float) -> None:
     burst = str(max(64 * 1024, int(gbit * 1e9 / 8 / 1000)))
     limit = str(int(gbit * 1e9 / 8 * queue_ms / 1000))
     rate = f"{gbit}gbit"
+    hosts = len(addrs)
     for i in range(hosts):
         for ns, dev, field in ((f"{prefix}-h{i}", "eth0", "dst"), (f"{prefix}-br", f"h{i}", "src")):
             tc = ["ip", "netns", "exec", ns, "tc"]
@@ -413,7 +417,7 @@ def shape(prefix: str, hosts: int, gbit: float, queue_ms: float) -> None:
                 _run(tc + ["qdisc", "add", "dev", dev, "parent", cls, "bfifo", "limit", limit])
                 if j is not None:
                     _run(tc + ["filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1",
-                               "u32", "match", "ip", field, f"{_addr(j)}/32", "flowid", cls])
+                               "u32", "match", "ip", field, f"{addrs[j]}/32", "flowid", cls])
 
 
 def check(args) -> int:
@@ -451,7 +455,7 @@ def check(args) -> int:
                "OMPI_MCA_coll_tuned_use_dynamic_rules": "1", "OMPI_MCA_coll_tuned_allreduce_algorithm": "4",
                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         for gbit in args.rates:
-            shape(prefix, hosts, gbit, args.queue_ms)
+            shape(prefix, host_addresses(hosts_file), gbit, args.queue_ms)
             out = os.path.join(work, f"measure-{gbit}.json")
             cmd = [os.path.join(CLUSTER, "ns_exec.sh"), "h0", mpiexec, "-n", str(hosts), "--host",
                    ",".join(f"h{i}:1" for i in range(hosts)), "--bind-to", "none", sys.executable,

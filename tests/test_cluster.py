@@ -158,7 +158,9 @@ def test_scaling_shaper_caps_each_link_with_a_queue_per_peer(hosts):
     scaling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scaling)
     prefix = hosts["DDP_NETNS_PREFIX"]
-    scaling.shape(prefix, 3, 1.0, 5.0)
+    addrs = scaling.host_addresses(hosts["DDP_NETNS_HOSTS"])
+    assert addrs == ["10.77.0.10", "10.77.0.11", "10.77.0.12"]
+    scaling.shape(prefix, addrs, 1.0, 5.0)
     for ns, dev, peers in ((f"{prefix}-h0", "eth0", ("1:11", "1:12")), (f"{prefix}-br", "h0", ("1:11", "1:12")),
                            (f"{prefix}-br", "h2", ("1:10", "1:11"))):
         classes = run(["ip", "netns", "exec", ns, "tc", "class", "show", "dev", dev]).stdout
@@ -171,7 +173,7 @@ def test_scaling_shaper_caps_each_link_with_a_queue_per_peer(hosts):
                             stdout=subprocess.PIPE, text=True)
     try:
         assert sink.stdout.readline().strip() == "listening"
-        out = run(["ip", "netns", "exec", f"{prefix}-h0", sys.executable, "-c", SEND, scaling._addr(1), "5999",
+        out = run(["ip", "netns", "exec", f"{prefix}-h0", sys.executable, "-c", SEND, addrs[1], "5999",
                    str(size)], timeout=60).stdout
         assert sink.wait(timeout=30) == 0
     finally:
