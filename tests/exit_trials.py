@@ -26,7 +26,8 @@ TRAIN = ["train", "--dataset", "digits", "--hidden", "16", "--epochs", "1000", "
 # --------------------------------------------------------------------------- the rank side
 
 def rank_main(argv):
-    """Runs on every rank: write pid.R, arm EXIT_TRIAL_INJECT='rank:call:kind', run the CLI."""
+    """Runs on every rank: write pid.R, arm EXIT_TRIAL_INJECT='rank:call:kind' (kind: usage, failure,
+    sigterm, or an exit code), run the CLI."""
     if argv[:2] == ["-m", "ddp"]:          # called as PYTHON by launch/mpirun.sh
         argv = argv[2:]
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
@@ -58,6 +59,9 @@ def _arm(call, kind, where):
                 raise UsageError("injected usage error")
             if kind == "failure":
                 raise TrainingError("injected failure")
+            if kind == "sigterm":           # as from Slurm or docker stop: training goes on to the step's end
+                os.kill(os.getpid(), signal.SIGTERM)
+                return orig(self, *a, **k)
             raise SystemExit(int(kind))
         return orig(self, *a, **k)
     ddp.model.MLP.forward_backward = forward_backward

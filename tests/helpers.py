@@ -6,6 +6,9 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# "The job ends within N s": a liveness bound, not a timing. Generous, so that a loaded 2-core machine does not
+# fail it by chance; far below the collective watchdog's 300 s default and the tests' own timeouts.
+LIVENESS_S = 60
 
 
 def mpi_env(**extra):

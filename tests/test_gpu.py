@@ -1,10 +1,10 @@
 """The device path, test by test against NumPy: every body runs once on NumPy and once on the
-device (CuPy on a GPU; the strict emulated device under `pytest --emulated-gpu`).
+device (CuPy on a GPU; otherwise, or under `pytest --emulated-gpu`, the strict emulated device).
 
 The NumPy path is the reference (it is checked against central differences and PyTorch in
 test_nn.py and test_optim.py); float64 results must agree to rounding.
 
-    pytest --emulated-gpu -m gpu        # the gpu half, on a machine without a GPU
+    pytest -m gpu                       # the gpu half (on the emulated device without a GPU)
 """
 import os
 import sys

@@ -62,7 +62,8 @@ def test_resume_with_no_other_flag_is_bitwise_the_uninterrupted_run(tmp_path, op
 
 @pytest.mark.parametrize("flag, value", [("--seed", "4"), ("--hidden", "16"), ("--optimizer", "adam"),
                                          ("--lr", "0.1"), ("--dataset", "digits"), ("--dtype", "float32"),
-                                         ("--n-samples", "301")])
+                                         ("--n-samples", "301"), ("--consistency", "async"),
+                                         ("--staleness", "2")])
 def test_resume_refuses_a_setting_that_changes_the_computation(tmp_path, flag, value):
     out = tmp_path / "r"
     ok(run_cli("train", *SMALL, "--max-steps", "5", "--out", str(out)))

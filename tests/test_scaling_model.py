@@ -72,3 +72,73 @@ def test_network_fits_take_alpha_from_small_and_beta_from_large_messages():
     fits = scaling.network_fits({"pingpong": pp, "allreduce2": ar})
     assert fits["p2p"] == pytest.approx((30e-6, 8e-9))
     assert fits["ring"] == pytest.approx((20e-6, 12e-9), rel=0.01)
+
+
+# --------------------------------------------------------------------------- the ps model against a hand count
+
+def busiest_link(n, S, M):
+    """Bytes on the busiest link per step, each way, counted link by link: worker w sends each of the S
+    servers its shard (M/S bytes), server s receives its shard from each of the n workers."""
+    worker_link = [sum(M / S for _server in range(S)) for _worker in range(n)]
+    server_link = [sum(M / S for _worker in range(n)) for _server in range(S)]
+    return max(worker_link + server_link)          # ENVIRONMENT.md: max(M, n*M/S)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("S", [1, 2, 3, 4, 8])
+def test_ps_model_against_a_link_by_link_count(n, S):
+    link = busiest_link(n, S, M)
+    assert scaling.ps_comm(n, S, M, ALPHA, BETA) == pytest.approx(2 * ALPHA + 2 * link * BETA)
+    t_c, t_apply = 0.004, 0.0007
+    assert scaling.ps_step(t_c, t_c, n, S, M, ALPHA, BETA, t_apply) == pytest.approx(
+        t_c + 2 * ALPHA + 2 * link * BETA + t_apply)
+    # workers finishing 1..5 ms apart: when the servers' links bind (n > S), the push ends when the link has
+    # carried n*M/S from the first worker's finish on (the spread is shorter than the extra bytes take);
+    # otherwise the last worker's own link (M) ends it
+    first, last = 0.010, 0.010 + 0.001 * min(n, 5)
+    if n > S and first + link * BETA >= last + M * BETA:
+        push_end = first + link * BETA
+    elif n <= S:
+        push_end = last + M * BETA
+    else:
+        return
+    assert scaling.ps_step(first, last, n, S, M, ALPHA, BETA, t_apply) == pytest.approx(
+        push_end + t_apply + link * BETA + 2 * ALPHA)
+
+
+def test_predictions_of_measured_cases_use_each_cases_workers_and_servers():
+    """predict_cases on a made-up measurement: fitted alpha/beta exactly known, every worker computing t_c."""
+    a_p, b_p, a_r, b_r = 30e-6, 8e-9, 20e-6, 12e-9
+    sizes = (8, 1 << 18, 1 << 20, 1 << 22)
+    sweep = {"pingpong": {m: a_p + (m * b_p if m >= 1 << 18 else 0) for m in sizes},
+             "allreduce2": {m: 2 * a_r + (m * b_r if m >= 1 << 18 else 0) for m in sizes}}
+    t_c, t_apply = 0.005, 0.0004
+    cases = [{"name": "ps 4w 2s", "mode": "ps", "workers": 4, "servers": 2},
+             {"name": "ps 2w 4s", "mode": "ps", "workers": 2, "servers": 4},
+             {"name": "ps 3w 1s", "mode": "ps", "workers": 3, "servers": 1},
+             {"name": "ring 4", "mode": "allreduce", "workers": 4, "servers": 0}]
+    records = []
+    for c in cases:
+        for w in range(c["workers"]):
+            records.append({"case": c["name"], "round": 0, "role": "worker", "t_opt": 0.0, "t_c": t_c,
+                            "fb_steps": [t_c] * 5, "step": 0.05})
+        for s in range(c["servers"]):
+            records.append({"case": c["name"], "round": 0, "role": "server", "t_apply": t_apply})
+    rows = scaling.predict_cases({"model_bytes": M, "sweeps": [sweep], "cases": cases, "records": records})
+    got = {r["case"]: r["predicted"] for r in rows}
+    for c in cases[:3]:
+        want = t_c + 2 * a_p + 2 * busiest_link(c["workers"], c["servers"], M) * b_p + t_apply
+        assert got[c["name"]] == pytest.approx(want), c
+    assert got["ring 4"] == pytest.approx(t_c + 2 * 3 * a_r + 2 * 3 / 4 * M * b_r)
+
+
+def test_predicted_table_ps_columns():
+    """The projection table's ps columns: p workers with p/4 servers, then with p servers."""
+    t_c, alpha, gbit = 0.02, 25e-6, 10
+    beta = 8 / (gbit * 1e9)
+    rows = scaling.predicted_rows(M, t_c, alpha, gbit)
+    assert [int(r[1]) for r in rows] == list(scaling.RANKS)
+    for r in rows:
+        p = int(r[1])
+        want = [f"{t_c / (t_c + 2 * alpha + 2 * busiest_link(p, S, M) * beta):.0%}" for S in (p // 4, p)]
+        assert r[-2:] == want, (p, r)

@@ -67,7 +67,10 @@ def test_ps_trace_has_push_pull_and_apply(tmp_path):
     for w in (1, 2):
         got = names_in(rows[w])
         assert {"push to server 0", "pull (wait for the servers' replies)", "forward L0", "backward L0"} <= got
-        assert all(e["args"]["bytes"] > 0 for e in rows[w] if e["cat"] in ("push", "pull"))
+        # bytes, not elements: the whole arena, (64*32+32 + 32*16+16 + 16*10+10) float32, each way per step
+        for cat in ("push", "pull"):
+            assert {e["args"]["bytes"] for e in rows[w] if e["cat"] == cat} == {4 * 2778}, cat
+    assert {e["args"]["bytes"] for e in rows[0] if e["name"] == "apply"} == {4 * 2778}
 
 
 def test_simulated_ranks_and_one_process(tmp_path):
