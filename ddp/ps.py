@@ -61,6 +61,7 @@ import time
 import numpy as np
 
 from . import backend
+from .backend import all_finite
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
 from .comm import WATCHDOG, Communicator, DebugComm, MPIComm
 from .config import Config
@@ -415,7 +416,7 @@ class Server:
         """One optimizer step with the gradient in self.opt.grads, unless it is not finite."""
         if self.failed:
             return
-        if not backend.all_finite(self.opt.grads):
+        if not all_finite(self.opt.grads):
             self.failed = True                     # from now on every reply says FAILED
             return
         with self.tracer.span("apply", "optimizer", bytes=self.params.nbytes):
