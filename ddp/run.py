@@ -29,7 +29,7 @@ from .comm import Communicator
 from .config import Config, merge_for_resume
 from .data import Dataset, Standardizer, batch_size_for, load_dataset, shard, split
 from .errors import UsageError
-from .model import MLP
+from .model import Network, network_for
 from .optim import Schedule, make_optimizer
 from .report import restart_count
 
@@ -192,7 +192,7 @@ class Setup:
     train: Dataset
     val: Dataset
     test: Dataset
-    model: MLP
+    model: Network
     batch_size: int
     prep: Preprocess
     fingerprint: str
@@ -259,8 +259,7 @@ def build(cfg: Config, device_index: int = 0, raw=None) -> Setup:
     xp = backend.get_xp(cfg.device)
     if xp is not np:
         backend.use_gpu(device_index % max(backend.gpu_count(), 1))
-    model = MLP([train.X.shape[1], *cfg.hidden_sizes(), n_out], activation=cfg.activation, loss=loss,
-                init=cfg.init, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+    model = network_for(cfg, train, loss, n_out)
     return Setup(cfg, train, val, test, model, bs, prep, fingerprint(train))
 
 
@@ -297,7 +296,7 @@ def all_finite(x, sqnorm=None) -> bool:
 
 # --------------------------------------------------------------------------- evaluation
 
-def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> dict:
+def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 4096) -> dict:
     """Loss and accuracy (classification) or R² (regression) over `ds`, sharded
     across ranks: each rank evaluates a contiguous slice, and sums are reduced."""
     n = len(ds)
@@ -336,7 +335,7 @@ def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> 
     return out
 
 
-def epoch_record(model: MLP, val: Dataset, comm: Communicator, *, epoch: int, step: int, loss_sum: float,
+def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int, step: int, loss_sum: float,
                  n_steps: int, samples: int, seconds: float, t0: float, finished: bool, **extra) -> dict:
     """One line of metrics.jsonl, the same in both modes: epoch (1-based), step, the mean training loss
     (loss_sum already summed over ranks), val_* metrics, samples/s over the epoch's `seconds`, elapsed_s
