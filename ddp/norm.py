@@ -49,13 +49,13 @@ class BatchNorm(Layer):
             xp.sum(Xf * Xf, axis=0, dtype=np.float64, out=s[C:2 * C])
             s[2 * C] = len(Xf)
             self.allreduce(ctx, s)
-            n = s[2 * C]
+            n = s[2 * C:]                                          # (1,): stays on the device
             mean = s[:C] / n
             var = xp.maximum(s[C:2 * C] / n - mean * mean, 0)
-            self.n = float(n)
+            self.n = n.astype(X.dtype)
             m = MOMENTUM
             self.running_mean[...] = (1 - m) * self.running_mean + m * mean
-            self.running_var[...] = (1 - m) * self.running_var + m * var * (self.n / max(self.n - 1, 1))
+            self.running_var[...] = (1 - m) * self.running_var + m * var * (n / xp.maximum(n - 1, 1))
             mean, var = mean.astype(X.dtype), var.astype(X.dtype)
         else:
             mean, var = self.running_mean, self.running_var
