@@ -107,7 +107,7 @@ class Dense(Layer):
         if len(shape) != 1:
             raise self.error(f"needs a flat input, got an image {fmt(shape)}: put flatten before it")
         self.shapes = {"W": (n, shape[0]), "b": (n,)}
-        self.n, self.out_shape = n, (n,)
+        self.n_in, self.n_out, self.out_shape = shape[0], n, (n,)
 
     def init(self, rng, how):
         n_out, n_in = self.shapes["W"]

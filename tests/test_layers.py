@@ -68,7 +68,7 @@ def _torch_net(torch, model, masks):
         if k == "conv":
             m = nn.Conv2d(shape[0], int(a[0]), int(a[1]), *(int(v) for v in a[2:]))
         elif k == "dense":
-            m = nn.Linear(L.in_shape[0], L.n)
+            m = nn.Linear(L.n_in, L.n_out)
         elif k in ("maxpool", "avgpool"):
             m = (nn.MaxPool2d if k == "maxpool" else nn.AvgPool2d)(int(a[0]))
         elif k == "batchnorm":
@@ -243,3 +243,51 @@ def test_arch_checkpoint_load_predict_resume_and_trace(tmp_path):
     names = {e["name"] for e in json.load(open(tmp_path / "t.json"))["traceEvents"] if "name" in e}
     n = len(kw["arch"].split(","))
     assert {f"forward L{i}" for i in range(n)} <= names and f"backward L{n - 1}" in names
+
+
+def test_toml_arch_list_and_fit_with_an_arch(tmp_path):
+    import ddp
+    from ddp.config import load_toml
+    from sklearn.datasets import load_digits
+    toml = tmp_path / "c.toml"
+    toml.write_text('arch = ["conv:4:3", "relu", "maxpool:2", "flatten", "dense:10"]\ninput_shape = "1,8,8"\n')
+    assert load_toml(str(toml)) == {"arch": "conv:4:3,relu,maxpool:2,flatten,dense:10", "input_shape": "1,8,8"}
+    X, y = load_digits(return_X_y=True)
+    model = ddp.fit(X[:1200], y[:1200], **load_toml(str(toml)), epochs=8, lr=0.05, momentum=0.9, batch_size=32)
+    assert model.mlp.arch == "conv:4:3,relu,maxpool:2,flatten,dense:10"
+    assert model.score(X[1200:], y[1200:]) > 0.85
+
+
+def test_training_on_the_device_equals_numpy(tmp_path, device):
+    """A whole CNN run (conv, maxpool, batchnorm, dropout) on the device (the emulated GPU here) and on NumPy."""
+    ref = _final_params(Config(out=str(tmp_path / "cpu"), **SIM))
+    dev = _final_params(Config(out=str(tmp_path / "dev"), device=device, **SIM))
+    assert rel_diff(dev, ref) <= 1e-12
+
+
+def mnist_files():
+    """The MNIST idx files (gzip or not) in $DDP_MNIST, or skip saying where they are looked for."""
+    import glob
+    folder = os.environ.get("DDP_MNIST", "")
+    found = {p: sorted(glob.glob(os.path.join(folder, f"{p}*"))) for p in
+             ("train-images", "train-labels", "t10k-images", "t10k-labels")} if folder else {}
+    if not folder or not all(found.values()):
+        pytest.skip("the MNIST idx files are absent: set DDP_MNIST to the folder holding train-images*, "
+                    "train-labels*, t10k-images* and t10k-labels*")
+    return {k: v[0] for k, v in found.items()}
+
+
+def test_mnist_cnn_learns_from_the_idx_files(tmp_path):
+    """The idx files give the input shape (1, 28, 28) by themselves; a small CNN trained for 150 steps
+    classifies the official test images through ddp.load."""
+    import ddp
+    from ddp.api import read_rows
+    f = mnist_files()
+    out = tmp_path / "mnist"
+    run(Config(data_path=f"{f['train-images']},{f['train-labels']}", arch="conv:8:3,relu,maxpool:2,flatten,dense:10",
+               standardize=False, optimizer="adam", lr=0.002, batch_size=64, max_steps=150, val_fraction=0.01,
+               test_fraction=0.0, progress=False, quiet=True, out=str(out)))
+    model = ddp.load(str(out))
+    assert model.mlp.input_shape == (1, 28, 28)
+    X, y = read_rows(f"{f['t10k-images']},{f['t10k-labels']}", model.prep.n_features)
+    assert len(X) == 10000 and model.score(X, y) > 0.9
