@@ -27,7 +27,7 @@ from ddp.comm import SerialComm  # noqa: E402
 from ddp.model import MLP  # noqa: E402
 from ddp.optim import SGD  # noqa: E402
 from ddp.parallel import DataParallel  # noqa: E402
-from ddp.run import stop_requested  # noqa: E402
+from ddp.stop import stop_requested  # noqa: E402
 from ddp.trace import NULL, Tracer  # noqa: E402
 
 SIZES = [784, 512, 512, 10]

@@ -152,7 +152,8 @@ def measure(args) -> None:
     from ddp.config import Config
     from ddp.model import MLP
     from ddp.optim import SGD
-    from ddp.train import all_finite, run
+    from ddp.backend import all_finite
+    from ddp.train import run
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()

@@ -26,7 +26,8 @@ from .data import Dataset, from_arrays, split
 from .errors import UsageError
 from .guard import one_job
 from .model import MLP, Network
-from .run import Preprocess, resolve_config
+from .preprocess import Preprocess
+from .run import resolve_config
 
 
 class Model:
@@ -69,7 +70,7 @@ class Model:
     def evaluate(self, X, y) -> dict:
         """{'loss', 'accuracy' or 'r2', 'n'} on raw rows, computed as training computes them."""
         from .comm import SerialComm
-        from .run import evaluate
+        from .evaluate import evaluate
         Xs = self.prep.inputs(X)
         ys = self.prep.encode(y)
         if len(ys) != len(Xs):

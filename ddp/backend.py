@@ -6,6 +6,7 @@ nn.py, losses.py and optim.py is written once for both.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -273,3 +274,13 @@ def blas_threads() -> str:
             or "unknown"
     except Exception:
         return os.environ.get("OMP_NUM_THREADS", "unknown")
+
+
+def all_finite(x, sqnorm=None) -> bool:
+    """No NaN or Inf in x. The squared norm is one fast BLAS pass (pass it in when it is
+    already on the host); only when it is not finite (it may overflow on large finite
+    values) is every element checked."""
+    xp = get_array_module(x)
+    if sqnorm is None:
+        sqnorm = float(xp.vdot(x, x))
+    return math.isfinite(sqnorm) or bool(xp.isfinite(x).all())

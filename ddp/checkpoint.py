@@ -18,9 +18,9 @@ import os
 
 import numpy as np
 
-from . import __version__
 from .config import merge_for_resume
 from .errors import UsageError
+from .version import __version__
 
 CHECKPOINT, BEST = "checkpoint.npz", "best.npz"
 FORMAT = 2                       # checkpoint format: 2 added meta and data.* (preprocessing)

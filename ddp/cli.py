@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
 from .config import add_flags, given_settings
 from .errors import UsageError
 from .guard import run_main
+from .version import __version__
 
 WHITESPACE_NUL = " \t\x00"   # Open MPI ends its version string with a NUL
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "identity")
@@ -113,7 +113,9 @@ def cmd_gradcheck(args) -> int:
 
 def cmd_train(args, comm) -> None:
     from .backend import limit_threads
-    from .run import agree, auto_out, handle_sigterm, resolve_config
+    from .run import auto_out, resolve_config
+    from .setup import agree
+    from .stop import handle_sigterm
     from .train import run
 
     cfg = agree(comm, resolve_config, given_settings(args))
@@ -166,7 +168,7 @@ def cmd_evaluate(args) -> int:
 
     from .api import load, read_rows
     from .config import FIELDS, Config
-    from .run import raw_splits
+    from .setup import raw_splits
     model = load(args.checkpoint)
     if args.data_path:
         if args.split:
@@ -243,7 +245,7 @@ def _main(argv) -> int:
         return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
                 "plot": cmd_plot}[args.command](args)
     from .comm import world_comm
-    from .run import Stopped
+    from .errors import Stopped
 
     comm = world_comm()
     try:

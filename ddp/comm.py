@@ -19,9 +19,8 @@ import traceback
 import numpy as np
 
 from . import backend
-from .errors import TrainingError, UsageError
+from .errors import NonFiniteError, TrainingError, UsageError
 from .launcher import check_launcher, launched, local_position
-
 from .watchdog import WATCHDOG  # noqa: F401 (ps.py and the benchmarks reach it through the communicators)
 
 
@@ -413,10 +412,6 @@ def run_simulated(size, fn, *args, **kwargs):
 
 
 # --------------------------------------------------------------------------- debug
-
-class NonFiniteError(TrainingError, FloatingPointError):
-    """--debug found NaN or Inf on its way into a collective."""
-
 
 class DebugComm(Communicator):
     """Wraps a communicator; before every collective all ranks compare what they

@@ -8,3 +8,19 @@ class UsageError(ValueError):
 class TrainingError(RuntimeError):
     """Training cannot go on (the loss diverged, a rank stalled, --debug found ranks disagreeing).
     Every rank raises it together where it can. Exit code 1."""
+
+
+class NonFiniteError(TrainingError, FloatingPointError):
+    """--debug found NaN or Inf on its way into a collective."""
+
+
+class Stopped(Exception):
+    """SIGTERM asked the run to stop: a checkpoint was saved at the current step (every rank raises it)."""
+
+    exit_code = 143                      # 128 + SIGTERM, as a shell reports a process ended by it
+
+    @classmethod
+    def at(cls, step: int, path: str, writer: bool) -> "Stopped":
+        """The exception for a stop at `step`; `writer`: this rank wrote the checkpoint at `path`."""
+        where = f" to {path}; resume with: ddp train --resume {path}" if writer else ""
+        return cls(f"stopped by SIGTERM at step {step}; checkpoint saved{where}")

@@ -47,7 +47,7 @@ calls MPI_Abort); NaN in a gradient makes the servers reply FAILED, and every ra
 SIGTERM (the CLI's handler, sync only). A worker that got it sends the servers "stop"; a server that got it,
 or got "stop", replies STOP to every worker for the same step. Every worker gets every server's reply, so
 all of them stop after that step, with no extra message between them. Their "done" says so, the servers
-save a checkpoint at that step, and every rank raises run.Stopped. Async workers are not in step, so the CLI
+save a checkpoint at that step, and every rank raises errors.Stopped. Async workers are not in step, so the CLI
 leaves SIGTERM's default there.
 """
 from __future__ import annotations
@@ -61,15 +61,18 @@ import time
 import numpy as np
 
 from . import backend
+from .backend import all_finite
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
 from .comm import WATCHDOG, Communicator, DebugComm, MPIComm
 from .config import Config
 from .data import epoch_batches, micro_batches, shard, shard_range
-from .errors import TrainingError, UsageError
+from .errors import Stopped, TrainingError, UsageError
+from .evaluate import epoch_record, final_metrics
 from .parallel import check_replicas
 from .report import Reporter
-from .run import (Setup, Stopped, agree, all_finite, epoch_record, final_metrics, finished_summary, got_sigterm,
-                  is_finished, make_optimizer_for, start_run, steps_per_epoch, total_steps)
+from .run import finished_summary, start_run
+from .setup import Setup, agree, is_finished, make_optimizer_for, steps_per_epoch, total_steps
+from .stop import got_sigterm
 from .trace import NULL, Tracer
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44

@@ -23,12 +23,14 @@ from .checkpoint import CHECKPOINT, restore, save_checkpoint
 from .comm import Communicator, DebugComm, SerialComm, run_simulated
 from .config import Config
 from .data import epoch_batches, micro_batches, shard
-from .errors import TrainingError, UsageError
+from .errors import Stopped, TrainingError, UsageError
+from .evaluate import epoch_record, final_metrics
 from .model import Network
 from .parallel import DataParallel, check_replicas
 from .report import Reporter
-from .run import (Setup, Stopped, agree, all_finite, epoch_record, final_metrics, finished_summary, is_finished,
-                  make_optimizer_for, start_run, steps_per_epoch, stop_requested, total_steps)
+from .run import finished_summary, start_run
+from .setup import Setup, agree, is_finished, make_optimizer_for, steps_per_epoch, total_steps
+from .stop import stop_requested
 from .trace import NULL, Tracer
 
 # --------------------------------------------------------------------------- the loop
@@ -44,7 +46,7 @@ def check_finite(model: Network, loss, step: int) -> float:
     pair[0] = loss
     pair[1] = xp.vdot(model.grads, model.grads)
     loss, sqnorm = (float(v) for v in backend.to_numpy(pair))
-    if not all_finite(model.grads, sqnorm):
+    if not backend.all_finite(model.grads, sqnorm):
         raise TrainingError(f"gradients became NaN or Inf at step {step + 1}; "
                             f"the loss is {loss:.4g}; try a lower learning rate")
     return loss
@@ -142,7 +144,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
                 reporter.tick(loss)
                 if on_step is not None:
                     on_step(step, model, comm)
-                with span("meet", "wait"):                  # the end of step: see run.stop_requested
+                with span("meet", "wait"):                  # the end of step: see stop.stop_requested
                     stop = stop_requested(comm)
                 if stop:
                     save(step, *((epoch + 1, 0) if nb >= len(batches) else (epoch, nb)))

@@ -281,10 +281,10 @@ def test_split_bad_fractions(val, test):
 
 
 def test_standardize_uses_train_statistics_only():
-    """The training path (ddp.run.load_data): inputs and regression targets scaled with the training
+    """The training path (ddp.setup.load_data): inputs and regression targets scaled with the training
     set's statistics only, as scikit-learn's StandardScaler fitted on the training rows scales them."""
     from ddp.config import Config
-    from ddp.run import load_data
+    from ddp.setup import load_data
     ds = load_dataset("diabetes")
     ds.X[:, 3] = 7.0  # a constant feature must not divide by zero
     train, val, test = split(ds, 0.2, 0.2, seed=0)

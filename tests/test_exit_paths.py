@@ -43,7 +43,7 @@ def test_simulated_watchdog_names_the_rank_that_has_not_arrived(tmp_path):
         run(cfg, on_step=stall)
     assert time.monotonic() - t0 < 45           # liveness: it did not wait for the sleeper
     msg = str(e.value)
-    # the others wait in the 1-number allreduce that ends step 3 (run.stop_requested)
+    # the others wait in the 1-number allreduce that ends step 3 (stop.stop_requested)
     assert "no progress for 1 s at step 3, waiting in allreduce; ranks [1] have not arrived" in msg, msg
 
 

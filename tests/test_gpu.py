@@ -22,7 +22,8 @@ from ddp.nn import ACTIVATIONS, dense_forward
 from ddp.losses import LOSSES
 from ddp.optim import make_optimizer
 from ddp.checkpoint import CHECKPOINT, load_checkpoint
-from ddp.run import build, evaluate
+from ddp.evaluate import evaluate
+from ddp.setup import build
 from ddp.train import run
 
 ACTS = sorted(ACTIVATIONS)

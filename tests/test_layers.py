@@ -266,13 +266,15 @@ def test_training_on_the_device_equals_numpy(tmp_path, device):
 
 
 def mnist_files():
-    """The MNIST idx files (gzip or not) in $DDP_MNIST, or skip saying where they are looked for."""
+    """The MNIST idx files (gzip or not) in $DDP_MNIST, else in ../shared/data/mnist beside the repository
+    (where the project's machines keep them), or skip saying where they are looked for."""
     import glob
-    folder = os.environ.get("DDP_MNIST", "")
+    beside = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+    folder = os.environ.get("DDP_MNIST", beside)
     found = {p: sorted(glob.glob(os.path.join(folder, f"{p}*"))) for p in
              ("train-images", "train-labels", "t10k-images", "t10k-labels")} if folder else {}
     if not folder or not all(found.values()):
-        pytest.skip("the MNIST idx files are absent: set DDP_MNIST to the folder holding train-images*, "
+        pytest.skip(f"the MNIST idx files are absent from {folder!r}: set DDP_MNIST to the folder holding train-images*, "
                     "train-labels*, t10k-images* and t10k-labels*")
     return {k: v[0] for k, v in found.items()}
 

@@ -1,0 +1,75 @@
+"""Evaluation, the same in every mode: metrics over a dataset sharded across the ranks, one epoch's record
+of metrics.jsonl, and the summary's final metrics.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import backend
+from .comm import Communicator
+from .data import Dataset, shard
+from .model import Network
+from .setup import Setup
+
+
+def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 4096) -> dict:
+    """Loss and accuracy (classification) or R² (regression) over `ds`, sharded
+    across ranks: each rank evaluates a contiguous slice, and sums are reduced."""
+    n = len(ds)
+    idx = shard(np.arange(n), comm.rank, comm.size)
+    xp = model.xp
+    n_out = model.sizes[-1]
+    classification = model.loss_name != "mse"
+    # [loss sum, correct, sum y, sum y^2, sse] (the last three per output column)
+    acc = np.zeros(2 + 3 * n_out)
+    for s in range(0, len(idx), chunk):
+        rows = idx[s:s + chunk]
+        X = xp.asarray(ds.X[rows], model.dtype)
+        Z = model.forward(X)
+        y = xp.asarray(ds.y[rows]) if classification else xp.asarray(ds.y[rows], model.dtype)
+        loss, _ = model.loss_fn(Z, y, denom=1)
+        acc[0] += float(loss)
+        if classification:
+            pred = (Z[:, 0] > 0).astype(np.int64) if n_out == 1 else Z.argmax(axis=1)
+            acc[1] += float((pred == y).sum())
+        else:
+            Yh = backend.to_numpy(Z).astype(np.float64)
+            Y = ds.y[rows]
+            acc[2:2 + n_out] += Y.sum(0)
+            acc[2 + n_out:2 + 2 * n_out] += (Y * Y).sum(0)
+            acc[2 + 2 * n_out:] += ((Y - Yh) ** 2).sum(0)
+    comm.allreduce_sum(acc)
+    if n == 0:
+        return {}
+    out = {"loss": acc[0] / n}
+    if classification:
+        out["accuracy"] = acc[1] / n
+    else:
+        sy, syy, sse = acc[2:2 + n_out], acc[2 + n_out:2 + 2 * n_out], acc[2 + 2 * n_out:]
+        sst = syy - sy * sy / n
+        out["r2"] = float(np.mean(1 - sse / np.where(sst > 0, sst, 1.0)))
+    return out
+
+
+def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int, step: int, loss_sum: float,
+                 n_steps: int, samples: int, seconds: float, t0: float, finished: bool, **extra) -> dict:
+    """One line of metrics.jsonl, the same in both modes: epoch (1-based), step, the mean training loss
+    (loss_sum already summed over ranks), val_* metrics, samples/s over the epoch's `seconds`, elapsed_s
+    since t0, then `extra`, and "partial" when the epoch was cut short."""
+    record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(n_steps, 1)}
+    record.update({f"val_{k}": v for k, v in evaluate(model, val, comm).items()})
+    record["samples_per_s"] = samples / seconds if seconds > 0 else 0.0
+    record["elapsed_s"] = time.perf_counter() - t0
+    record.update(extra)
+    if not finished:
+        record["partial"] = True
+    return record
+
+
+def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_size: int, t0: float) -> dict:
+    """The summary's figures, the same in both modes: steps, epochs, world size, time, test_* and val_*."""
+    return {"steps": step, "epochs": epoch, "world_size": world_size, "elapsed_s": time.perf_counter() - t0,
+            **{f"test_{k}": v for k, v in evaluate(s.model, s.test, comm).items()},
+            **{f"val_{k}": v for k, v in evaluate(s.model, s.val, comm).items()}}

@@ -1,0 +1,138 @@
+"""Set-up of a run, the same in every mode: the data, the model, the optimizer and the step arithmetic,
+agreed by every rank (a set-up error on one rank is raised on all).
+
+    setup = agree(comm, build, cfg, comm.local_rank)     # Setup: data splits, model, batch size, preprocessing
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backend
+from .comm import Communicator
+from .config import Config
+from .data import Dataset, Standardizer, batch_size_for, load_dataset, split
+from .errors import UsageError
+from .model import Network, network_for
+from .optim import Schedule, make_optimizer
+from .preprocess import Preprocess
+
+
+def agree(comm: Communicator, fn, *args):
+    """Run fn on every rank; if it raises UsageError on ANY rank, raise it on all.
+
+    Set-up errors (a checkpoint missing on one node, say) would otherwise leave
+    the healthy ranks waiting in the first collective.
+    """
+    err = None
+    try:
+        result = fn(*args)
+    except UsageError as e:
+        err, result = str(e), None
+    errs = comm.allgather_obj(err) if comm.size > 1 else [err]
+    for r, e in enumerate(errs):
+        if e is not None:
+            raise UsageError(e if comm.size == 1 or all(x == e for x in errs) else f"{e} (on rank {r})")
+    return result
+
+
+def raw_splits(cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
+    """The configured dataset, split into (train, val, test) before any scaling."""
+    ds = load_dataset(cfg.dataset, path=cfg.data_path or None, task=cfg.task, n_samples=cfg.n_samples,
+                      n_features=cfg.n_features, n_classes=cfg.n_classes, seed=cfg.seed)
+    return split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
+
+
+def load_data(cfg: Config, raw=None):
+    """(train, val, test, Preprocess): standardized with the training set's statistics only.
+
+    raw: (train, val, test) Datasets already in memory (ddp.fit), instead of loading cfg.dataset.
+    """
+    parts = raw if raw is not None else raw_splits(cfg)
+    train = parts[0]
+    xs = Standardizer().fit(train.X) if cfg.standardize else Standardizer.from_stats(
+        np.zeros(train.X.shape[1]), np.ones(train.X.shape[1]))
+    ys = None
+    if train.task == "regression" and cfg.standardize:
+        # Targets in their own units (diabetes: ~150) make MSE gradients huge; training on standardized
+        # targets keeps one learning rate good for all datasets. R² does not change under this affine map.
+        ys = Standardizer().fit(train.y)
+    prep = Preprocess(train.task, xs, ys, train.classes)
+    out = tuple(dataclasses.replace(p, X=xs.transform(p.X), y=ys.transform(p.y) if ys else p.y) for p in parts)
+    return (*out, prep)
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    model: Network
+    batch_size: int
+    prep: Preprocess
+    fingerprint: str
+
+
+def resolve_loss(cfg: Config, ds: Dataset) -> tuple[str, int]:
+    """(loss name, number of output units) for this dataset."""
+    loss = cfg.loss
+    if loss == "auto":
+        loss = "softmax_cross_entropy" if ds.task == "classification" else "mse"
+    if ds.task == "classification":
+        if loss == "mse":
+            raise UsageError("loss mse needs a regression dataset; use softmax_cross_entropy or "
+                             "binary_cross_entropy for classification")
+        if loss == "binary_cross_entropy":
+            if ds.n_classes != 2:
+                raise UsageError(f"binary_cross_entropy needs 2 classes, dataset {ds.name} has {ds.n_classes}")
+            return loss, 1
+        return loss, ds.n_classes
+    if loss != "mse":
+        raise UsageError(f"loss {loss} needs a classification dataset; {ds.name} is regression (use mse)")
+    return loss, ds.y.shape[1]
+
+
+def fingerprint(ds: Dataset) -> str:
+    """A digest of the training rows: a resumed run must see the data its checkpoint was trained on."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.ascontiguousarray(ds.X).tobytes())
+    h.update(np.ascontiguousarray(ds.y).tobytes())
+    return h.hexdigest()
+
+
+def build(cfg: Config, device_index: int = 0, raw=None) -> Setup:
+    cfg.validate()
+    train, val, test, prep = load_data(cfg, raw)
+    bs = batch_size_for(cfg.batch_mode, cfg.batch_size, len(train))
+    loss, n_out = resolve_loss(cfg, train)
+    xp = backend.get_xp(cfg.device)
+    if xp is not np:
+        backend.use_gpu(device_index % max(backend.gpu_count(), 1))
+    model = network_for(cfg, train, loss, n_out)
+    return Setup(cfg, train, val, test, model, bs, prep, fingerprint(train))
+
+
+def make_optimizer_for(cfg: Config, params, grads, total_steps: int):
+    sched = Schedule(cfg.schedule, total_steps=total_steps, warmup=cfg.warmup_steps,
+                     step_size=cfg.step_size, gamma=cfg.gamma)
+    return make_optimizer(cfg.optimizer, params, grads, lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, schedule=sched)
+
+
+def steps_per_epoch(cfg: Config, n: int, batch_size: int) -> int:
+    return n // batch_size if cfg.drop_last else math.ceil(n / batch_size)
+
+
+def total_steps(cfg: Config, n: int, batch_size: int) -> int:
+    total = cfg.epochs * steps_per_epoch(cfg, n, batch_size)
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def is_finished(cfg: Config, step: int, epoch: int) -> bool:
+    return epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
