@@ -24,16 +24,16 @@ from .config import FIELDS, Config
 from .data import Dataset, from_arrays, split
 from .errors import UsageError
 from .guard import one_job
-from .model import MLP
+from .model import MLP, Network
 from .preprocess import Preprocess
 from .run import resolve_config
 
 
 class Model:
-    """A trained MLP with the preprocessing it was trained with. `config` is the run's configuration;
+    """A trained network with the preprocessing it was trained with. `config` is the run's configuration;
     `summary`, after ddp.fit, the run's summary (steps, world size, validation and test metrics)."""
 
-    def __init__(self, mlp: MLP, prep: Preprocess, config: dict, summary: dict | None = None):
+    def __init__(self, mlp: Network, prep: Preprocess, config: dict, summary: dict | None = None):
         self.mlp, self.prep, self.config, self.summary = mlp, prep, config, summary
 
     @property
@@ -96,8 +96,9 @@ def load(path: str, device: str = "cpu") -> Model:
         raise UsageError(f"checkpoint {path} has no 'meta': it was written before ddp saved what it needs to "
                          "use the model (format 1); retrain to use it")
     try:
-        mlp = MLP(meta["sizes"], activation=meta["activation"], loss=meta["loss"], init=meta.get("init", "he"),
-                  dtype=meta["dtype"], device=device)
+        kw = dict(loss=meta["loss"], init=meta.get("init", "he"), dtype=meta["dtype"], device=device)
+        mlp = (Network(meta["arch"], meta["input_shape"], **kw) if meta.get("activation") is None
+               else MLP(meta["sizes"], activation=meta["activation"], **kw))
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"checkpoint {path}: bad 'meta' ({type(e).__name__}: {e})") from None
     mlp.load_state_dict(ckpt)
@@ -172,7 +173,7 @@ def read_rows(path: str, n_features: int):
         arrays = _load_npz_arrays(path, required=("X",))
         return arrays["X"], arrays.get("y")
     if fmt == "idx":
-        return _load_idx_pair(path)
+        return _load_idx_pair(path)[:2]
     X, last = _load_csv(path)
     if X.shape[1] == n_features:
         return X, last

@@ -56,6 +56,7 @@ class Dataset:
     classes: np.ndarray | None = None
     rows: np.ndarray | None = None
     scale: "Standardizer | None" = None
+    shape: tuple | None = None      # one sample's C,H,W when the file says (idx images)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -112,7 +113,8 @@ def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
     elif name == "csv":
         X, y = _load_csv(path)
     else:
-        X, y = _load_idx_pair(path)
+        X, y, shape = _load_idx_pair(path)
+        return dataclasses.replace(from_arrays(X, y, task, name), shape=shape)
     return from_arrays(X, y, task, name)
 
 
@@ -347,8 +349,8 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def _load_idx_pair(path: str, labels_required: bool = True):
-    """path = "IMAGES,LABELS" (or IMAGES alone when labels are not required): images as (N, rows*cols) rows
-    of their stored dtype, labels 1-D."""
+    """path = "IMAGES,LABELS" (or IMAGES alone when labels are not required) -> (X, y, sample shape C,H,W):
+    images as (N, rows*cols) rows of their stored dtype, labels 1-D."""
     parts = [p.strip() for p in path.split(",")]
     if not all(parts) or len(parts) != 2 - (not labels_required and len(parts) == 1):
         raise UsageError(f"idx path must be 'IMAGES_FILE,LABELS_FILE', got {path!r}")
@@ -356,7 +358,7 @@ def _load_idx_pair(path: str, labels_required: bool = True):
     labels = read_idx(parts[1]) if len(parts) == 2 else None
     if labels is not None and labels.ndim != 1:
         raise UsageError(f"idx labels {parts[1]} must be 1-D, got shape {labels.shape}")
-    return images.reshape(len(images), -1), labels
+    return images.reshape(len(images), -1), labels, (1, *images.shape[1:]) if images.ndim == 3 else None
 
 
 def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset:
