@@ -21,7 +21,7 @@ import numpy as np
 
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import FIELDS, Config
-from .data import Dataset, from_arrays, split
+from .data import Dataset, from_arrays, from_parts, split
 from .errors import UsageError
 from .guard import one_job
 from .model import MLP, Network
@@ -151,12 +151,7 @@ def _raw_splits(cfg: Config, X, y, X_val, y_val):
     if X_val is None:
         ds = from_arrays(X, y, cfg.task, "arrays")
         return split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
-    X_val, y_val = np.asarray(X_val), np.asarray(y_val)
-    if len(X) != len(y) or len(X_val) != len(y_val):
-        raise UsageError(f"X has {len(X)} rows and y {len(y)}; X_val has {len(X_val)} and y_val {len(y_val)}")
-    both = from_arrays(np.concatenate([X, X_val]), np.concatenate([y, y_val]), cfg.task, "arrays")
-    n = len(X)
-    train, val = both.subset(np.arange(n)), both.subset(np.arange(n, len(both)))
+    train, val = from_parts([(X, y), (X_val, y_val)], cfg.task, "arrays")
     if cfg.test_fraction:
         train, _, test = split(train, 0.0, cfg.test_fraction, seed=cfg.seed)
     else:
@@ -173,7 +168,7 @@ def read_rows(path: str, n_features: int):
         arrays = _load_npz_arrays(path, required=("X",))
         return arrays["X"], arrays.get("y")
     if fmt == "idx":
-        return _load_idx_pair(path)[:2]
+        return _load_idx_pair(path, labels_required=False)[:2]
     X, last = _load_csv(path)
     if X.shape[1] == n_features:
         return X, last

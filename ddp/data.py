@@ -67,8 +67,9 @@ class Dataset:
 
     def take(self, i) -> np.ndarray:
         """Rows i (an index array or a slice) as stored: only those rows are read from disk."""
-        raw = self.data[i] if self.rows is None else self.data[self.rows[i]]
-        return np.asarray(raw, raw.dtype.newbyteorder("="))       # idx files are big-endian
+        rows = np.arange(len(self))[i] if self.rows is None else self.rows[i]
+        raw = _pread(self.data, rows) if isinstance(self.data, np.memmap) else self.data[rows]
+        return raw.astype(raw.dtype.newbyteorder("="), copy=False)  # idx files are big-endian
 
     def inputs(self, i=slice(None), xp=np, dtype=np.float64):
         """Rows i scaled, as `dtype` on xp's device. The rows cross to the device in their stored dtype (a
@@ -86,6 +87,23 @@ class Dataset:
         return dataclasses.replace(self, y=self.y[idx], rows=idx if self.rows is None else self.rows[idx])
 
 
+def _pread(mm: np.memmap, rows: np.ndarray) -> np.ndarray:
+    """Rows of a C-ordered memory-mapped file, read with pread, one call per run of consecutive rows. Indexing
+    the map would map whole page-cache folios (512 KB each here) per random row into the process: RSS would
+    grow with the file. Read this way, the file's pages stay in the page cache, shared and reclaimable."""
+    out = np.empty((len(rows), *mm.shape[1:]), mm.dtype)
+    if not mm.flags.c_contiguous or mm.offset is None:
+        out[...] = mm[rows]
+        return out
+    size = out[:1].nbytes
+    flat = out.reshape(len(rows), -1).view(np.uint8)
+    starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)       # runs of consecutive rows
+    with open(mm.filename, "rb", buffering=0) as f:
+        for a, b in zip(starts, [*starts[1:], len(rows)]):
+            os.preadv(f.fileno(), [flat[a:b]], mm.offset + int(rows[a]) * size)
+    return out
+
+
 # ---------------------------------------------------------------------------- loading
 
 def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
@@ -100,30 +118,42 @@ def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
     if name in ("digits", "breast_cancer", "diabetes"):
         X, y = load_bundled(name)
         known = "regression" if name == "diabetes" else "classification"
-        return _finish(X, y, _fixed_task(name, known, task), name)
+        return from_arrays(X, y, _fixed_task(name, known, task), name)
     if name.startswith("synthetic_"):
         X, y = _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed)
         known = name.removeprefix("synthetic_")
-        return _finish(X, y, _fixed_task(name, known, task), name, n_classes=n_classes)
+        return from_parts([(X, y)], _fixed_task(name, known, task), name, n_classes)[0]
 
-    if not path:
+    return load_files(name, [path], task)[0]
+
+
+def load_files(name: str, paths, task: str = "auto") -> list[Dataset]:
+    """Datasets from files of format `name` (npz, csv, idx), labels encoded together (from_parts); a path
+    that is empty or None gives None in its place (a validation or test file not given)."""
+    if not paths[0]:
         raise UsageError(f"dataset {name!r} needs a path")
-    if name == "npz":
-        X, y = _load_npz(path)
-    elif name == "csv":
-        X, y = _load_csv(path)
-    else:
-        X, y, shape = _load_idx_pair(path)
-        return dataclasses.replace(from_arrays(X, y, task, name), shape=shape)
-    return from_arrays(X, y, task, name)
+    read = {"npz": _load_npz, "csv": _load_csv, "idx": _load_idx_pair}[name]
+    got = [read(p) if p else None for p in paths]
+    shape = got[0][2] if name == "idx" else None
+    sets = iter(from_parts([g[:2] for g in got if g], task, name, shape=shape))
+    return [next(sets) if g else None for g in got]
 
 
 def from_arrays(X, y, task: str = "auto", name: str = "arrays") -> Dataset:
-    """A Dataset from arrays in memory. task 'auto': labels (integers, strings, booleans, or a float column
-    of at most MAX_CSV_CLASSES distinct whole numbers, as a CSV gives) mean classification."""
+    """A Dataset from arrays in memory (or memory-mapped): from_parts with one part."""
+    return from_parts([(X, y)], task, name)[0]
+
+
+def from_parts(parts, task: str = "auto", name: str = "arrays", n_classes: int | None = None,
+               shape=None) -> list[Dataset]:
+    """Datasets from (X, y) pairs, a training set then validation or test sets given apart, their labels
+    encoded together: a class has the same index in each. task 'auto': labels (integers, strings, booleans,
+    or a float column of at most MAX_CSV_CLASSES distinct whole numbers, as a CSV gives) mean classification.
+    n_classes: the synthetic data's, which a tiny sample may not show (default: the distinct labels)."""
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-    X, y = np.asanyarray(X), np.asarray(y)
+    parts = [(np.asanyarray(X), np.asarray(y)) for X, y in parts]
+    y = np.concatenate([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
     if task == "auto":
         if y.dtype.kind in "biuUSO":
             task = "classification"
@@ -132,7 +162,15 @@ def from_arrays(X, y, task: str = "auto", name: str = "arrays") -> Dataset:
             task = "classification" if whole and len(np.unique(y)) <= MAX_CSV_CLASSES else "regression"
         else:
             task = "regression"
-    return _finish(X, y, task, name)
+    for X, yp in parts:
+        _check(X, yp, task, name)
+        if X.shape[1:] != parts[0][0].shape[1:]:
+            raise UsageError(f"dataset {name!r}: a file with {X.shape[1]} features, the training data has "
+                             f"{parts[0][0].shape[1]}")
+    y, classes = _encode(y, task, name, n_classes)
+    ys = np.split(y, np.cumsum([len(yp) for _, yp in parts])[:-1])
+    n = None if classes is None else len(classes)
+    return [Dataset(X, yp, task, n, name, classes, shape=shape) for (X, _), yp in zip(parts, ys)]
 
 
 def infer_format(path: str) -> str:
@@ -361,13 +399,7 @@ def _load_idx_pair(path: str, labels_required: bool = True):
     return images.reshape(len(images), -1), labels, (1, *images.shape[1:]) if images.ndim == 3 else None
 
 
-def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset:
-    """Validate X and y, and give y the shape and dtype of its task.
-
-    n_classes defaults to max label + 1; the synthetic data passes the number it was asked for,
-    which a tiny sample may not show.
-    """
-    X, y = np.asanyarray(X), np.asarray(y)
+def _check(X, y, task: str, name: str) -> None:
     labels_ok = "biufUSO" if task == "classification" else "biuf"
     if X.dtype.kind not in "biuf" or y.dtype.kind not in labels_ok:
         raise UsageError(f"dataset {name!r}: X must be numeric and y numeric{' or labels' if task == 'classification' else ''}, "
@@ -381,9 +413,11 @@ def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset
         if bad:
             raise UsageError(f"dataset {name!r}: {label} contains NaN or Inf ({bad} values)")
 
+
+def _encode(y, task: str, name: str, n_classes: int | None):
+    """(y in the shape and dtype of its task, classes or None): class indices and the labels they stand for."""
     if task == "regression":
-        y = y.astype(np.float64).reshape(len(y), -1)
-        return Dataset(X, y, task, None, name)
+        return y.astype(np.float64).reshape(len(y), -1), None
     if y.ndim == 2 and y.shape[1] != 1:
         raise UsageError(f"dataset {name!r}: classification labels must be 1-D, got {y.shape}")
     y = y.reshape(-1)
@@ -403,8 +437,7 @@ def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset
                              f"most {MAX_CLASSES} classes (use --task regression for a numeric target)")
     if len(classes) < 2:
         raise UsageError(f"dataset {name!r}: classification needs at least 2 classes, labels are all {classes[0]}")
-    index = np.searchsorted(classes, y)
-    return Dataset(X, index.astype(np.int64), task, len(classes), name, classes)
+    return np.searchsorted(classes, y).astype(np.int64), classes
 
 
 # ------------------------------------------------------------- splitting and scaling
@@ -465,7 +498,9 @@ class Standardizer:
             raise UsageError(f"X has {X.shape[1:]} features, the standardizer was fit on "
                              f"{self.mean.shape}")
         xp = get_array_module(X)
-        return (X - xp.asarray(self.mean)) / xp.asarray(self.std)
+        out = X - xp.asarray(self.mean)
+        out /= xp.asarray(self.std)
+        return out
 
 
 def row_chunks(X, nbytes: int = 1 << 24) -> list[slice]:
@@ -489,6 +524,8 @@ def fit_scale(ds: Dataset, how: str, comm) -> Standardizer:
         how = "uint8" if ds.data.dtype == np.uint8 else "standard"
     if how in ("none", "uint8"):
         return Standardizer.from_stats(np.zeros(d), np.full(d, 255.0 if how == "uint8" else 1.0))
+    if ds.rows is not None:                              # in file order: long runs of consecutive rows to read
+        ds = dataclasses.replace(ds, rows=np.sort(ds.rows))
     start, stop = shard_range(len(ds), comm.rank, comm.size)
     shift = ds.take([0])[0].astype(np.float64)          # sums of x - shift: no cancellation when |mean| >> std
     # rows 0, 1: sums of x - shift and of its square; 2 + 2r, 3 + 2r: rank r's per-feature min and max
