@@ -162,14 +162,15 @@ def _raw_splits(cfg: Config, X, y, X_val, y_val):
 def read_rows(path: str, n_features: int):
     """(X, y or None) from a file of raw rows: .npz (X, and y if present), CSV (n_features columns, or one
     more holding the target; header detected), or idx. For `ddp predict` and `ddp evaluate`."""
-    from .data import _load_csv, _load_idx_pair, _load_npz_arrays, infer_format
+    from .data import infer_format
+    from .formats import read_csv, read_idx_pair, read_npz_arrays
     fmt = infer_format(path)
     if fmt == "npz":
-        arrays = _load_npz_arrays(path, required=("X",))
+        arrays = read_npz_arrays(path, required=("X",))
         return arrays["X"], arrays.get("y")
     if fmt == "idx":
-        return _load_idx_pair(path, labels_required=False)[:2]
-    X, last = _load_csv(path)
+        return read_idx_pair(path, labels_required=False)[:2]
+    X, last = read_csv(path)
     if X.shape[1] == n_features:
         return X, last
     if X.shape[1] + 1 == n_features and last.dtype.kind == "f":

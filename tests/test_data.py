@@ -9,7 +9,8 @@ import sklearn.datasets
 from sklearn.preprocessing import StandardScaler
 
 from ddp.data import (DATASETS, Dataset, Standardizer, batch_size_for, epoch_batches,
-                      load_dataset, micro_batches, read_idx, shard, split)
+                      load_dataset, micro_batches, shard, split)
+from ddp.formats import read_idx
 from ddp.errors import UsageError
 
 

@@ -4,7 +4,6 @@ import json
 import threading
 
 import numpy as np
-import pytest
 from helpers import run_cli, run_launcher
 from test_data import write_idx
 from test_run import ok, one_line_error
