@@ -132,7 +132,8 @@ def from_parts(parts, task: str = "auto", name: str = "arrays", n_classes: int |
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
     parts = [(np.asanyarray(X), np.asarray(y)) for X, y in parts]
     y = np.concatenate([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
-    if task == "auto":
+    guessed = task == "auto"
+    if guessed:
         if y.dtype.kind in "biuUSO":
             task = "classification"
         elif y.dtype.kind == "f" and y.ndim == 1:
@@ -146,6 +147,9 @@ def from_parts(parts, task: str = "auto", name: str = "arrays", n_classes: int |
             raise UsageError(f"dataset {name!r}: a file with {X.shape[1]} features, the training data has "
                              f"{parts[0][0].shape[1]}")
     y, classes = _encode(y, task, name, n_classes)
+    if guessed and classes is not None and len(classes) > max(MAX_CSV_CLASSES, len(y) // 2):
+        raise UsageError(f"dataset {name!r}: {len(classes)} distinct labels in {len(y)} rows: an identifier or a "
+                         "feature rather than a target? (--task classification trains on it anyway)")
     ys = np.split(y, np.cumsum([len(yp) for _, yp in parts])[:-1])
     n = None if classes is None else len(classes)
     return [Dataset(X, yp, task, n, name, classes, shape=shape) for (X, _), yp in zip(parts, ys)]

@@ -3,6 +3,8 @@ pread), gzip streamed, CSV parsed; and scikit-learn's bundled sets read without 
 from __future__ import annotations
 
 import gzip
+import io
+import itertools
 import math
 import os
 import struct
@@ -75,14 +77,6 @@ def _open(path: str):
     return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
-def _read_bytes(path: str) -> bytes:
-    try:
-        with _open(path) as f:
-            return f.read()
-    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt gzip stream
-        raise UsageError(f"cannot read {path}: {e}") from None
-
-
 def read_npz_arrays(path: str, required=("X", "y")) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"file not found: {path}")
@@ -133,32 +127,51 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def read_csv(path: str):
-    """Comma-separated; the last column is the target, numbers or strings (class labels). A first line whose
-    feature fields are not all numbers is a header and is skipped."""
-    lines = _read_bytes(path).decode("utf-8", errors="replace").splitlines()
-    lines = [line for line in lines if line.strip()]
-    if not lines:
-        raise UsageError(f"CSV file {path} is empty")
-    first = [v.strip().strip('"') for v in lines[0].split(",")]
-    skip = 0 if all(_is_number(v) for v in first[:-1]) and (len(first) > 1 or _is_number(first[0])) else 1
-    if len(first) < 2:
-        raise UsageError(f"CSV file {path} needs at least 2 columns (features, then target), found {len(first)}")
-    n = len(first)
-    body = lines[skip:]
-    if not body:
+def read_csv(path: str, chunk_lines: int = 1 << 16):
+    """Comma-separated, the last column the target. Read in chunks of lines, never as one string: a UTF-8 BOM
+    is dropped, a first line whose feature fields are not all numbers is a header, and a row with another
+    number of fields is an error naming its line. Labels stay strings, exactly as written, unless every one
+    round-trips through a number ('007' and integers above 2**53 do not)."""
+    try:
+        with io.TextIOWrapper(_open(path), encoding="utf-8-sig", errors="replace") as f:
+            lines = ((k, line) for k, line in enumerate(f, 1) if line.strip())
+            k, line = next(lines, (0, ""))
+            if not k:
+                raise UsageError(f"CSV file {path} is empty")
+            first = [v.strip().strip('"') for v in line.split(",")]
+            n = len(first)
+            if n < 2:
+                raise UsageError(f"CSV file {path} needs at least 2 columns (features, then target), found {n}")
+            header = not all(_is_number(v) for v in first[:-1])
+            Xs, ys, chunk = [], [], [] if header else [(k, line)]
+            while chunk := chunk + list(itertools.islice(lines, chunk_lines)):
+                nums, text = zip(*chunk)
+                fields = np.char.count(np.array(text), ",") + 1
+                ragged = np.flatnonzero((fields != n) & (np.char.find(np.array(text), '"') < 0))
+                if ragged.size:
+                    raise UsageError(f"CSV file {path}, line {nums[ragged[0]]}: {fields[ragged[0]]} fields, the "
+                                     f"first line has {n}")
+                try:
+                    Xs.append(np.loadtxt(text, delimiter=",", dtype=np.float64, ndmin=2, usecols=range(n - 1),
+                                         quotechar='"'))
+                except ValueError as e:
+                    raise UsageError(f"cannot parse CSV file {path} (lines {nums[0]}-{nums[-1]}): {e}") from None
+                ys.append(np.loadtxt(text, delimiter=",", dtype=str, ndmin=1, usecols=n - 1, quotechar='"'))
+                chunk = []
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt gzip stream
+        raise UsageError(f"cannot read {path}: {e}") from None
+    if not Xs:
         raise UsageError(f"CSV file {path} has a header but no rows")
+    y = np.char.strip(np.concatenate(ys))
     try:
-        X = np.loadtxt(body, delimiter=",", dtype=np.float64, ndmin=2, usecols=range(n - 1), quotechar='"')
-        y = np.loadtxt(body, delimiter=",", dtype=str, ndmin=1, usecols=n - 1, quotechar='"')
-    except ValueError as e:
-        raise UsageError(f"cannot parse CSV file {path}: {e}") from None
-    y = np.char.strip(y)
-    try:
-        y = y.astype(np.float64)
+        num = y.astype(np.float64)
     except ValueError:
-        pass                                      # string labels: classification
-    return X, y
+        return np.concatenate(Xs), y              # string labels: classification
+    whole = np.char.isdigit(np.char.lstrip(y, "+-"))
+    big = np.abs(num[whole]) >= 2.0**53
+    if big.any() or np.any(num[whole].astype(np.int64).astype(str) != np.char.lstrip(y[whole], "+")):
+        return np.concatenate(Xs), y              # '007', 2**53 + 1: a number would change the label
+    return np.concatenate(Xs), num
 
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): all multi-byte values are big-endian.
