@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,10 @@ def load_data(cfg: Config, raw=None, comm: Communicator | None = None):
     raw: (train, val, test) Datasets already in memory (ddp.fit), instead of loading cfg.dataset.
     """
     comm = comm or SerialComm()
+    files = [p for path in (cfg.data_path, cfg.val_path, cfg.test_path) for p in path.split(",") if os.path.isfile(p)]
+    size = sum(os.path.getsize(p) for p in files) if raw is None else 0
+    if size > 1 << 26 and comm.rank == 0:           # a log is never silent for long before the first epoch
+        print(f"ddp: reading {size / 1e6:,.0f} MB of data ({', '.join(files)})", flush=True)
     parts = raw if raw is not None else agree(comm, raw_splits, cfg)
     train = parts[0]
     xs = fit_scale(train, cfg.scale, comm)
