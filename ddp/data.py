@@ -330,7 +330,7 @@ def fit_scale(ds: Dataset, how: str, comm) -> Standardizer:
     if ds.rows is not None:                              # in file order: long runs of consecutive rows to read
         ds = dataclasses.replace(ds, rows=np.sort(ds.rows))
     start, stop = shard_range(len(ds), comm.rank, comm.size)
-    if len(ds) * ds.data[:1].nbytes > 1 << 28 and comm.rank == 0:
+    if len(ds) * d * ds.data.itemsize > 1 << 28 and comm.rank == 0:
         print(f"ddp: scaling statistics: one pass over {len(ds):,} training rows, {comm.size} rank(s) sharing it",
               flush=True)
     shift = ds.take([0])[0].astype(np.float64)          # sums of x - shift: no cancellation when |mean| >> std
