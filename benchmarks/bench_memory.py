@@ -4,8 +4,9 @@
     python benchmarks/bench_memory.py --mnist ../shared/data/mnist        # load time and RSS of MNIST
 
 For each size it writes an uncompressed .npz of uint8 rows X (3,072 features, like 32x32x3 images) and labels
-y, then trains on 2 ranks through launch/mpirun.sh for 30 steps with 1% validation and test splits: the
-scaling pass and the evaluations read every row of their shard. It prints the ranks' peak RSS (from
+y, then trains on 2 ranks through launch/mpirun.sh for 30 steps with 1% validation and test splits and
+--scale standard: the scaling pass reads every training row once (each rank its shard), the evaluations every
+validation and test row. It prints the ranks' peak RSS (from
 summary.json, ru_maxrss) and deletes the file. --mnist times ddp.setup.load_data (read, split, scaling
 statistics) on the idx files in one process; run it with PYTHONPATH set to an older checkout for "before".
 """
@@ -44,7 +45,7 @@ def write_npz(path: str, n: int) -> None:
 def train(path: str, out: str) -> dict:
     cmd = ["bash", os.path.join(ROOT, "launch", "mpirun.sh"), "-n", "2", "--", "train", "--data-path", path,
            "--hidden", "32", "--batch-size", "256", "--max-steps", "30", "--val-fraction", "0.01",
-           "--test-fraction", "0.01", "--check-every", "0", "--quiet", "--no-progress", "--out", out]
+           "--test-fraction", "0.01", "--check-every", "0", "--scale", "standard", "--quiet", "--no-progress", "--out", out]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     summary = json.load(open(os.path.join(out, "summary.json")))
