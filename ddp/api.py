@@ -147,7 +147,6 @@ def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -
 def _raw_splits(cfg: Config, X, y, X_val, y_val):
     """(train, val, test) before scaling. A validation set given apart is encoded with the training labels'
     classes: both go through one Dataset, so a label's index is the same in each."""
-    X, y = np.asarray(X), np.asarray(y)
     if X_val is None:
         ds = from_arrays(X, y, cfg.task, "arrays")
         return split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)

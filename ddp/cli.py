@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint.npz or best.npz (or a run folder)")
     pr.add_argument("--data-path", required=True, metavar="F",
                     help="rows to predict: .npz (array X), .csv/.csv.gz (the model's features, optionally the "
-                         "target last; header detected) or 'IMAGES,LABELS' idx")
+                         "target last; header detected), or idx images (alone, or 'IMAGES,LABELS')")
     pr.add_argument("--out", metavar="P.csv", help="write the predictions here (default: standard output)")
     pr.add_argument("--proba", action="store_true", help="write class probabilities instead (classification)")
     ev = sub.add_parser("evaluate", help="loss and accuracy/R² of a trained model on a file or dataset",
@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(runs trained with --grad-norms) per epoch, several runs overlaid.")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or metrics.jsonl files)")
     pl.add_argument("--out", default="curves.png", metavar="FILE.png", help="image to write (default: curves.png)")
+    cv = sub.add_parser("convert", help="turn a CSV, compressed .npz or gzip idx pair into an .npz every rank maps",
+                        description="Read a data file once (CSV in chunks, a compressed .npz, 'IMAGES,LABELS' idx) "
+                                    "and write its X and y as an uncompressed .npz, which training memory-maps: "
+                                    "each rank then reads only its rows instead of parsing the whole file.")
+    cv.add_argument("input", metavar="IN", help="a .csv/.csv.gz, .npz, or 'IMAGES,LABELS' idx files")
+    cv.add_argument("output", metavar="OUT.npz", help="the uncompressed .npz to write")
     sub.add_parser("info", help="print the environment: MPI, GPUs, CuPy, NumPy, BLAS threads",
                    description="Print the MPI library, CUDA-awareness, GPUs, CuPy/NumPy versions and BLAS threads.")
     return p
@@ -201,6 +207,24 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import numpy as np
+
+    from .data import infer_format
+    from .formats import read_csv, read_idx_pair, read_npz
+    if not args.output.endswith(".npz"):
+        raise UsageError(f"the output {args.output} must be an .npz file")
+    fmt = infer_format(args.input)
+    print(f"ddp: reading {args.input} ({fmt})", file=sys.stderr, flush=True)
+    X, y = {"npz": read_npz, "csv": read_csv, "idx": read_idx_pair}[fmt](args.input)[:2]
+    try:
+        np.savez(args.output, X=X, y=y)             # uncompressed: np.savez stores each array as it is
+    except OSError as e:
+        raise UsageError(f"cannot write {args.output}: {e.strerror or e}") from None
+    print(f"ddp: wrote {args.output}: X {X.shape} {X.dtype}, y {y.shape} {y.dtype}", file=sys.stderr)
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .plot import plot
     print(f"ddp: wrote {plot(args.runs, args.out)}")
@@ -244,7 +268,7 @@ def _main(argv) -> int:
         return cmd_info()
     if args.command != "train":
         return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
-                "plot": cmd_plot}[args.command](args)
+                "plot": cmd_plot, "convert": cmd_convert}[args.command](args)
     from .comm import world_comm
     from .errors import Stopped
 

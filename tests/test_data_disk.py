@@ -134,3 +134,26 @@ def test_two_ranks_stay_under_their_budget_on_a_file_three_times_larger(tmp_path
     assert res.returncode == 0, res.stdout + res.stderr
     rss = json.loads((out / "summary.json").read_text())["peak_rss_mb"]
     assert len(rss) == 2 and max(rss) < 200, rss
+
+
+def test_convert_writes_an_npz_that_loads_memory_mapped_as_the_csv_loads(tmp_path):
+    rows = [f"{i % 7},{i * 0.25},{'007' if i % 3 else 'b'}" for i in range(60)]
+    (tmp_path / "d.csv").write_text("f1,f2,label\n" + "\n".join(rows) + "\n")
+    ok(run_cli("convert", str(tmp_path / "d.csv"), str(tmp_path / "d.npz")))
+    a, b = (load_dataset(f, path=str(tmp_path / f"d.{f}")) for f in ("csv", "npz"))
+    assert isinstance(b.data, np.memmap) and np.array_equal(a.X, b.X) and np.array_equal(a.y, b.y)
+    assert b.classes.tolist() == ["007", "b"]
+    one_line_error(run_cli("convert", str(tmp_path / "d.csv"), str(tmp_path / "d.npy")), ".npz")
+
+
+def test_fit_takes_memory_mapped_arrays(tmp_path):
+    """ddp.fit on an np.load(mmap_mode='r') array trains exactly as on the array in memory."""
+    import ddp
+    rng = np.random.default_rng(5)
+    X = rng.integers(0, 256, (200, 6), dtype=np.uint8)
+    y = (X[:, 0] > X[:, 1]).astype(int)
+    np.save(tmp_path / "X.npy", X)
+    mapped = np.load(tmp_path / "X.npy", mmap_mode="r")
+    kw = dict(hidden="8", epochs=2, batch_size=32, dtype="float64", seed=1)
+    a, b = ddp.fit(mapped, y, **kw), ddp.fit(X, y, **kw)
+    assert np.array_equal(a.mlp.params, b.mlp.params)
