@@ -12,10 +12,11 @@ from .api import Model, fit, load
 from .comm import world_comm
 from .config import Config
 from .errors import UsageError
+from .estimator import MLPClassifier, MLPRegressor
 from .model import MLP, Layer
 from .optim import SGD, Adam, AdamW, make_optimizer
 from .parallel import DataParallel
 from .version import __version__
 
-__all__ = ["Model", "fit", "load", "world_comm", "Config", "UsageError", "MLP", "Layer", "SGD", "Adam", "AdamW",
+__all__ = ["Model", "fit", "load", "world_comm", "Config", "UsageError", "MLPClassifier", "MLPRegressor", "MLP", "Layer", "SGD", "Adam", "AdamW",
            "make_optimizer", "DataParallel", "__version__"]

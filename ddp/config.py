@@ -207,7 +207,7 @@ def merge_for_resume(saved: dict, given: dict, path: str) -> dict:
         # A key a newer ddp wrote is not ours to judge. --max-steps stopped the saved invocation; carrying
         # it over would stop the resumed one at once.
         if name in FIELDS and name not in NOT_INHERITED:
-            values[name] = _coerce(name, value, f"checkpoint {path}")
+            values[name] = coerce(name, value, f"checkpoint {path}")
     for name, value in given.items():
         if name in RUN_SETTINGS or name not in values or values[name] == value:
             values[name] = value
@@ -217,11 +217,11 @@ def merge_for_resume(saved: dict, given: dict, path: str) -> dict:
     return values
 
 
-def _coerce(name, value, where="config"):
+def coerce(name, value, where="config"):
     """A TOML or checkpoint value, checked against the field's type."""
     f = FIELDS[name]
     typ = {"str": str, "int": int, "float": float, "bool": bool}[f.type]
-    if name == "hidden" and isinstance(value, list):
+    if name == "hidden" and isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -249,7 +249,7 @@ def load_toml(path: str) -> dict:
         name = key.replace("-", "_")
         if name not in FIELDS:
             raise UsageError(f"config file {path}: unknown key {key!r}")
-        out[name] = _coerce(name, value)
+        out[name] = coerce(name, value)
     return out
 
 

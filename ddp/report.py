@@ -53,6 +53,7 @@ class Reporter:
         self.bar = None
         self.best, self.best_step, self.saved_step = None, None, None
         self.val_losses = []
+        self.history = []                  # every rank's records, for the estimators' loss_curve_
         if self.active:
             os.makedirs(cfg.out, exist_ok=True)
             with open(os.path.join(cfg.out, "config.toml"), "w") as fh:
@@ -102,6 +103,8 @@ class Reporter:
 
     def epoch(self, record: dict):
         """One epoch's record (already reduced over the ranks)."""
+        if not record.get("partial"):
+            self.history.append(record)
         if not self.printing:
             return
         record = finite(record)
@@ -177,7 +180,7 @@ class Reporter:
         where = f", outputs in {self.cfg.out}" if self.active else ""
         self.print(f"ddp: done: {summary['steps']} steps, {summary['epochs']} epochs, "
                    f"{summary['elapsed_s']:.1f} s{tail}{extra}{where}")
-        return summary
+        return {**summary, "history": self.history}
 
 
 def _fmt(v) -> str:
