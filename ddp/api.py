@@ -25,17 +25,17 @@ from .config import FIELDS, Config, coerce
 from .data import Dataset, from_arrays, split
 from .errors import UsageError
 from .guard import one_job
-from .model import MLP
+from .model import MLP, Network
 from .preprocess import Preprocess
 from .run import resolve_config
 
 
 class Model:
-    """A trained MLP with the preprocessing it was trained with. `config` is the run's configuration;
+    """A trained network with the preprocessing it was trained with. `config` is the run's configuration;
     `summary`, after ddp.fit, the run's summary (steps, world size, validation and test metrics).
     It pickles (and deep-copies) as the bytes of its checkpoint."""
 
-    def __init__(self, mlp: MLP, prep: Preprocess, config: dict, summary: dict | None = None, meta=None):
+    def __init__(self, mlp: Network, prep: Preprocess, config: dict, summary: dict | None = None, meta=None):
         self.mlp, self.prep, self.config, self.summary = mlp, prep, config, summary
         self.meta = meta or model_meta(mlp, prep, None if prep.classes is None else len(prep.classes), None)
 
@@ -123,8 +123,9 @@ def _from_checkpoint(ckpt: dict, path: str, device: str) -> Model:
         raise UsageError(f"checkpoint {path} has no 'meta': it was written before ddp saved what it needs to "
                          "use the model (format 1); retrain to use it")
     try:
-        mlp = MLP(meta["sizes"], activation=meta["activation"], loss=meta["loss"], init=meta.get("init", "he"),
-                  dtype=meta["dtype"], device=device)
+        kw = dict(loss=meta["loss"], init=meta.get("init", "he"), dtype=meta["dtype"], device=device)
+        mlp = (Network(meta["arch"], meta["input_shape"], **kw) if meta.get("activation") is None
+               else MLP(meta["sizes"], activation=meta["activation"], **kw))
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"checkpoint {path}: bad 'meta' ({type(e).__name__}: {e})") from None
     mlp.load_state_dict(ckpt)
@@ -203,7 +204,7 @@ def read_rows(path: str, n_features: int):
         arrays = _load_npz_arrays(path, required=("X",))
         return arrays["X"], arrays.get("y")
     if fmt == "idx":
-        return _load_idx_pair(path)
+        return _load_idx_pair(path)[:2]
     X, last = _load_csv(path)
     if X.shape[1] == n_features:
         return X, last

@@ -43,7 +43,13 @@ class Config:
     test_fraction: float = opt(0.2, "fraction of the data held out for the final test", group="data")
     standardize: bool = opt(True, "standardize features with the training set's mean and std", group="data")
     # model
-    hidden: str = opt("128,64", "hidden layer sizes, comma-separated ('' for none)", group="model")
+    hidden: str = opt("128,64", "hidden layer sizes, comma-separated ('' for none): the MLP shorthand", group="model")
+    arch: str = opt("", "the network's layers, comma-separated, instead of --hidden and --activation: dense:N, "
+                    "conv:OUT:K[:STRIDE[:PAD]], maxpool:K, avgpool:K, flatten, dropout:P, batchnorm, layernorm and "
+                    "the activations, e.g. conv:32:3,relu,maxpool:2,flatten,dense:10 (TOML: a string or a list)",
+                    group="model")
+    input_shape: str = opt("", "C,H,W of one sample, for conv and pooling layers (default: the idx images' "
+                           "shape, else flat features)", group="model")
     activation: str = opt("relu", "hidden activation", ["relu", "leaky_relu", "sigmoid", "tanh", "identity"],
                           group="model")
     loss: str = opt("auto", "loss (auto: softmax_cross_entropy for classification, mse for regression)",
@@ -168,6 +174,8 @@ class Config:
             if not ok:
                 raise UsageError(msg)
         self.hidden_sizes()
+        if self.arch and self.mode == "ps" and "batchnorm" in self.arch.replace(" ", "").lower().split(","):
+            raise UsageError("--arch with batchnorm needs --mode allreduce: ps workers do not share batch statistics")
         return self
 
     def to_dict(self) -> dict:
@@ -221,7 +229,7 @@ def coerce(name, value, where="config"):
     """A TOML or checkpoint value, checked against the field's type."""
     f = FIELDS[name]
     typ = {"str": str, "int": int, "float": float, "bool": bool}[f.type]
-    if name == "hidden" and isinstance(value, (list, tuple)):
+    if name in ("hidden", "arch") and isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

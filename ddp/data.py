@@ -45,6 +45,7 @@ class Dataset:
     n_classes: int | None
     name: str
     classes: np.ndarray | None = None
+    shape: tuple | None = None      # one sample's C,H,W when the file says (idx images)
 
     def __len__(self) -> int:
         return len(self.X)
@@ -81,7 +82,8 @@ def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
     elif name == "csv":
         X, y = _load_csv(path)
     else:
-        X, y = _load_idx_pair(path)
+        X, y, shape = _load_idx_pair(path)
+        return dataclasses.replace(from_arrays(X, y, task, name), shape=shape)
     return from_arrays(X, y, task, name)
 
 
@@ -275,7 +277,8 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def _load_idx_pair(path: str):
-    """path = "IMAGES,LABELS"; images flatten to (N, rows*cols), ubyte scaled to [0, 1]."""
+    """path = "IMAGES,LABELS" -> (X, y, sample shape C,H,W): images flatten to (N, rows*cols), ubyte scaled
+    to [0, 1]."""
     parts = [p.strip() for p in path.split(",")]
     if len(parts) != 2 or not all(parts):
         raise UsageError(f"idx path must be 'IMAGES_FILE,LABELS_FILE', got {path!r}")
@@ -285,7 +288,7 @@ def _load_idx_pair(path: str):
         X /= 255.0
     if labels.ndim != 1:
         raise UsageError(f"idx labels {parts[1]} must be 1-D, got shape {labels.shape}")
-    return X, labels
+    return X, labels, (1, *images.shape[1:]) if images.ndim == 3 else None
 
 
 def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset:

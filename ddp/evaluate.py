@@ -10,11 +10,11 @@ import numpy as np
 from . import backend
 from .comm import Communicator
 from .data import Dataset, shard
-from .model import MLP
+from .model import Network
 from .setup import Setup
 
 
-def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> dict:
+def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 4096) -> dict:
     """Loss and accuracy (classification) or R² (regression) over `ds`, sharded
     across ranks: each rank evaluates a contiguous slice, and sums are reduced."""
     n = len(ds)
@@ -53,7 +53,7 @@ def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> 
     return out
 
 
-def epoch_record(model: MLP, val: Dataset, comm: Communicator, *, epoch: int, step: int, loss_sum: float,
+def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int, step: int, loss_sum: float,
                  n_steps: int, samples: int, seconds: float, t0: float, finished: bool, **extra) -> dict:
     """One line of metrics.jsonl, the same in both modes: epoch (1-based), step, the mean training loss
     (loss_sum already summed over ranks), val_* metrics, samples/s over the epoch's `seconds`, elapsed_s

@@ -17,7 +17,7 @@ from .comm import Communicator
 from .config import Config
 from .data import Dataset, Standardizer, batch_size_for, load_dataset, split
 from .errors import UsageError
-from .model import MLP
+from .model import Network, network_for
 from .optim import Schedule, make_optimizer
 from .preprocess import Preprocess
 
@@ -72,7 +72,7 @@ class Setup:
     train: Dataset
     val: Dataset
     test: Dataset
-    model: MLP
+    model: Network
     batch_size: int
     prep: Preprocess
     fingerprint: str
@@ -113,8 +113,7 @@ def build(cfg: Config, device_index: int = 0, raw=None) -> Setup:
     xp = backend.get_xp(cfg.device)
     if xp is not np:
         backend.use_gpu(device_index % max(backend.gpu_count(), 1))
-    model = MLP([train.X.shape[1], *cfg.hidden_sizes(), n_out], activation=cfg.activation, loss=loss,
-                init=cfg.init, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+    model = network_for(cfg, train, loss, n_out)
     return Setup(cfg, train, val, test, model, bs, prep, fingerprint(train))
 
 
