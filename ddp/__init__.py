@@ -12,7 +12,6 @@ from .api import Model, fit, load
 from .comm import world_comm
 from .config import Config
 from .errors import UsageError
-from .estimator import MLPClassifier, MLPRegressor
 from .layers import Layer
 from .model import MLP, Network
 from .optim import SGD, Adam, AdamW, make_optimizer
@@ -22,3 +21,11 @@ from .version import __version__
 __all__ = ["Model", "fit", "load", "world_comm", "Config", "UsageError", "MLPClassifier", "MLPRegressor", "MLP",
            "Network", "Layer", "SGD", "Adam", "AdamW",
            "make_optimizer", "DataParallel", "__version__"]
+
+
+def __getattr__(name):
+    """ddp.MLPClassifier and ddp.MLPRegressor import scikit-learn's estimator machinery only when asked for."""
+    if name in ("MLPClassifier", "MLPRegressor"):
+        from . import estimator
+        return getattr(estimator, name)
+    raise AttributeError(f"module 'ddp' has no attribute {name!r}")

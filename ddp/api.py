@@ -49,6 +49,11 @@ class Model:
                 "step": np.array(steps, np.int64), "epoch": np.array(0, np.int64),
                 "batch_in_epoch": np.array(0, np.int64)}
 
+    def to_onnx(self, path: str | None = None):
+        """The model, its preprocessing and (classification) its softmax as one ONNX graph on raw rows."""
+        from .export import to_onnx
+        return to_onnx(self, path)
+
     def __reduce__(self):
         buf = io.BytesIO()
         np.savez(buf, **self._arrays())

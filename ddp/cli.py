@@ -1,4 +1,4 @@
-"""Command line: `ddp train`, `ddp predict`, `ddp evaluate`, `ddp plot`, `ddp gradcheck`, `ddp info`.
+"""Command line: `ddp train`, `ddp predict`, `ddp evaluate`, `ddp export`, `ddp plot`, `ddp gradcheck`, `ddp info`.
 
     ddp train --dataset digits --hidden 128,64 --epochs 20 --out runs/digits
     ddp train --config run.toml --lr 0.05          # flags override the TOML file
@@ -6,6 +6,7 @@
     launch/mpirun.sh -n 4 -- train --dataset digits
     ddp evaluate --checkpoint runs/digits/checkpoint.npz --dataset digits --split test
     ddp predict --checkpoint runs/digits/checkpoint.npz --data-path rows.csv --out predictions.csv
+    ddp export --checkpoint runs/digits/best.npz --format onnx --out model.onnx
     ddp plot runs/digits --out curves.png
     ddp gradcheck --sizes 5,8,3 --activation tanh
 
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(runs trained with --grad-norms) per epoch, several runs overlaid.")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or metrics.jsonl files)")
     pl.add_argument("--out", default="curves.png", metavar="FILE.png", help="image to write (default: curves.png)")
+    ex = sub.add_parser("export", help="write a trained model as an ONNX graph that takes raw rows",
+                        description="Export a checkpoint's model with its standardization and (classification) its "
+                                    "softmax: outputs 'label' and 'probabilities', or 'prediction' (regression).")
+    ex.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint.npz or best.npz (or a run folder)")
+    ex.add_argument("--format", default="onnx", choices=("onnx",), help="the format (default: onnx)")
+    ex.add_argument("--out", required=True, metavar="FILE.onnx", help="the file to write")
     sub.add_parser("info", help="print the environment: MPI, GPUs, CuPy, NumPy, BLAS threads",
                    description="Print the MPI library, CUDA-awareness, GPUs, CuPy/NumPy versions and BLAS threads.")
     return p
@@ -200,6 +207,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .api import load
+    load(args.checkpoint).to_onnx(args.out)
+    print(f"ddp: wrote {args.out}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .plot import plot
     print(f"ddp: wrote {plot(args.runs, args.out)}")
@@ -243,7 +257,7 @@ def _main(argv) -> int:
         return cmd_info()
     if args.command != "train":
         return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
-                "plot": cmd_plot}[args.command](args)
+                "plot": cmd_plot, "export": cmd_export}[args.command](args)
     from .comm import world_comm
     from .errors import Stopped
 
