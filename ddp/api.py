@@ -15,7 +15,6 @@ script), `ddp.fit` trains data-parallel on every rank and returns the same model
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 
 import numpy as np
@@ -196,7 +195,7 @@ def _raw_splits(cfg: Config, X, y, X_val, y_val):
     if cfg.test_fraction:
         train, _, test = split(train, 0.0, cfg.test_fraction, seed=cfg.seed)
     else:
-        test = dataclasses.replace(train, X=train.X[:0], y=train.y[:0])
+        test = train.subset(slice(0, 0))
     return train, val, test
 
 

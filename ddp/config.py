@@ -15,7 +15,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from .data import DATASETS, infer_format
+from .data import DATASETS, SCALES, infer_format
 from .errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -42,7 +42,9 @@ class Config:
     n_classes: int = opt(3, "classes in synthetic_classification", group="data")
     val_fraction: float = opt(0.1, "fraction of the data held out for validation", group="data")
     test_fraction: float = opt(0.2, "fraction of the data held out for the final test", group="data")
-    standardize: bool = opt(True, "standardize features with the training set's mean and std", group="data")
+    scale: str = opt("auto", "input scaling fitted on the training set: standard (per-feature mean and std), "
+                     "minmax (overall min and max to 0..1), none; auto: uint8 data (images) / 255, else standard",
+                     SCALES, group="data")
     # model
     hidden: str = opt("128,64", "hidden layer sizes, comma-separated ('' for none): the MLP shorthand", group="model")
     arch: str = opt("", "the network's layers, comma-separated, instead of --hidden and --activation: dense:N, "

@@ -1,12 +1,13 @@
 """Datasets, splits, standardization, and the index arithmetic of data parallelism.
 
-Everything here is NumPy on the host; the trainer moves each batch to the GPU itself.
+Files stay on disk: each rank reads only the rows of its shard of each batch, in their stored dtype, and
+converts that batch alone on the device (Dataset.inputs).
 
     ds = load_dataset("digits")
-    train, val, test = split(ds, val_fraction=0.1, test_fraction=0.2, seed=0)   # run.load_data scales them
+    train, val, test = split(ds, val_fraction=0.1, test_fraction=0.2, seed=0)   # setup.load_data scales them
     for batch in epoch_batches(len(train), 64, seed=0, epoch=e):   # same on every rank
         for micro in micro_batches(shard(batch, rank, world), k):  # this rank's rows
-            ...train.X[micro], train.y[micro]...
+            ...train.inputs(micro, xp, dtype), train.y[micro]...
 
 Data parallelism needs no communication to agree on batches: every rank draws the same
 permutation from (seed, epoch) and takes its own contiguous slice of each global batch.
@@ -17,42 +18,72 @@ import dataclasses
 import gzip
 import math
 import os
+import struct
+import sys
+import zipfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import get_array_module
 from .errors import UsageError
 
 DATASETS = ("digits", "breast_cancer", "diabetes", "synthetic_classification",
             "synthetic_regression", "npz", "csv", "idx")
 TASKS = ("auto", "classification", "regression")
 BATCH_MODES = ("sgd", "minibatch", "full")
+SCALES = ("auto", "standard", "minmax", "none")
 MAX_CSV_CLASSES = 50  # an integral CSV target with more distinct values is taken as regression
 MAX_CLASSES = 1 << 16
 
 
 @dataclass
 class Dataset:
-    """X: (N, d) float64. y: (N,) int64 class indices in 0..n_classes-1, or (N, n_out) float64.
-
+    """data: (M, d) inputs as stored, in their own dtype (uint8 stays uint8); a read-only memory map for
+    idx, .npy and uncompressed .npz files, so nothing is read until a batch asks for its rows.
+    rows: this dataset's rows of `data` (None: all of them), in order; a split is index arrays, not copies.
+    scale: the preprocessing each batch gets as it is read (setup.load_data fits it on the training rows).
+    y: (N,) int64 class indices in 0..n_classes-1, or (N, n_out) float64, one per row of this dataset.
     classes[i] is the label class index i stands for, as it appeared in the data (a number or a string).
     """
 
-    X: np.ndarray
+    data: np.ndarray
     y: np.ndarray
     task: str
     n_classes: int | None
     name: str
     classes: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    scale: "Standardizer | None" = None
     shape: tuple | None = None      # one sample's C,H,W when the file says (idx images)
 
     def __len__(self) -> int:
-        return len(self.X)
+        return len(self.y)
+
+    @property
+    def n_features(self) -> int:
+        return self.data.shape[1]
+
+    def take(self, i) -> np.ndarray:
+        """Rows i (an index array or a slice) as stored: only those rows are read from disk."""
+        raw = self.data[i] if self.rows is None else self.data[self.rows[i]]
+        return np.asarray(raw, raw.dtype.newbyteorder("="))       # idx files are big-endian
+
+    def inputs(self, i=slice(None), xp=np, dtype=np.float64):
+        """Rows i scaled, as `dtype` on xp's device. The rows cross to the device in their stored dtype (a
+        uint8 image is 8x smaller than its float64), and are converted and scaled there, this batch alone."""
+        X = xp.asarray(self.take(i)).astype(np.float64)
+        if self.scale is not None:
+            X = self.scale.transform(X)
+        return X.astype(dtype, copy=False)
+
+    X = property(inputs, doc="every row, scaled, float64: for small data and tests")
 
     def subset(self, idx) -> "Dataset":
-        """The rows `idx` (an index array or a boolean mask), with the same metadata."""
-        return dataclasses.replace(self, X=self.X[idx], y=self.y[idx])
+        """The rows `idx` (an index array or a boolean mask), with the same metadata; no input is copied."""
+        idx = np.arange(len(self))[idx]
+        return dataclasses.replace(self, y=self.y[idx], rows=idx if self.rows is None else self.rows[idx])
 
 
 # ---------------------------------------------------------------------------- loading
@@ -92,7 +123,7 @@ def from_arrays(X, y, task: str = "auto", name: str = "arrays") -> Dataset:
     of at most MAX_CSV_CLASSES distinct whole numbers, as a CSV gives) mean classification."""
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-    X, y = np.asarray(X), np.asarray(y)
+    X, y = np.asanyarray(X), np.asarray(y)
     if task == "auto":
         if y.dtype.kind in "biuUSO":
             task = "classification"
@@ -186,14 +217,19 @@ def _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed):
     return X, (out + bias).argmax(axis=1)
 
 
-def _read_bytes(path: str) -> bytes:
-    """The file's bytes, gunzipped if it is gzip (detected by its magic bytes, not its name)."""
+def _open(path: str):
+    """The file for reading, gunzipped if it is gzip (detected by its magic bytes, not its name)."""
     if not os.path.isfile(path):
         raise UsageError(f"file not found: {path}")
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _read_bytes(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        with _open(path) as f:
+            return f.read()
     except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt gzip stream
         raise UsageError(f"cannot read {path}: {e}") from None
 
@@ -207,11 +243,32 @@ def _load_npz_arrays(path: str, required=("X", "y")) -> dict:
             missing = set(required) - set(f.files)
             if missing:
                 raise UsageError(f"{path} lacks array(s) {sorted(missing)}; it needs {' and '.join(required)}")
-            return {k: f[k] for k in ("X", "y") if k in f.files}
+            return {k: _mmap_npz(path, k) if k == "X" else f[k] for k in ("X", "y") if k in f.files}
     except UsageError:
         raise
     except Exception as e:  # BadZipFile, ValueError (object arrays), OSError, AttributeError (.npy)
         raise UsageError(f"cannot read {path} as an .npz file with {' and '.join(required)}: {e}") from None
+
+
+def _mmap_npz(path: str, key: str) -> np.ndarray:
+    """Array `key` of an .npz, memory-mapped when stored uncompressed (np.savez), else read (np.savez_compressed):
+    the .npy inside a stored zip member is plain bytes at an offset that its local header gives."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(key + ".npy")
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        fh.seek(name_len + extra_len, 1)
+        version = np.lib.format.read_magic(fh)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if info.compress_type != zipfile.ZIP_STORED or version not in reader:
+            with np.load(path, allow_pickle=False) as f:
+                return f[key]
+        shape, fortran, dtype = reader[version](fh)
+        if dtype.hasobject or math.prod(shape) == 0:
+            with np.load(path, allow_pickle=False) as f:
+                return f[key]                     # refused (object arrays), or nothing to map
+        return np.memmap(path, dtype, "r", offset=fh.tell(), shape=shape, order="F" if fortran else "C")
 
 
 def _load_npz(path: str):
@@ -260,35 +317,48 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Parse an IDX file (plain or gzip): magic 0x0000TTNN, NN big-endian uint32 dims, data."""
-    data = _read_bytes(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise UsageError(f"{path} is not an IDX file (bad magic number {data[:4].hex()!r})")
-    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
-    header = 4 + 4 * ndim
-    if ndim < 1 or len(data) < header:
-        raise UsageError(f"{path}: corrupt IDX header ({ndim} dims, {len(data)} bytes)")
-    dims = tuple(int(v) for v in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(data) != expected:
-        raise UsageError(f"{path}: IDX file has {len(data)} bytes, dims {dims} of {dtype.name} "
-                         f"need {expected} (truncated or corrupt)")
-    return np.frombuffer(data, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    """An IDX file: magic 0x0000TTNN, NN big-endian uint32 dims, then the data in its stored (big-endian) dtype.
+    A plain file is memory-mapped; a gzip one is decompressed once, in a stream, into an array of that dtype."""
+    try:
+        with _open(path) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise UsageError(f"{path} is not an IDX file (bad magic number {head.hex()!r})")
+            dtype, ndim = np.dtype(_IDX_DTYPES[head[2]]), head[3]
+            raw_dims = f.read(4 * ndim)
+            if ndim < 1 or len(raw_dims) < 4 * ndim:
+                raise UsageError(f"{path}: corrupt IDX header ({ndim} dims, {4 + len(raw_dims)} bytes)")
+            dims = tuple(int(v) for v in np.frombuffer(raw_dims, ">u4"))
+            header, need = 4 + 4 * ndim, math.prod(dims) * dtype.itemsize
+            if isinstance(f, gzip.GzipFile):
+                out = np.empty(dims, dtype)
+                buf, got = out.reshape(-1).view(np.uint8), 0
+                while got < need and (n := f.readinto(buf[got:])):
+                    got += n
+                size = header + got + len(f.read(1))
+            else:
+                size = os.fstat(f.fileno()).st_size
+            if size != header + need:
+                raise UsageError(f"{path}: IDX file has {size} bytes, dims {dims} of {dtype.name} "
+                                 f"need {header + need} (truncated or corrupt)")
+            if isinstance(f, gzip.GzipFile) or need == 0:
+                return out if need else np.empty(dims, dtype)
+            return np.memmap(path, dtype, "r", offset=header, shape=dims)
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt gzip stream
+        raise UsageError(f"cannot read {path}: {e}") from None
 
 
-def _load_idx_pair(path: str):
-    """path = "IMAGES,LABELS" -> (X, y, sample shape C,H,W): images flatten to (N, rows*cols), ubyte scaled
-    to [0, 1]."""
+def _load_idx_pair(path: str, labels_required: bool = True):
+    """path = "IMAGES,LABELS" (or IMAGES alone when labels are not required) -> (X, y, sample shape C,H,W):
+    images as (N, rows*cols) rows of their stored dtype, labels 1-D."""
     parts = [p.strip() for p in path.split(",")]
-    if len(parts) != 2 or not all(parts):
+    if not all(parts) or len(parts) != 2 - (not labels_required and len(parts) == 1):
         raise UsageError(f"idx path must be 'IMAGES_FILE,LABELS_FILE', got {path!r}")
-    images, labels = read_idx(parts[0]), read_idx(parts[1])
-    X = images.reshape(len(images), -1).astype(np.float64)
-    if images.dtype == np.uint8:
-        X /= 255.0
-    if labels.ndim != 1:
+    images = read_idx(parts[0])
+    labels = read_idx(parts[1]) if len(parts) == 2 else None
+    if labels is not None and labels.ndim != 1:
         raise UsageError(f"idx labels {parts[1]} must be 1-D, got shape {labels.shape}")
-    return X, labels, (1, *images.shape[1:]) if images.ndim == 3 else None
+    return images.reshape(len(images), -1), labels, (1, *images.shape[1:]) if images.ndim == 3 else None
 
 
 def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset:
@@ -297,7 +367,7 @@ def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset
     n_classes defaults to max label + 1; the synthetic data passes the number it was asked for,
     which a tiny sample may not show.
     """
-    X, y = np.asarray(X), np.asarray(y)
+    X, y = np.asanyarray(X), np.asarray(y)
     labels_ok = "biufUSO" if task == "classification" else "biuf"
     if X.dtype.kind not in "biuf" or y.dtype.kind not in labels_ok:
         raise UsageError(f"dataset {name!r}: X must be numeric and y numeric{' or labels' if task == 'classification' else ''}, "
@@ -306,9 +376,8 @@ def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset
         raise UsageError(f"dataset {name!r}: X must be 2-D and non-empty, got shape {X.shape}")
     if y.ndim not in (1, 2) or len(y) != len(X):
         raise UsageError(f"dataset {name!r}: X has {len(X)} rows but y has shape {y.shape}")
-    X = X.astype(np.float64)
     for label, a in (("X", X), ("y", y)):
-        bad = np.count_nonzero(~np.isfinite(a)) if a.dtype.kind in "biuf" else 0
+        bad = sum(np.count_nonzero(~np.isfinite(a[s])) for s in row_chunks(a)) if a.dtype.kind == "f" else 0
         if bad:
             raise UsageError(f"dataset {name!r}: {label} contains NaN or Inf ({bad} values)")
 
@@ -368,39 +437,88 @@ class Standardizer:
         self.mean = self.std = None
 
     def fit(self, X: np.ndarray) -> "Standardizer":
-        """X: (N, d). A constant feature gets std 1, so it maps to 0 instead of dividing by 0."""
+        """X: (N, d) in memory (regression targets). A constant feature gets std 1, so it maps to 0."""
         with np.errstate(over="ignore", invalid="ignore"):
-            self.mean = X.mean(axis=0)
-            std = X.std(axis=0)
-        bad = np.flatnonzero(~(np.isfinite(self.mean) & np.isfinite(std)))
-        if bad.size:
-            j = int(bad[0])
-            raise UsageError(f"column {j} overflows float64 when standardized (values up to "
-                             f"{np.abs(X[:, j]).max():.3g}); rescale it")
-        self.std = np.where(std > 0, std, 1.0)
-        return self
+            return self.from_stats(X.mean(axis=0), X.std(axis=0), X)
 
     @classmethod
-    def from_stats(cls, mean, std) -> "Standardizer":
+    def from_stats(cls, mean, std, X=None) -> "Standardizer":
         s = cls()
-        s.mean, s.std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        s.mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        bad = np.flatnonzero(~(np.isfinite(s.mean) & np.isfinite(std)))
+        if bad.size:
+            j = int(bad[0])
+            big = f" (values up to {np.abs(X[:, j]).max():.3g})" if X is not None else ""
+            raise UsageError(f"column {j} overflows float64 when standardized{big}; rescale it")
+        s.std = np.where(std > 0, std, 1.0)
         return s
 
     def inverse(self, Z: np.ndarray) -> np.ndarray:
         """(M, d) standardized -> original units."""
         return Z * self.std + self.mean
 
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        """X: (M, d) -> (M, d) float64."""
+    def transform(self, X):
+        """X: (M, d) float64, NumPy or CuPy -> (M, d) on the same device."""
         if self.mean is None:
             raise RuntimeError("Standardizer.transform called before fit")
         if X.shape[1:] != self.mean.shape:
             raise UsageError(f"X has {X.shape[1:]} features, the standardizer was fit on "
                              f"{self.mean.shape}")
-        return (X - self.mean) / self.std
+        xp = get_array_module(X)
+        return (X - xp.asarray(self.mean)) / xp.asarray(self.std)
 
 
-# ----------------------------------------------------------- batching and sharding
+def row_chunks(X, nbytes: int = 1 << 24) -> list[slice]:
+    """Slices of X's rows of about `nbytes` each: a pass over a memory-mapped file in bounded memory."""
+    step = max(1, nbytes // max(1, X[:1].nbytes))
+    return [slice(s, s + step) for s in range(0, len(X), step)]
+
+
+def fit_scale(ds: Dataset, how: str, comm) -> Standardizer:
+    """The input scaling `how` (SCALES) of the training set `ds`, in one pass over its rows: each rank reads
+    its shard of them in chunks, and the float64 sums (exact for integer data such as pixels) are combined
+    with one allreduce, so every rank gets the same statistics whatever it read.
+
+    auto: uint8 inputs (images) are divided by 255, anything else is standardized. standard warns once,
+    naming them, about features whose training range spans more than 50 stds (a pixel almost always 0): a
+    value unseen in training there becomes a z-score in the hundreds. minmax maps the training set's overall
+    min and max (one pair for all features, so it suits pixels) to 0 and 1.
+    """
+    d = ds.n_features
+    if how == "auto":
+        how = "uint8" if ds.data.dtype == np.uint8 else "standard"
+    if how in ("none", "uint8"):
+        return Standardizer.from_stats(np.zeros(d), np.full(d, 255.0 if how == "uint8" else 1.0))
+    start, stop = shard_range(len(ds), comm.rank, comm.size)
+    shift = ds.take([0])[0].astype(np.float64)          # sums of x - shift: no cancellation when |mean| >> std
+    # rows 0, 1: sums of x - shift and of its square; 2 + 2r, 3 + 2r: rank r's per-feature min and max
+    acc = np.zeros((2 + 2 * comm.size, d))
+    lo, hi = acc[2 + 2 * comm.rank], acc[3 + 2 * comm.rank]
+    lo[:], hi[:] = np.inf, -np.inf
+    step = max(1, (1 << 21) // d)                        # rows per chunk: 16 MB of float64
+    for s in range(start, stop, step):
+        X = ds.take(slice(s, min(s + step, stop))).astype(np.float64)
+        np.minimum(lo, X.min(axis=0), out=lo)
+        np.maximum(hi, X.max(axis=0), out=hi)
+        X -= shift
+        acc[0] += X.sum(axis=0)
+        acc[1] += (X * X).sum(axis=0)
+    comm.allreduce_sum(acc)
+    lo, hi = acc[2::2].min(axis=0), acc[3::2].max(axis=0)
+    if how == "minmax":
+        return Standardizer.from_stats(np.full(d, lo.min()), np.full(d, hi.max() - lo.min()))
+    mean = acc[0] / len(ds)
+    with np.errstate(over="ignore", invalid="ignore"):
+        std = np.sqrt(np.maximum(acc[1] / len(ds) - mean * mean, 0))
+        spiky = np.flatnonzero(hi - lo > 50 * std)
+    spiky = spiky[std[spiky] > 0]
+    if spiky.size and comm.rank == 0:
+        print(f"ddp: warning: {spiky.size} feature(s) are almost constant with rare outliers (columns "
+              f"{', '.join(map(str, spiky[:8]))}{', ...' if spiky.size > 8 else ''}): standardized, a value unseen "
+              "in training there gives a huge input; --scale minmax suits features that share a range (pixels)",
+              file=sys.stderr, flush=True)
+    return Standardizer.from_stats(shift + mean, std)
+
 
 def batch_size_for(mode: str, batch_size: int, n: int) -> int:
     """The global batch size of a mode: sgd 1, minibatch `batch_size`, full `n`."""

@@ -26,7 +26,7 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 4096)
     acc = np.zeros(2 + 3 * n_out)
     for s in range(0, len(idx), chunk):
         rows = idx[s:s + chunk]
-        X = xp.asarray(ds.X[rows], model.dtype)
+        X = ds.inputs(rows, xp, model.dtype)
         Z = model.forward(X)
         y = xp.asarray(ds.y[rows]) if classification else xp.asarray(ds.y[rows], model.dtype)
         loss, _ = model.loss_fn(Z, y, denom=1)

@@ -227,7 +227,7 @@ class MLP(Network):
 def network_for(cfg, ds, loss: str, n_out: int) -> Network:
     """The network a run's settings describe for dataset ds and n_out outputs: --arch, else --hidden's MLP."""
     kw = dict(loss=loss, init=cfg.init, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
-    n = ds.X.shape[1]
+    n = ds.n_features
     if not cfg.arch:
         return MLP([n, *cfg.hidden_sizes(), n_out], activation=cfg.activation, **kw)
     shape = cfg.input_shape or ds.shape or n

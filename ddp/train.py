@@ -101,7 +101,6 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
                 save_checkpoint(ckpt_path, s, model.state_dict(), optimizer.state_dict(), step=step, epoch=epoch, batch=nb)
             reporter.saved(step)
 
-    X_dev = xp.asarray(train.X, model.dtype)
     y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
     step, epoch = start_step, start_epoch
     span = tracer.span
@@ -124,7 +123,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
                 loss = 0.0
                 for j, mb in enumerate(micro):
                     with span("data", rows=len(mb)):
-                        Xb, yb = X_dev[mb], y_dev[mb]
+                        Xb, yb = train.inputs(mb, xp, model.dtype), y_dev[mb]
                     loss += dp.forward_backward(Xb, yb, denom=len(gb), accumulate=j > 0, sync=j == len(micro) - 1,
                                                 rows=mb, step=step)
                 with span("finite check"):

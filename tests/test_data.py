@@ -191,9 +191,13 @@ def test_read_idx_ubyte_images_and_labels(tmp_path):
     assert np.array_equal(read_idx(str(tmp_path / "lab")), labels)
 
     ds = load_dataset("idx", path=f"{tmp_path / 'img'},{tmp_path / 'lab'}")
-    assert ds.X.shape == (5, 12) and ds.X.dtype == np.float64
-    assert np.allclose(ds.X, images.reshape(5, 12) / 255.0) and 0 <= ds.X.min() <= ds.X.max() <= 1
+    assert isinstance(ds.data, np.memmap) and ds.data.dtype == np.uint8      # left on disk, as stored
+    assert np.array_equal(ds.X, images.reshape(5, 12))
     assert ds.task == "classification" and np.array_equal(ds.y, labels) and ds.n_classes == 3
+    from ddp.config import Config
+    from ddp.setup import load_data
+    train = load_data(Config(scale="auto"), raw=(ds, ds, ds))[0]       # auto: uint8 pixels / 255
+    assert np.array_equal(train.X, images.reshape(5, 12) / 255.0)
 
 
 def test_read_idx_gzip(tmp_path):
@@ -211,7 +215,9 @@ def test_read_idx_other_types(tmp_path, code, fmt, dtype):
         a = a * dtype(0.25)
     write_idx(tmp_path / "a", a, code, fmt)
     got = read_idx(str(tmp_path / "a"))
-    assert got.dtype == dtype and got.dtype.isnative and np.array_equal(got, a)
+    assert got.dtype == np.dtype(dtype).newbyteorder(">") and np.array_equal(got, a)    # the bytes as stored
+    ds = Dataset(got.reshape(2, -1), np.arange(2), "classification", 2, "t")
+    assert ds.take([1, 0]).dtype == dtype and np.array_equal(ds.take([1, 0]), a.reshape(2, -1)[[1, 0]])
 
 
 def test_read_idx_corrupt(tmp_path):
@@ -286,7 +292,7 @@ def test_standardize_uses_train_statistics_only():
     from ddp.config import Config
     from ddp.setup import load_data
     ds = load_dataset("diabetes")
-    ds.X[:, 3] = 7.0  # a constant feature must not divide by zero
+    ds.data[:, 3] = 7.0  # a constant feature must not divide by zero
     train, val, test = split(ds, 0.2, 0.2, seed=0)
     strain, sval, stest, prep = load_data(Config(dataset="diabetes"), raw=(train, val, test))
     assert np.allclose(strain.X.mean(axis=0), 0) and np.allclose(strain.X[:, 3], 0)
