@@ -46,7 +46,6 @@ def _find(comm, cfg, steps, lr_min, lr_max):
     dp = DataParallel(model, comm, overlap=False)
     opt = make_optimizer_for(cfg, model.params, model.grads, steps)
     opt.lr, opt.schedule = lr_min, lambda t: (lr_max / lr_min) ** (min(t, steps - 1) / (steps - 1))
-    X = xp.asarray(train.X, model.dtype)
     y = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
     lrs, losses, smoothed, avg, epoch, batches = [], [], [], 0.0, 0, []
     while True:
@@ -56,7 +55,8 @@ def _find(comm, cfg, steps, lr_min, lr_max):
         gb = batches.pop(0)
         comm.at_step(len(lrs) + 1)
         local = shard(gb, comm.rank, comm.size)
-        loss = np.array([float(dp.forward_backward(X[local], y[local], denom=len(gb), rows=local, step=len(lrs)))])
+        Xb = train.inputs(local, xp, model.dtype)
+        loss = np.array([float(dp.forward_backward(Xb, y[local], denom=len(gb), rows=local, step=len(lrs)))])
         comm.allreduce_sum(loss)                   # the global batch's loss: the same number on every rank
         lrs.append(opt.current_lr())
         losses.append(float(loss[0]))
