@@ -21,7 +21,7 @@ import numpy as np
 
 from .checkpoint import CHECKPOINT, load_checkpoint, model_arrays, model_meta, read_checkpoint, write_npz
 from .config import FIELDS, Config, coerce
-from .data import Dataset, from_arrays, split
+from .data import Dataset, from_arrays, from_parts, split
 from .errors import UsageError
 from .guard import one_job
 from .model import MLP, Network
@@ -186,12 +186,7 @@ def _raw_splits(cfg: Config, X, y, X_val, y_val):
     if X_val is None:
         ds = from_arrays(X, y, cfg.task, "arrays")
         return split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
-    X_val, y_val = np.asarray(X_val), np.asarray(y_val)
-    if len(X) != len(y) or len(X_val) != len(y_val):
-        raise UsageError(f"X has {len(X)} rows and y {len(y)}; X_val has {len(X_val)} and y_val {len(y_val)}")
-    both = from_arrays(np.concatenate([X, X_val]), np.concatenate([y, y_val]), cfg.task, "arrays")
-    n = len(X)
-    train, val = both.subset(np.arange(n)), both.subset(np.arange(n, len(both)))
+    train, val = from_parts([(X, y), (X_val, y_val)], cfg.task, "arrays")
     if cfg.test_fraction:
         train, _, test = split(train, 0.0, cfg.test_fraction, seed=cfg.seed)
     else:
@@ -202,14 +197,15 @@ def _raw_splits(cfg: Config, X, y, X_val, y_val):
 def read_rows(path: str, n_features: int):
     """(X, y or None) from a file of raw rows: .npz (X, and y if present), CSV (n_features columns, or one
     more holding the target; header detected), or idx. For `ddp predict` and `ddp evaluate`."""
-    from .data import _load_csv, _load_idx_pair, _load_npz_arrays, infer_format
+    from .data import infer_format
+    from .formats import read_csv, read_idx_pair, read_npz_arrays
     fmt = infer_format(path)
     if fmt == "npz":
-        arrays = _load_npz_arrays(path, required=("X",))
+        arrays = read_npz_arrays(path, required=("X",))
         return arrays["X"], arrays.get("y")
     if fmt == "idx":
-        return _load_idx_pair(path)[:2]
-    X, last = _load_csv(path)
+        return read_idx_pair(path, labels_required=False)[:2]
+    X, last = read_csv(path)
     if X.shape[1] == n_features:
         return X, last
     if X.shape[1] + 1 == n_features and last.dtype.kind == "f":

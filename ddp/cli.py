@@ -199,7 +199,8 @@ def cmd_evaluate(args) -> int:
         same = saved.get("dataset") == args.dataset
         part = args.split or ("test" if same else "all")
         known = {k: v for k, v in saved.items() if k in FIELDS}     # a key another ddp version wrote is not ours
-        cfg = Config(**{**known, "dataset": args.dataset, "data_path": ""}).validate()
+        cfg = Config(**{**known, "dataset": args.dataset, "data_path": "", "val_path": "",
+                            "test_path": ""}).validate()
         train, val, test = raw_splits(cfg)
         pick = {"train": [train], "val": [val], "test": [test], "all": [train, val, test]}[part]
         X = np.concatenate([p.X for p in pick])

@@ -35,6 +35,10 @@ class Config:
                        "from --data-path's extension, else digits)", ("auto", *DATASETS), group="data")
     data_path: str = opt("", "a .npz (arrays X, y), .csv or .csv.gz (last column the target, header "
                          "detected, string labels allowed) or 'IMAGES,LABELS' idx files", group="data")
+    val_path: str = opt("", "a validation file, in --data-path's format (then --val-fraction does not apply)",
+                        group="data")
+    test_path: str = opt("", "a test file, in --data-path's format, such as the official test split (then "
+                         "--test-fraction does not apply; summary.json reports it)", group="data")
     task: str = opt("auto", "classification or regression (auto: from the dataset)",
                     ["auto", "classification", "regression"], group="data")
     n_samples: int = opt(2000, "samples in a synthetic dataset", group="data")
@@ -150,6 +154,9 @@ class Config:
         elif self.data_path and self.dataset not in FILE_FORMATS:
             raise UsageError(f"--data-path is for file datasets ({', '.join(FILE_FORMATS)}); dataset "
                              f"{self.dataset!r} is built in: drop --data-path or --dataset")
+        if (self.val_path or self.test_path) and self.dataset not in FILE_FORMATS:
+            raise UsageError(f"--val-path and --test-path are for file datasets (--data-path); {self.dataset!r} "
+                             "is built in")
         checks = [
             (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),

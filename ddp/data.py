@@ -15,19 +15,14 @@ permutation from (seed, epoch) and takes its own contiguous slice of each global
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import math
-import os
-import struct
 import sys
-import zipfile
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import get_array_module
 from .errors import UsageError
+from .formats import load_bundled, pread_rows, read_csv, read_idx_pair, read_npz
 
 DATASETS = ("digits", "breast_cancer", "diabetes", "synthetic_classification",
             "synthetic_regression", "npz", "csv", "idx")
@@ -67,8 +62,9 @@ class Dataset:
 
     def take(self, i) -> np.ndarray:
         """Rows i (an index array or a slice) as stored: only those rows are read from disk."""
-        raw = self.data[i] if self.rows is None else self.data[self.rows[i]]
-        return np.asarray(raw, raw.dtype.newbyteorder("="))       # idx files are big-endian
+        rows = np.arange(len(self))[i] if self.rows is None else self.rows[i]
+        raw = pread_rows(self.data, rows) if isinstance(self.data, np.memmap) else self.data[rows]
+        return raw.astype(raw.dtype.newbyteorder("="), copy=False)  # idx files are big-endian
 
     def inputs(self, i=slice(None), xp=np, dtype=np.float64):
         """Rows i scaled, as `dtype` on xp's device. The rows cross to the device in their stored dtype (a
@@ -100,31 +96,44 @@ def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
     if name in ("digits", "breast_cancer", "diabetes"):
         X, y = load_bundled(name)
         known = "regression" if name == "diabetes" else "classification"
-        return _finish(X, y, _fixed_task(name, known, task), name)
+        return from_arrays(X, y, _fixed_task(name, known, task), name)
     if name.startswith("synthetic_"):
         X, y = _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed)
         known = name.removeprefix("synthetic_")
-        return _finish(X, y, _fixed_task(name, known, task), name, n_classes=n_classes)
+        return from_parts([(X, y)], _fixed_task(name, known, task), name, n_classes)[0]
 
-    if not path:
+    return load_files(name, [path], task)[0]
+
+
+def load_files(name: str, paths, task: str = "auto") -> list[Dataset]:
+    """Datasets from files of format `name` (npz, csv, idx), labels encoded together (from_parts); a path
+    that is empty or None gives None in its place (a validation or test file not given)."""
+    if not paths[0]:
         raise UsageError(f"dataset {name!r} needs a path")
-    if name == "npz":
-        X, y = _load_npz(path)
-    elif name == "csv":
-        X, y = _load_csv(path)
-    else:
-        X, y, shape = _load_idx_pair(path)
-        return dataclasses.replace(from_arrays(X, y, task, name), shape=shape)
-    return from_arrays(X, y, task, name)
+    read = {"npz": read_npz, "csv": read_csv, "idx": read_idx_pair}[name]
+    got = [read(p) if p else None for p in paths]
+    shape = got[0][2] if name == "idx" else None
+    sets = iter(from_parts([g[:2] for g in got if g], task, name, shape=shape))
+    return [next(sets) if g else None for g in got]
 
 
 def from_arrays(X, y, task: str = "auto", name: str = "arrays") -> Dataset:
-    """A Dataset from arrays in memory. task 'auto': labels (integers, strings, booleans, or a float column
-    of at most MAX_CSV_CLASSES distinct whole numbers, as a CSV gives) mean classification."""
+    """A Dataset from arrays in memory (or memory-mapped): from_parts with one part."""
+    return from_parts([(X, y)], task, name)[0]
+
+
+def from_parts(parts, task: str = "auto", name: str = "arrays", n_classes: int | None = None,
+               shape=None) -> list[Dataset]:
+    """Datasets from (X, y) pairs, a training set then validation or test sets given apart, their labels
+    encoded together: a class has the same index in each. task 'auto': labels (integers, strings, booleans,
+    or a float column of at most MAX_CSV_CLASSES distinct whole numbers, as a CSV gives) mean classification.
+    n_classes: the synthetic data's, which a tiny sample may not show (default: the distinct labels)."""
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-    X, y = np.asanyarray(X), np.asarray(y)
-    if task == "auto":
+    parts = [(np.asanyarray(X), np.asarray(y)) for X, y in parts]
+    y = np.concatenate([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
+    guessed = task == "auto"
+    if guessed:
         if y.dtype.kind in "biuUSO":
             task = "classification"
         elif y.dtype.kind == "f" and y.ndim == 1:
@@ -132,7 +141,18 @@ def from_arrays(X, y, task: str = "auto", name: str = "arrays") -> Dataset:
             task = "classification" if whole and len(np.unique(y)) <= MAX_CSV_CLASSES else "regression"
         else:
             task = "regression"
-    return _finish(X, y, task, name)
+    for X, yp in parts:
+        _check(X, yp, task, name)
+        if X.shape[1:] != parts[0][0].shape[1:]:
+            raise UsageError(f"dataset {name!r}: a file with {X.shape[1]} features, the training data has "
+                             f"{parts[0][0].shape[1]}")
+    y, classes = _encode(y, task, name, n_classes)
+    if guessed and classes is not None and len(classes) > max(MAX_CSV_CLASSES, len(y) // 2):
+        raise UsageError(f"dataset {name!r}: {len(classes)} distinct labels in {len(y)} rows: an identifier or a "
+                         "feature rather than a target? (--task classification trains on it anyway)")
+    ys = np.split(y, np.cumsum([len(yp) for _, yp in parts])[:-1])
+    n = None if classes is None else len(classes)
+    return [Dataset(X, yp, task, n, name, classes, shape=shape) for (X, _), yp in zip(parts, ys)]
 
 
 def infer_format(path: str) -> str:
@@ -146,41 +166,6 @@ def infer_format(path: str) -> str:
         return "idx"
     raise UsageError(f"cannot tell the format of --data-path {path!r} from its name: give --dataset npz, csv "
                      "or idx (files named .npz, .csv, .csv.gz, or 'IMAGES,LABELS' idx files are recognised)")
-
-
-def load_bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits, breast_cancer or diabetes, as its load_NAME(return_X_y=True) gives them.
-
-    The files are plain CSV inside the installed package. Reading them directly skips importing
-    sklearn.datasets, which pulls in scipy.stats and the estimator machinery: 1.1 s per rank.
-    tests/test_data.py proves both readers give bit-identical arrays.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("sklearn")     # a top-level spec is found without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"dataset {name!r} comes with scikit-learn, which is not installed "
-                         "(pip install scikit-learn)")
-    folder = os.path.join(spec.submodule_search_locations[0], "datasets", "data")
-
-    def table(file, **kw):
-        with gzip.open(os.path.join(folder, file), "rt", encoding="utf-8") as f:
-            return np.loadtxt(f, **kw)
-
-    if name == "digits":
-        data = table("digits.csv.gz", delimiter=",")
-        return data[:, :-1], data[:, -1].astype(int)
-    if name == "breast_cancer":    # header: n_samples, n_features, class names
-        data = np.loadtxt(os.path.join(folder, "breast_cancer.csv"), delimiter=",", skiprows=1)
-        return data[:, :-1], data[:, -1].astype(int)
-    # sklearn's scaled=True: each column centred, divided by its std, then by sqrt(n_samples),
-    # in the same order of operations so that the result is the same to the last bit.
-    X, y = table("diabetes_data_raw.csv.gz"), table("diabetes_target.csv.gz")
-    mean, std = np.nanmean(X, axis=0), np.nanstd(X, axis=0)
-    X -= mean
-    X /= std
-    X /= X.shape[0] ** 0.5
-    return X, y
 
 
 def _fixed_task(name: str, known: str, task: str) -> str:
@@ -217,157 +202,7 @@ def _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed):
     return X, (out + bias).argmax(axis=1)
 
 
-def _open(path: str):
-    """The file for reading, gunzipped if it is gzip (detected by its magic bytes, not its name)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"file not found: {path}")
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        with _open(path) as f:
-            return f.read()
-    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt gzip stream
-        raise UsageError(f"cannot read {path}: {e}") from None
-
-
-def _load_npz_arrays(path: str, required=("X", "y")) -> dict:
-    if not os.path.isfile(path):
-        raise UsageError(f"file not found: {path}")
-    try:
-        # allow_pickle=False: a pickled object array in a data file could run arbitrary code.
-        with np.load(path, allow_pickle=False) as f:
-            missing = set(required) - set(f.files)
-            if missing:
-                raise UsageError(f"{path} lacks array(s) {sorted(missing)}; it needs {' and '.join(required)}")
-            return {k: _mmap_npz(path, k) if k == "X" else f[k] for k in ("X", "y") if k in f.files}
-    except UsageError:
-        raise
-    except Exception as e:  # BadZipFile, ValueError (object arrays), OSError, AttributeError (.npy)
-        raise UsageError(f"cannot read {path} as an .npz file with {' and '.join(required)}: {e}") from None
-
-
-def _mmap_npz(path: str, key: str) -> np.ndarray:
-    """Array `key` of an .npz, memory-mapped when stored uncompressed (np.savez), else read (np.savez_compressed):
-    the .npy inside a stored zip member is plain bytes at an offset that its local header gives."""
-    with zipfile.ZipFile(path) as z:
-        info = z.getinfo(key + ".npy")
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset + 26)
-        name_len, extra_len = struct.unpack("<HH", fh.read(4))
-        fh.seek(name_len + extra_len, 1)
-        version = np.lib.format.read_magic(fh)
-        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if info.compress_type != zipfile.ZIP_STORED or version not in reader:
-            with np.load(path, allow_pickle=False) as f:
-                return f[key]
-        shape, fortran, dtype = reader[version](fh)
-        if dtype.hasobject or math.prod(shape) == 0:
-            with np.load(path, allow_pickle=False) as f:
-                return f[key]                     # refused (object arrays), or nothing to map
-        return np.memmap(path, dtype, "r", offset=fh.tell(), shape=shape, order="F" if fortran else "C")
-
-
-def _load_npz(path: str):
-    arrays = _load_npz_arrays(path)
-    return arrays["X"], arrays["y"]
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _load_csv(path: str):
-    """Comma-separated; the last column is the target, numbers or strings (class labels). A first line whose
-    feature fields are not all numbers is a header and is skipped."""
-    lines = _read_bytes(path).decode("utf-8", errors="replace").splitlines()
-    lines = [line for line in lines if line.strip()]
-    if not lines:
-        raise UsageError(f"CSV file {path} is empty")
-    first = [v.strip().strip('"') for v in lines[0].split(",")]
-    skip = 0 if all(_is_number(v) for v in first[:-1]) and (len(first) > 1 or _is_number(first[0])) else 1
-    if len(first) < 2:
-        raise UsageError(f"CSV file {path} needs at least 2 columns (features, then target), found {len(first)}")
-    n = len(first)
-    body = lines[skip:]
-    if not body:
-        raise UsageError(f"CSV file {path} has a header but no rows")
-    try:
-        X = np.loadtxt(body, delimiter=",", dtype=np.float64, ndmin=2, usecols=range(n - 1), quotechar='"')
-        y = np.loadtxt(body, delimiter=",", dtype=str, ndmin=1, usecols=n - 1, quotechar='"')
-    except ValueError as e:
-        raise UsageError(f"cannot parse CSV file {path}: {e}") from None
-    y = np.char.strip(y)
-    try:
-        y = y.astype(np.float64)
-    except ValueError:
-        pass                                      # string labels: classification
-    return X, y
-
-
-# IDX type codes (http://yann.lecun.com/exdb/mnist/): all multi-byte values are big-endian.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str) -> np.ndarray:
-    """An IDX file: magic 0x0000TTNN, NN big-endian uint32 dims, then the data in its stored (big-endian) dtype.
-    A plain file is memory-mapped; a gzip one is decompressed once, in a stream, into an array of that dtype."""
-    try:
-        with _open(path) as f:
-            head = f.read(4)
-            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
-                raise UsageError(f"{path} is not an IDX file (bad magic number {head.hex()!r})")
-            dtype, ndim = np.dtype(_IDX_DTYPES[head[2]]), head[3]
-            raw_dims = f.read(4 * ndim)
-            if ndim < 1 or len(raw_dims) < 4 * ndim:
-                raise UsageError(f"{path}: corrupt IDX header ({ndim} dims, {4 + len(raw_dims)} bytes)")
-            dims = tuple(int(v) for v in np.frombuffer(raw_dims, ">u4"))
-            header, need = 4 + 4 * ndim, math.prod(dims) * dtype.itemsize
-            if isinstance(f, gzip.GzipFile):
-                out = np.empty(dims, dtype)
-                buf, got = out.reshape(-1).view(np.uint8), 0
-                while got < need and (n := f.readinto(buf[got:])):
-                    got += n
-                size = header + got + len(f.read(1))
-            else:
-                size = os.fstat(f.fileno()).st_size
-            if size != header + need:
-                raise UsageError(f"{path}: IDX file has {size} bytes, dims {dims} of {dtype.name} "
-                                 f"need {header + need} (truncated or corrupt)")
-            if isinstance(f, gzip.GzipFile) or need == 0:
-                return out if need else np.empty(dims, dtype)
-            return np.memmap(path, dtype, "r", offset=header, shape=dims)
-    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt gzip stream
-        raise UsageError(f"cannot read {path}: {e}") from None
-
-
-def _load_idx_pair(path: str, labels_required: bool = True):
-    """path = "IMAGES,LABELS" (or IMAGES alone when labels are not required) -> (X, y, sample shape C,H,W):
-    images as (N, rows*cols) rows of their stored dtype, labels 1-D."""
-    parts = [p.strip() for p in path.split(",")]
-    if not all(parts) or len(parts) != 2 - (not labels_required and len(parts) == 1):
-        raise UsageError(f"idx path must be 'IMAGES_FILE,LABELS_FILE', got {path!r}")
-    images = read_idx(parts[0])
-    labels = read_idx(parts[1]) if len(parts) == 2 else None
-    if labels is not None and labels.ndim != 1:
-        raise UsageError(f"idx labels {parts[1]} must be 1-D, got shape {labels.shape}")
-    return images.reshape(len(images), -1), labels, (1, *images.shape[1:]) if images.ndim == 3 else None
-
-
-def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset:
-    """Validate X and y, and give y the shape and dtype of its task.
-
-    n_classes defaults to max label + 1; the synthetic data passes the number it was asked for,
-    which a tiny sample may not show.
-    """
-    X, y = np.asanyarray(X), np.asarray(y)
+def _check(X, y, task: str, name: str) -> None:
     labels_ok = "biufUSO" if task == "classification" else "biuf"
     if X.dtype.kind not in "biuf" or y.dtype.kind not in labels_ok:
         raise UsageError(f"dataset {name!r}: X must be numeric and y numeric{' or labels' if task == 'classification' else ''}, "
@@ -381,9 +216,11 @@ def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset
         if bad:
             raise UsageError(f"dataset {name!r}: {label} contains NaN or Inf ({bad} values)")
 
+
+def _encode(y, task: str, name: str, n_classes: int | None):
+    """(y in the shape and dtype of its task, classes or None): class indices and the labels they stand for."""
     if task == "regression":
-        y = y.astype(np.float64).reshape(len(y), -1)
-        return Dataset(X, y, task, None, name)
+        return y.astype(np.float64).reshape(len(y), -1), None
     if y.ndim == 2 and y.shape[1] != 1:
         raise UsageError(f"dataset {name!r}: classification labels must be 1-D, got {y.shape}")
     y = y.reshape(-1)
@@ -403,8 +240,7 @@ def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset
                              f"most {MAX_CLASSES} classes (use --task regression for a numeric target)")
     if len(classes) < 2:
         raise UsageError(f"dataset {name!r}: classification needs at least 2 classes, got 1 class ({classes[0]})")
-    index = np.searchsorted(classes, y)
-    return Dataset(X, index.astype(np.int64), task, len(classes), name, classes)
+    return np.searchsorted(classes, y).astype(np.int64), classes
 
 
 # ------------------------------------------------------------- splitting and scaling
@@ -465,7 +301,9 @@ class Standardizer:
             raise UsageError(f"X has {X.shape[1:]} features, the standardizer was fit on "
                              f"{self.mean.shape}")
         xp = get_array_module(X)
-        return (X - xp.asarray(self.mean)) / xp.asarray(self.std)
+        out = X - xp.asarray(self.mean)
+        out /= xp.asarray(self.std)
+        return out
 
 
 def row_chunks(X, nbytes: int = 1 << 24) -> list[slice]:
@@ -489,7 +327,12 @@ def fit_scale(ds: Dataset, how: str, comm) -> Standardizer:
         how = "uint8" if ds.data.dtype == np.uint8 else "standard"
     if how in ("none", "uint8"):
         return Standardizer.from_stats(np.zeros(d), np.full(d, 255.0 if how == "uint8" else 1.0))
+    if ds.rows is not None:                              # in file order: long runs of consecutive rows to read
+        ds = dataclasses.replace(ds, rows=np.sort(ds.rows))
     start, stop = shard_range(len(ds), comm.rank, comm.size)
+    if len(ds) * d * ds.data.itemsize > 1 << 28 and comm.rank == 0:
+        print(f"ddp: scaling statistics: one pass over {len(ds):,} training rows, {comm.size} rank(s) sharing it",
+              flush=True)
     shift = ds.take([0])[0].astype(np.float64)          # sums of x - shift: no cancellation when |mean| >> std
     # rows 0, 1: sums of x - shift and of its square; 2 + 2r, 3 + 2r: rank r's per-feature min and max
     acc = np.zeros((2 + 2 * comm.size, d))

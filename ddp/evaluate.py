@@ -3,6 +3,7 @@ of metrics.jsonl, and the summary's final metrics.
 """
 from __future__ import annotations
 
+import resource
 import time
 
 import numpy as np
@@ -24,6 +25,7 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 4096)
     classification = model.loss_name != "mse"
     # [loss sum, correct, sum y, sum y^2, sse] (the last three per output column)
     acc = np.zeros(2 + 3 * n_out)
+    chunk = max(1, min(chunk, (1 << 21) // ds.n_features))       # at most 16 MB of float64 inputs at once
     for s in range(0, len(idx), chunk):
         rows = idx[s:s + chunk]
         X = ds.inputs(rows, xp, model.dtype)
@@ -72,7 +74,9 @@ def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_
                   stop_reason=None) -> dict:
     """The summary's figures, the same in both modes: steps, epochs, world size, time, test_* and val_*, and
     why the run stopped (early stopping; None when it ran its course)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # KiB on Linux
     return {"steps": step, "epochs": epoch, "world_size": world_size, "elapsed_s": time.perf_counter() - t0,
             "stop_reason": stop_reason,
+            "peak_rss_mb": comm.allgather_obj(round(peak, 1)) if comm.size > 1 else [round(peak, 1)],
             **{f"test_{k}": v for k, v in evaluate(s.model, s.test, comm).items()},
             **{f"val_{k}": v for k, v in evaluate(s.model, s.val, comm).items()}}

@@ -24,7 +24,7 @@ from .losses import get_loss
 from .trace import NULL
 
 INITS = ("he", "xavier")
-CHUNK_ELEMENTS = 1 << 24           # forward() evaluates in chunks whose largest array stays under this
+CHUNK_ELEMENTS = 1 << 22           # forward() evaluates in chunks whose largest array stays under this (16 MB of float32: RSS per rank)
 
 
 def parse_shape(shape) -> tuple:

@@ -9,7 +9,8 @@ import sklearn.datasets
 from sklearn.preprocessing import StandardScaler
 
 from ddp.data import (DATASETS, Dataset, Standardizer, batch_size_for, epoch_batches,
-                      load_dataset, micro_batches, read_idx, shard, split)
+                      load_dataset, micro_batches, shard, split)
+from ddp.formats import read_idx
 from ddp.errors import UsageError
 
 
@@ -380,3 +381,22 @@ def test_micro_batches():
     assert [len(p) for p in parts] == [1, 1, 0, 0]
     with pytest.raises(UsageError, match="micro-batches 0"):
         micro_batches(idx, 0)
+
+
+def test_csv_keeps_labels_as_written_and_names_what_it_cannot_read(tmp_path):
+    big = 2**53
+    (tmp_path / "big.csv").write_text("".join(f"{i},{big + i % 4}\n" for i in range(40)))
+    ds = load_dataset("csv", path=str(tmp_path / "big.csv"))        # as float64, 2**53 + 1 would be 2**53
+    assert ds.n_classes == 4 and ds.classes.tolist() == [str(big + k) for k in range(4)]
+    (tmp_path / "zeros.csv").write_text("x,label\n" + "".join(f"{i},{'007' if i % 2 else '7'}\n" for i in range(20)))
+    assert load_dataset("csv", path=str(tmp_path / "zeros.csv")).classes.tolist() == ["007", "7"]
+    (tmp_path / "bom.csv").write_text("\ufeff1,2,0\n3,4,1\n5,6,0\n", encoding="utf-8")
+    ds = load_dataset("csv", path=str(tmp_path / "bom.csv"))
+    assert len(ds) == 3 and np.array_equal(ds.X[:, 0], [1, 3, 5])  # no row taken for a header
+    (tmp_path / "ragged.csv").write_text("a,b,y\n1,2,0\n3,4,1\n5,6,7,0\n")
+    with pytest.raises(UsageError, match="line 4: 4 fields"):
+        load_dataset("csv", path=str(tmp_path / "ragged.csv"))
+    (tmp_path / "ids.csv").write_text("".join(f"{i},{i * 0.5},id{i}\n" for i in range(200)))
+    with pytest.raises(UsageError, match="200 distinct labels in 200 rows"):
+        load_dataset("csv", path=str(tmp_path / "ids.csv"))
+    assert load_dataset("csv", path=str(tmp_path / "ids.csv"), task="classification").n_classes == 200
