@@ -15,7 +15,7 @@ from .errors import UsageError
 class Preprocess:
     """What turns raw rows into the model's inputs, and its outputs back into labels or units.
 
-    x: the training set's per-feature mean and std (identity without --standardize).
+    x: the training set's per-feature mean and std (identity with --scale none; uint8 data: mean 0, std 255).
     y: the same for regression targets (training runs on standardized targets).
     classes: the label each output index stands for, as it appeared in the data (numbers or strings).
     """
