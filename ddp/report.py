@@ -73,7 +73,7 @@ class Reporter:
             for rec in kept:
                 self.metrics.write(json.dumps(rec) + "\n")
             self.metrics.flush()
-            self.logger = LOGGERS[cfg.logger](cfg.out, kept)
+            self.logger = Logger(cfg.logger, cfg.out, kept)
         if active and cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
@@ -208,52 +208,33 @@ def scalars(record: dict) -> dict:
     return out
 
 
-class NoLogger:
-    def __init__(self, out: str, kept: list):
-        pass
+class Logger:
+    """--logger csv: metrics.csv, one row per record and one column per number (rewritten whole each epoch, so
+    a column that appears later gets its header); tensorboard: event files in the run folder (`tensorboard
+    --logdir runs`), each number a scalar at the record's step, by TensorBoard's own writer; none: nothing."""
 
-    def log(self, record: dict):
-        pass
-
-    def close(self):
-        pass
-
-
-class CSVLogger(NoLogger):
-    """metrics.csv: one row per epoch record, one column per number (written whole each epoch: a column that
-    appears later, such as a validation metric, gets its header)."""
-
-    def __init__(self, out, kept):
-        self.path, self.rows = os.path.join(out, "metrics.csv"), [scalars(r) for r in kept]
+    def __init__(self, kind: str, out: str, kept: list):
+        self.kind, self.path, self.rows = kind, os.path.join(out, "metrics.csv"), [scalars(r) for r in kept]
+        if kind == "tensorboard":
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            self.writer = EventFileWriter(out)
 
     def log(self, record):
-        import csv
-        self.rows.append(scalars(record))
-        names = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.path + ".tmp", "w", newline="") as fh:
-            w = csv.DictWriter(fh, names, lineterminator="\n")
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(self.path + ".tmp", self.path)
-
-
-class TensorBoardLogger(NoLogger):
-    """Event files in the run folder (`tensorboard --logdir runs`): each number of a record as a scalar at
-    the record's step, written with TensorBoard's own event writer."""
-
-    def __init__(self, out, kept):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        self.writer = EventFileWriter(out)
-
-    def log(self, record):
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        values = [Summary.Value(tag=k, simple_value=v) for k, v in scalars(record).items() if k != "step"]
-        self.writer.add_event(Event(wall_time=time.time(), step=record["step"], summary=Summary(value=values)))
-        self.writer.flush()
+        if self.kind == "csv":
+            import csv
+            self.rows.append(scalars(record))
+            with open(self.path + ".tmp", "w", newline="") as fh:
+                w = csv.DictWriter(fh, list(dict.fromkeys(k for r in self.rows for k in r)), lineterminator="\n")
+                w.writeheader()
+                w.writerows(self.rows)
+            os.replace(self.path + ".tmp", self.path)
+        elif self.kind == "tensorboard":
+            from tensorboard.compat.proto.event_pb2 import Event
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            values = [Summary.Value(tag=k, simple_value=v) for k, v in scalars(record).items() if k != "step"]
+            self.writer.add_event(Event(wall_time=time.time(), step=record["step"], summary=Summary(value=values)))
+            self.writer.flush()
 
     def close(self):
-        self.writer.close()
-
-
-LOGGERS = {"none": NoLogger, "csv": CSVLogger, "tensorboard": TensorBoardLogger}
+        if self.kind == "tensorboard":
+            self.writer.close()
