@@ -7,22 +7,68 @@
 Arrays: layers.i.W and layers.i.b, optimizer.*, step, epoch, batch_in_epoch, rng.seed, rng.epoch, and the
 preprocessing data.x_mean, data.x_std (data.y_mean, data.y_std for regression, data.classes for
 classification); config (the resolved configuration) and meta (architecture, task, ddp version, data
-fingerprint) as JSON strings. Nothing is pickled: np.load(path, allow_pickle=False) reads it, and every write is
-atomic, so a crash never destroys the previous checkpoint.
+fingerprint) as JSON strings. Nothing is pickled: np.load(path, allow_pickle=False) reads it.
+
+Every file of a run folder is written by write_file: atomic and durable (fsynced, then renamed, then the folder
+fsynced), so after a crash or an I/O error the disk holds the old file or the new one, and a run never reports a
+step it has not made durable.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import numpy as np
 
 from .config import merge_for_resume
-from .errors import UsageError
+from .errors import TrainingError, UsageError
 from .version import __version__
 
 CHECKPOINT, BEST = "checkpoint.npz", "best.npz"
 FORMAT = 2                       # checkpoint format: 2 added meta and data.* (preprocessing)
+
+
+class WriteError(TrainingError):
+    """An OSError writing a run's file (disk full, read-only, I/O error): one line, exit 1."""
+
+
+def write_file(path: str, write) -> None:
+    """write(fh) fills a binary file that then replaces `path` atomically and durably. The temporary name
+    is this process's and created exclusively, and rename replaces a symlink rather than writing through it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        sync_folder(folder)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)                 # the partial file must not hold the last free bytes
+        raise write_error(path, e) from None
+
+
+def sync_folder(folder: str) -> None:
+    """A rename is durable only once its folder is."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_error(path: str, e: OSError) -> WriteError:
+    """The line for a failed write: what failed, and the last checkpoint that is safe on disk."""
+    last = os.path.join(os.path.dirname(os.path.abspath(path)), CHECKPOINT)
+    try:
+        with np.load(last, allow_pickle=False) as f:
+            note = f"; the last durable checkpoint is {last} (step {int(f['step'])})"
+    except Exception:
+        note = "; no checkpoint was saved"
+    return WriteError(f"cannot write {path}: {e.strerror or e}{note}")
 
 
 def _json_array(obj) -> np.ndarray:
@@ -31,7 +77,7 @@ def _json_array(obj) -> np.ndarray:
 
 def save_checkpoint(path: str, setup, model_state: dict, opt_state: dict, *, step: int, epoch: int,
                     batch: int) -> None:
-    """Write atomically: a crash mid-write never destroys the previous checkpoint."""
+    """Write atomically and durably (write_file): a crash mid-write never destroys the previous checkpoint."""
     cfg, model = setup.cfg, setup.model
     arrays = dict(model_state)
     arrays.update({f"optimizer.{k}": v for k, v in opt_state.items()})
@@ -47,9 +93,7 @@ def save_checkpoint(path: str, setup, model_state: dict, opt_state: dict, *, ste
         "loss": model.loss_name, "task": setup.prep.task, "dtype": model.dtype.name, "init": model.init,
         "n_classes": setup.train.n_classes, "data_fingerprint": setup.fingerprint})
     arrays.update(setup.prep.arrays())
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_file(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _json_field(data: dict, key: str, path: str) -> dict:
