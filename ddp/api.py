@@ -15,26 +15,25 @@ script), `ddp.fit` trains data-parallel on every rank and returns the same model
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 
 import numpy as np
 
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import FIELDS, Config
-from .data import Dataset, from_arrays, split
+from .data import Dataset, from_arrays, from_parts, split
 from .errors import UsageError
 from .guard import one_job
-from .model import MLP
+from .model import MLP, Network
 from .preprocess import Preprocess
 from .run import resolve_config
 
 
 class Model:
-    """A trained MLP with the preprocessing it was trained with. `config` is the run's configuration;
+    """A trained network with the preprocessing it was trained with. `config` is the run's configuration;
     `summary`, after ddp.fit, the run's summary (steps, world size, validation and test metrics)."""
 
-    def __init__(self, mlp: MLP, prep: Preprocess, config: dict, summary: dict | None = None):
+    def __init__(self, mlp: Network, prep: Preprocess, config: dict, summary: dict | None = None):
         self.mlp, self.prep, self.config, self.summary = mlp, prep, config, summary
 
     @property
@@ -97,8 +96,9 @@ def load(path: str, device: str = "cpu") -> Model:
         raise UsageError(f"checkpoint {path} has no 'meta': it was written before ddp saved what it needs to "
                          "use the model (format 1); retrain to use it")
     try:
-        mlp = MLP(meta["sizes"], activation=meta["activation"], loss=meta["loss"], init=meta.get("init", "he"),
-                  dtype=meta["dtype"], device=device)
+        kw = dict(loss=meta["loss"], init=meta.get("init", "he"), dtype=meta["dtype"], device=device)
+        mlp = (Network(meta["arch"], meta["input_shape"], **kw) if meta.get("activation") is None
+               else MLP(meta["sizes"], activation=meta["activation"], **kw))
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"checkpoint {path}: bad 'meta' ({type(e).__name__}: {e})") from None
     mlp.load_state_dict(ckpt)
@@ -151,30 +151,26 @@ def _raw_splits(cfg: Config, X, y, X_val, y_val):
     if X_val is None:
         ds = from_arrays(X, y, cfg.task, "arrays")
         return split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
-    X_val, y_val = np.asarray(X_val), np.asarray(y_val)
-    if len(X) != len(y) or len(X_val) != len(y_val):
-        raise UsageError(f"X has {len(X)} rows and y {len(y)}; X_val has {len(X_val)} and y_val {len(y_val)}")
-    both = from_arrays(np.concatenate([X, X_val]), np.concatenate([y, y_val]), cfg.task, "arrays")
-    n = len(X)
-    train, val = both.subset(np.arange(n)), both.subset(np.arange(n, len(both)))
+    train, val = from_parts([(X, y), (X_val, y_val)], cfg.task, "arrays")
     if cfg.test_fraction:
         train, _, test = split(train, 0.0, cfg.test_fraction, seed=cfg.seed)
     else:
-        test = dataclasses.replace(train, X=train.X[:0], y=train.y[:0])
+        test = train.subset(slice(0, 0))
     return train, val, test
 
 
 def read_rows(path: str, n_features: int):
     """(X, y or None) from a file of raw rows: .npz (X, and y if present), CSV (n_features columns, or one
     more holding the target; header detected), or idx. For `ddp predict` and `ddp evaluate`."""
-    from .data import _load_csv, _load_idx_pair, _load_npz_arrays, infer_format
+    from .data import infer_format
+    from .formats import read_csv, read_idx_pair, read_npz_arrays
     fmt = infer_format(path)
     if fmt == "npz":
-        arrays = _load_npz_arrays(path, required=("X",))
+        arrays = read_npz_arrays(path, required=("X",))
         return arrays["X"], arrays.get("y")
     if fmt == "idx":
-        return _load_idx_pair(path)
-    X, last = _load_csv(path)
+        return read_idx_pair(path, labels_required=False)[:2]
+    X, last = read_csv(path)
     if X.shape[1] == n_features:
         return X, last
     if X.shape[1] + 1 == n_features and last.dtype.kind == "f":

@@ -6,7 +6,8 @@
 
 Arrays: layers.i.W and layers.i.b, optimizer.*, step, epoch, batch_in_epoch, rng.seed, rng.epoch, and the
 preprocessing data.x_mean, data.x_std (data.y_mean, data.y_std for regression, data.classes for
-classification); config (the resolved configuration) and meta (architecture, task, ddp version, data
+classification), layers.k.running_mean/_var for batch norm; config (the resolved configuration) and meta
+(architecture: arch and input_shape, or the MLP's sizes and activation; task, ddp version, data
 fingerprint) as JSON strings. Nothing is pickled: np.load(path, allow_pickle=False) reads it.
 
 Every file of a run folder is written by write_file: atomic and durable (fsynced, then renamed, then the folder
@@ -90,6 +91,7 @@ def save_checkpoint(path: str, setup, model_state: dict, opt_state: dict, *, ste
     arrays["config"] = _json_array(cfg.to_dict())
     arrays["meta"] = _json_array({
         "format": FORMAT, "ddp_version": __version__, "sizes": model.sizes, "activation": model.activation,
+        "arch": model.arch, "input_shape": list(model.input_shape),
         "loss": model.loss_name, "task": setup.prep.task, "dtype": model.dtype.name, "init": model.init,
         "n_classes": setup.train.n_classes, "data_fingerprint": setup.fingerprint})
     arrays.update(setup.prep.arrays())

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     t = sub.add_parser("train", help="train a model (1 rank, N MPI ranks, or --simulate-ranks N)",
-                       description="Train an MLP. Under mpiexec each rank takes its shard of every global batch.")
+                       description="Train a network (an MLP, or --arch). Under mpiexec each rank takes its shard of every global batch.")
     add_flags(t)
     g = sub.add_parser("gradcheck", help="compare analytic gradients with central differences (float64)",
                        description="Compare analytic gradients with central differences in float64, per layer.")
@@ -104,7 +104,7 @@ def cmd_gradcheck(args) -> int:
     X, y = random_problem(model, args.batch, args.seed)
     errs = gradcheck(model, X, y, args.eps)
     for L, e in zip(model.layers, errs):
-        print(f"layer {L.index} ({L.n_in} -> {L.n_out}, {L.activation}): relative error {e:.3e}")
+        print(f"layer {L.index} ({L.item}, then {args.activation}): relative error {e:.3e}")
     worst = max(errs)
     ok = worst <= args.tolerance
     print(f"{'PASS' if ok else 'FAIL'}: largest relative error {worst:.3e} (tolerance {args.tolerance:g})")
@@ -182,7 +182,8 @@ def cmd_evaluate(args) -> int:
         same = saved.get("dataset") == args.dataset
         part = args.split or ("test" if same else "all")
         known = {k: v for k, v in saved.items() if k in FIELDS}     # a key another ddp version wrote is not ours
-        cfg = Config(**{**known, "dataset": args.dataset, "data_path": ""}).validate()
+        cfg = Config(**{**known, "dataset": args.dataset, "data_path": "", "val_path": "",
+                            "test_path": ""}).validate()
         train, val, test = raw_splits(cfg)
         pick = {"train": [train], "val": [val], "test": [test], "all": [train, val, test]}[part]
         X = np.concatenate([p.X for p in pick])

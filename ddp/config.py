@@ -14,7 +14,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from .data import DATASETS, infer_format
+from .data import DATASETS, SCALES, infer_format
 from .errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -34,6 +34,10 @@ class Config:
                        "from --data-path's extension, else digits)", ("auto", *DATASETS), group="data")
     data_path: str = opt("", "a .npz (arrays X, y), .csv or .csv.gz (last column the target, header "
                          "detected, string labels allowed) or 'IMAGES,LABELS' idx files", group="data")
+    val_path: str = opt("", "a validation file, in --data-path's format (then --val-fraction does not apply)",
+                        group="data")
+    test_path: str = opt("", "a test file, in --data-path's format, such as the official test split (then "
+                         "--test-fraction does not apply; summary.json reports it)", group="data")
     task: str = opt("auto", "classification or regression (auto: from the dataset)",
                     ["auto", "classification", "regression"], group="data")
     n_samples: int = opt(2000, "samples in a synthetic dataset", group="data")
@@ -41,9 +45,17 @@ class Config:
     n_classes: int = opt(3, "classes in synthetic_classification", group="data")
     val_fraction: float = opt(0.1, "fraction of the data held out for validation", group="data")
     test_fraction: float = opt(0.2, "fraction of the data held out for the final test", group="data")
-    standardize: bool = opt(True, "standardize features with the training set's mean and std", group="data")
+    scale: str = opt("auto", "input scaling fitted on the training set: standard (per-feature mean and std), "
+                     "minmax (overall min and max to 0..1), none; auto: uint8 data (images) / 255, else standard",
+                     SCALES, group="data")
     # model
-    hidden: str = opt("128,64", "hidden layer sizes, comma-separated ('' for none)", group="model")
+    hidden: str = opt("128,64", "hidden layer sizes, comma-separated ('' for none): the MLP shorthand", group="model")
+    arch: str = opt("", "the network's layers, comma-separated, instead of --hidden and --activation: dense:N, "
+                    "conv:OUT:K[:STRIDE[:PAD]], maxpool:K, avgpool:K, flatten, dropout:P, batchnorm, layernorm and "
+                    "the activations, e.g. conv:32:3,relu,maxpool:2,flatten,dense:10 (TOML: a string or a list)",
+                    group="model")
+    input_shape: str = opt("", "C,H,W of one sample, for conv and pooling layers (default: the idx images' "
+                           "shape, else flat features)", group="model")
     activation: str = opt("relu", "hidden activation", ["relu", "leaky_relu", "sigmoid", "tanh", "identity"],
                           group="model")
     loss: str = opt("auto", "loss (auto: softmax_cross_entropy for classification, mse for regression)",
@@ -134,6 +146,9 @@ class Config:
         elif self.data_path and self.dataset not in FILE_FORMATS:
             raise UsageError(f"--data-path is for file datasets ({', '.join(FILE_FORMATS)}); dataset "
                              f"{self.dataset!r} is built in: drop --data-path or --dataset")
+        if (self.val_path or self.test_path) and self.dataset not in FILE_FORMATS:
+            raise UsageError(f"--val-path and --test-path are for file datasets (--data-path); {self.dataset!r} "
+                             "is built in")
         checks = [
             (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
@@ -168,6 +183,8 @@ class Config:
             if not ok:
                 raise UsageError(msg)
         self.hidden_sizes()
+        if self.arch and self.mode == "ps" and "batchnorm" in self.arch.replace(" ", "").lower().split(","):
+            raise UsageError("--arch with batchnorm needs --mode allreduce: ps workers do not share batch statistics")
         return self
 
     def to_dict(self) -> dict:
@@ -221,7 +238,7 @@ def _coerce(name, value, where="config"):
     """A TOML or checkpoint value, checked against the field's type."""
     f = FIELDS[name]
     typ = {"str": str, "int": int, "float": float, "bool": bool}[f.type]
-    if name == "hidden" and isinstance(value, list):
+    if name in ("hidden", "arch") and isinstance(value, list):
         value = ",".join(str(v) for v in value)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -3,6 +3,7 @@ of metrics.jsonl, and the summary's final metrics.
 """
 from __future__ import annotations
 
+import resource
 import time
 
 import numpy as np
@@ -10,11 +11,11 @@ import numpy as np
 from . import backend
 from .comm import Communicator
 from .data import Dataset, shard
-from .model import MLP
+from .model import Network
 from .setup import Setup
 
 
-def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> dict:
+def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 4096) -> dict:
     """Loss and accuracy (classification) or R² (regression) over `ds`, sharded
     across ranks: each rank evaluates a contiguous slice, and sums are reduced."""
     n = len(ds)
@@ -24,9 +25,10 @@ def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> 
     classification = model.loss_name != "mse"
     # [loss sum, correct, sum y, sum y^2, sse] (the last three per output column)
     acc = np.zeros(2 + 3 * n_out)
+    chunk = max(1, min(chunk, (1 << 21) // ds.n_features))       # at most 16 MB of float64 inputs at once
     for s in range(0, len(idx), chunk):
         rows = idx[s:s + chunk]
-        X = xp.asarray(ds.X[rows], model.dtype)
+        X = ds.inputs(rows, xp, model.dtype)
         Z = model.forward(X)
         y = xp.asarray(ds.y[rows]) if classification else xp.asarray(ds.y[rows], model.dtype)
         loss, _ = model.loss_fn(Z, y, denom=1)
@@ -53,7 +55,7 @@ def evaluate(model: MLP, ds: Dataset, comm: Communicator, chunk: int = 4096) -> 
     return out
 
 
-def epoch_record(model: MLP, val: Dataset, comm: Communicator, *, epoch: int, step: int, loss_sum: float,
+def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int, step: int, loss_sum: float,
                  n_steps: int, samples: int, seconds: float, t0: float, finished: bool, **extra) -> dict:
     """One line of metrics.jsonl, the same in both modes: epoch (1-based), step, the mean training loss
     (loss_sum already summed over ranks), val_* metrics, samples/s over the epoch's `seconds`, elapsed_s
@@ -70,6 +72,8 @@ def epoch_record(model: MLP, val: Dataset, comm: Communicator, *, epoch: int, st
 
 def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_size: int, t0: float) -> dict:
     """The summary's figures, the same in both modes: steps, epochs, world size, time, test_* and val_*."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # KiB on Linux
     return {"steps": step, "epochs": epoch, "world_size": world_size, "elapsed_s": time.perf_counter() - t0,
+            "peak_rss_mb": comm.allgather_obj(round(peak, 1)) if comm.size > 1 else [round(peak, 1)],
             **{f"test_{k}": v for k, v in evaluate(s.model, s.test, comm).items()},
             **{f"val_{k}": v for k, v in evaluate(s.model, s.val, comm).items()}}

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import MLP
+from .model import Network
 
 
-def random_problem(model: MLP, batch: int, seed: int = 0):
+def random_problem(model: Network, batch: int, seed: int = 0):
     """Inputs and targets of the right kind for the model's loss."""
     rng = np.random.default_rng(seed + 1)
-    X = rng.standard_normal((batch, model.sizes[0]))
-    n_out = model.sizes[-1]
+    X = rng.standard_normal((batch, model.n_in))
+    n_out = model.n_out
     if model.loss_name == "softmax_cross_entropy":
         y = rng.integers(0, n_out, batch)
     elif model.loss_name == "binary_cross_entropy":
@@ -27,28 +27,29 @@ def random_problem(model: MLP, batch: int, seed: int = 0):
     return X, y
 
 
-def numeric_grads(model: MLP, X, y, eps: float = 1e-6) -> np.ndarray:
+def numeric_grads(model: Network, X, y, eps: float = 1e-6) -> np.ndarray:
     """Central differences (L(p + eps) - L(p - eps)) / 2 eps for every parameter.
-    (A loop over parameters, not samples: it is the reference, not the product.)"""
+    (A loop over parameters, not samples: it is the reference, not the product. step=0 keeps
+    dropout's mask fixed.)"""
     p = model.params
     num = np.zeros(p.size)
     for i in range(p.size):
         old = float(p[i])
         p[i] = old + eps
-        plus = model.forward_backward(X, y)
+        plus = model.forward_backward(X, y, step=0)
         p[i] = old - eps
-        minus = model.forward_backward(X, y)
+        minus = model.forward_backward(X, y, step=0)
         p[i] = old
         num[i] = (plus - minus) / (2 * eps)
     return num
 
 
-def gradcheck(model: MLP, X, y, eps: float = 1e-6) -> list[float]:
+def gradcheck(model: Network, X, y, eps: float = 1e-6) -> list[float]:
     """Relative error of each layer's analytic gradient (dW and db together)."""
     if model.dtype != np.float64:
         raise ValueError("gradcheck needs a float64 model: float32 rounding swamps central differences")
     num = numeric_grads(model, X, y, eps)
-    model.forward_backward(X, y)
+    model.forward_backward(X, y, step=0)
     ana = np.asarray(model.grads, np.float64)
     errs = []
     for L in model.layers:

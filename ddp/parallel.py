@@ -68,7 +68,7 @@ class DataParallel:
         """Every rank must hold the same architecture, or the allreduce would mix
         unrelated numbers (or hang on different buffer sizes)."""
         m = self.model
-        sig = (tuple(m.sizes), m.activation, m.loss_name, m.dtype.name, m.num_params)
+        sig = (m.arch, m.input_shape, m.loss_name, m.dtype.name, m.num_params)
         sigs = self.comm.allgather_obj(sig)
         for r, s in enumerate(sigs):
             if s != sigs[0]:
@@ -93,12 +93,13 @@ class DataParallel:
         for r in self._requests[:-1]:
             r.test()
 
-    def forward_backward(self, X, y, denom=None, accumulate=False, sync=True) -> float:
+    def forward_backward(self, X, y, denom=None, accumulate=False, sync=True, **kw) -> float:
         """This rank's share of the loss (local sum / denom); on return with
         sync=True, model.grads holds the global gradient on every rank.
-        sync=False only accumulates locally (the no_sync of gradient accumulation)."""
+        sync=False only accumulates locally (the no_sync of gradient accumulation).
+        kw (rows, step) go to the model's forward_backward."""
         if not (sync and self.overlap):
-            loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate)
+            loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, **kw)
             if sync:
                 with self.tracer.span("allreduce", "allreduce", bytes=self.model.grads.nbytes, blocking=True):
                     self.comm.allreduce_sum(self.model.grads, self.compress)
@@ -106,7 +107,7 @@ class DataParallel:
         for b in self.buckets:
             b.pending = len(b.layers)
         self._requests = []
-        loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, on_grad=self._layer_done)
+        loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, on_grad=self._layer_done, **kw)
         with self.tracer.span("wait", "wait", buckets=len(self._requests)):
             for r in self._requests:
                 r.wait()

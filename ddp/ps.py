@@ -225,7 +225,6 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
     for srv in range(S):                            # the initial shards
         worker.expect(srv, count=False)
     worker.wait()
-    X_dev = xp.asarray(train.X, model.dtype)
     y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
     step, epoch, start_batch = start
     start_epoch = epoch
@@ -250,7 +249,8 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
             loss = 0.0
             for j, mb in enumerate(micro):
                 last = j == len(micro) - 1
-                loss += model.forward_backward(X_dev[mb], y_dev[mb], denom=denom, accumulate=j > 0,
+                Xb = train.inputs(mb, xp, model.dtype)
+                loss += model.forward_backward(Xb, y_dev[mb], denom=denom, accumulate=j > 0, rows=mb, step=step,
                                                on_grad=worker.on_grad if last else None)
             meta = worker.wait()
             loss = float(loss)                      # the step's one wait for the loss (the pushes wait too)
@@ -506,7 +506,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     sync = is_sync(cfg)
     s, ckpt = start_run(dataclasses.replace(cfg, device="cpu") if is_server else cfg, comm, raw)
     model = s.model
-    sig = (tuple(model.sizes), model.activation, model.loss_name, model.dtype.name, model.num_params)
+    sig = (model.arch, model.input_shape, model.loss_name, model.dtype.name, model.num_params)
     sigs = comm.allgather_obj(sig)
     for r, other in enumerate(sigs):
         if other != sigs[0]:

@@ -25,7 +25,7 @@ from .config import Config
 from .data import epoch_batches, micro_batches, shard
 from .errors import Stopped, TrainingError, UsageError
 from .evaluate import epoch_record, final_metrics
-from .model import MLP
+from .model import Network
 from .parallel import DataParallel, check_replicas
 from .report import Reporter
 from .run import finished_summary, start_run
@@ -35,7 +35,7 @@ from .trace import NULL, Tracer
 
 # --------------------------------------------------------------------------- the loop
 
-def check_finite(model: MLP, loss, step: int) -> float:
+def check_finite(model: Network, loss, step: int) -> float:
     """Raise if the gradients hold NaN or Inf; return the step's loss as a Python float.
 
     The loss and the gradients' squared norm come to the host together, in ONE
@@ -63,6 +63,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     comm.set_timeout(cfg.timeout)
     s, ckpt = start_run(cfg, comm, raw)
     model, train, B = s.model, s.train, s.batch_size
+    model.comm = comm                                # synchronized batch norm sums over it
     xp = model.xp
     n_total = total_steps(cfg, len(train), B)
     # The schedule spans the planned epochs: --max-steps stops a run early without
@@ -99,7 +100,6 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
                 save_checkpoint(ckpt_path, s, model.state_dict(), optimizer.state_dict(), step=step, epoch=epoch, batch=nb)
             reporter.saved(step)
 
-    X_dev = xp.asarray(train.X, model.dtype)
     y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
     step, epoch = start_step, start_epoch
     span = tracer.span
@@ -122,8 +122,9 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
                 loss = 0.0
                 for j, mb in enumerate(micro):
                     with span("data", rows=len(mb)):
-                        Xb, yb = X_dev[mb], y_dev[mb]
-                    loss += dp.forward_backward(Xb, yb, denom=len(gb), accumulate=j > 0, sync=j == len(micro) - 1)
+                        Xb, yb = train.inputs(mb, xp, model.dtype), y_dev[mb]
+                    loss += dp.forward_backward(Xb, yb, denom=len(gb), accumulate=j > 0, sync=j == len(micro) - 1,
+                                                rows=mb, step=step)
                 with span("finite check"):
                     loss = check_finite(model, loss, step)
                 with span("optimizer"):

@@ -357,6 +357,9 @@ class ndarray:
     def ravel(self):
         return self.reshape(-1)
 
+    def transpose(self, *axes):
+        return self._view(self._a.transpose(*axes))
+
     def view(self, dtype=None):
         _dev_operand(self)
         return self._view(self._a.view(dtype))
@@ -415,7 +418,8 @@ def _inplace(op):
     return f
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "pow", "mod", "matmul", "and", "or", "xor"):
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "pow", "mod", "matmul", "and", "or", "xor", "rshift",
+              "lshift"):
     _op = getattr(operator, _name if _name not in ("and", "or") else _name + "_")
     setattr(ndarray, f"__{_name}__", _binary(_op))
     setattr(ndarray, f"__r{_name}__", _reflected(_op))
@@ -438,7 +442,7 @@ def _ufunc(fn):
 
 for _name in ("add", "subtract", "multiply", "divide", "true_divide", "maximum", "minimum", "tanh", "exp", "log",
               "log1p", "sqrt", "abs", "absolute", "negative", "square", "isfinite", "isnan", "sign", "matmul",
-              "where", "sum", "argmax", "max", "min", "mean", "dot", "clip", "equal", "greater", "less"):
+              "where", "sum", "argmax", "ascontiguousarray", "max", "min", "mean", "dot", "clip", "equal", "greater", "less"):
     globals()[_name] = _ufunc(getattr(np, _name))
 
 

@@ -61,6 +61,8 @@ VARIANTS = {
                               warmup_steps=5),
     "accumulate-2": dict(accumulate=2),
     "ssp-staleness-0": dict(consistency="ssp", staleness=0),
+    "cnn-dropout-layernorm": dict(n_features=36, input_shape="1,6,6",
+                                  arch="conv:3:3:1:1,relu,maxpool:2,flatten,layernorm,dense:8,dropout:0.3,dense:3"),
 }
 
 
