@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -93,6 +94,13 @@ class Config:
     grad_norms: bool = opt(False, "log each layer's gradient norm per epoch (watch gradients vanish)")
     progress: bool = opt(True, "show a progress bar (only when stderr is a terminal)")
     quiet: bool = opt(False, "do not print the one line per epoch")
+    logger: str = opt("none", "also write each epoch's record to the run folder as metrics.csv (csv) or as event "
+                      "files for `tensorboard --logdir` (tensorboard)", ["none", "csv", "tensorboard"])
+    early_stopping: int = opt(0, "PATIENCE: stop when --monitor has not improved by --min-delta for this many "
+                              "epochs (0: off); needs validation data")
+    min_delta: float = opt(0.0, "early stopping: the least change of --monitor that counts as an improvement")
+    monitor: str = opt("val_metric", "what early stopping and best.npz follow: val_loss, or val_metric "
+                       "(accuracy, or R² for regression)", ["val_loss", "val_metric"])
     trace: str = opt("", "write a timeline of every rank (Chrome trace format: open it in Perfetto or "
                      "chrome://tracing) to this .json file")
     # distributed
@@ -178,6 +186,10 @@ class Config:
             (0 <= self.val_fraction < 1, f"val fraction {self.val_fraction} must be in [0, 1)"),
             (0 <= self.test_fraction < 1, f"test fraction {self.test_fraction} must be in [0, 1)"),
             (self.timeout > 0, f"timeout {self.timeout} must be a number of seconds > 0"),
+            (self.early_stopping >= 0 and self.min_delta >= 0, f"early stopping {self.early_stopping} and min "
+                                                              f"delta {self.min_delta} must be >= 0"),
+            (self.logger != "tensorboard" or importlib.util.find_spec("tensorboard"),
+             '--logger tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"'),
         ]
         for ok, msg in checks:
             if not ok:
@@ -205,7 +217,7 @@ MAX_SIMULATED = 64               # each simulated rank is a thread; hundreds onl
 RUN_SETTINGS = frozenset({
     "epochs", "max_steps", "out", "resume", "overwrite", "checkpoint_every", "progress", "quiet", "grad_norms",
     "check_every", "debug", "timeout", "trace", "device", "simulate_ranks", "bucket_mb", "overlap",
-    "accumulate", "mode", "servers",
+    "accumulate", "mode", "servers", "logger", "early_stopping", "min_delta", "monitor",
 })
 
 
@@ -224,7 +236,7 @@ def merge_for_resume(saved: dict, given: dict, path: str) -> dict:
         # A key a newer ddp wrote is not ours to judge. --max-steps stopped the saved invocation; carrying
         # it over would stop the resumed one at once.
         if name in FIELDS and name not in NOT_INHERITED:
-            values[name] = _coerce(name, value, f"checkpoint {path}")
+            values[name] = coerce(name, value, f"checkpoint {path}")
     for name, value in given.items():
         if name in RUN_SETTINGS or name not in values or values[name] == value:
             values[name] = value
@@ -234,11 +246,11 @@ def merge_for_resume(saved: dict, given: dict, path: str) -> dict:
     return values
 
 
-def _coerce(name, value, where="config"):
+def coerce(name, value, where="config"):
     """A TOML or checkpoint value, checked against the field's type."""
     f = FIELDS[name]
     typ = {"str": str, "int": int, "float": float, "bool": bool}[f.type]
-    if name in ("hidden", "arch") and isinstance(value, list):
+    if name in ("hidden", "arch") and isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -266,7 +278,7 @@ def load_toml(path: str) -> dict:
         name = key.replace("-", "_")
         if name not in FIELDS:
             raise UsageError(f"config file {path}: unknown key {key!r}")
-        out[name] = _coerce(name, value)
+        out[name] = coerce(name, value)
     return out
 
 

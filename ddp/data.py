@@ -239,7 +239,7 @@ def _encode(y, task: str, name: str, n_classes: int | None):
             raise UsageError(f"dataset {name!r}: {len(classes)} distinct labels; classification supports at "
                              f"most {MAX_CLASSES} classes (use --task regression for a numeric target)")
     if len(classes) < 2:
-        raise UsageError(f"dataset {name!r}: classification needs at least 2 classes, labels are all {classes[0]}")
+        raise UsageError(f"dataset {name!r}: classification needs at least 2 classes, got 1 class ({classes[0]})")
     return np.searchsorted(classes, y).astype(np.int64), classes
 
 

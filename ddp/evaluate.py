@@ -70,10 +70,13 @@ def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int
     return record
 
 
-def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_size: int, t0: float) -> dict:
-    """The summary's figures, the same in both modes: steps, epochs, world size, time, test_* and val_*."""
+def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_size: int, t0: float,
+                  stop_reason=None) -> dict:
+    """The summary's figures, the same in both modes: steps, epochs, world size, time, test_* and val_*, and
+    why the run stopped (early stopping; None when it ran its course)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # KiB on Linux
     return {"steps": step, "epochs": epoch, "world_size": world_size, "elapsed_s": time.perf_counter() - t0,
+            "stop_reason": stop_reason,
             "peak_rss_mb": comm.allgather_obj(round(peak, 1)) if comm.size > 1 else [round(peak, 1)],
             **{f"test_{k}": v for k, v in evaluate(s.model, s.test, comm).items()},
             **{f"val_{k}": v for k, v in evaluate(s.model, s.val, comm).items()}}

@@ -69,10 +69,10 @@ from .data import epoch_batches, micro_batches, shard, shard_range
 from .errors import Stopped, TrainingError, UsageError
 from .evaluate import epoch_record, final_metrics
 from .parallel import check_replicas
-from .report import Reporter
+from .report import Reporter, reporter_key
 from .run import finished_summary, start_run
 from .setup import Setup, agree, is_finished, make_optimizer_for, steps_per_epoch, total_steps
-from .stop import got_sigterm
+from .stop import EarlyStopping, got_sigterm
 from .trace import NULL, Tracer
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
@@ -231,6 +231,7 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
     first_worker = wcomm.rank == 0
     run_max, run_sum, run_n = 0, 0.0, 0.0
     error, stopped, told = None, False, False
+    early = EarlyStopping(cfg, reporter_key(cfg, s.prep.task))
     t0 = time.perf_counter()
     while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
         batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
@@ -296,7 +297,7 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
             worker.send_ctrl(0, {"kind": "epoch", "record": record})
         if finished_epoch:
             epoch, nb = epoch + 1, 0
-        if stopped or not finished_epoch:
+        if stopped or not finished_epoch or early(record):    # every worker holds the same record
             break
     # Shut down: tell every server, then take the final shards, which hold every worker's last update.
     for srv in range(S):
@@ -307,7 +308,8 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
     if error is not None:
         return {"error": error}, traffic
     check_replicas(wcomm, model.params, step)
-    summary = {**final_metrics(s, wcomm, step=step, epoch=epoch, world_size=world.size, t0=t0),
+    summary = {**final_metrics(s, wcomm, step=step, epoch=epoch, world_size=world.size, t0=t0,
+                               stop_reason=early.reason),
                "max_staleness": run_max, "mean_staleness": run_sum / max(run_n, 1)}
     if stopped:
         summary["stopped_at"] = step

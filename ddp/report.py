@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import sys
+import time
 
 import numpy as np
 
@@ -42,6 +43,11 @@ def metric_name(task: str) -> str:
     return "val_accuracy" if task == "classification" else "val_r2"
 
 
+def reporter_key(cfg: Config, task: str) -> str:
+    """The record's key that --monitor names: what best.npz and early stopping follow."""
+    return "val_loss" if cfg.monitor == "val_loss" else metric_name(task)
+
+
 class Reporter:
     """What rank 0 writes and prints: config.toml, metrics.jsonl, one line per epoch, the progress bar
     (only on a terminal), best.npz, summary.json. Other ranks hold an inactive Reporter."""
@@ -52,7 +58,9 @@ class Reporter:
         self.printing = active
         self.bar = None
         self.best, self.best_step, self.saved_step = None, None, None
+        self.key = reporter_key(cfg, task)          # what best.npz follows
         self.val_losses = []
+        self.history = []                  # every rank's records, for the estimators' loss_curve_
         if self.active:
             os.makedirs(cfg.out, exist_ok=True)
             write_file(os.path.join(cfg.out, "config.toml"), lambda fh: fh.write(to_toml(cfg).encode()))
@@ -63,6 +71,7 @@ class Reporter:
             write_file(self.metrics_path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
             # Appended to, never through a symlink; each record is fsynced before its line is printed.
             self.metrics = os.fdopen(os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "a")
+            self.logger = LOGGERS[cfg.logger](cfg.out, kept)
         if active and cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
@@ -86,9 +95,9 @@ class Reporter:
         return kept
 
     def _consider_best(self, record: dict) -> bool:
-        key = metric_name(self.task)
-        value = record.get(key)
-        if value is None or not math.isfinite(value) or (self.best is not None and value <= self.best):
+        value = record.get(self.key)
+        sign = -1 if self.key == "val_loss" else 1
+        if value is None or not math.isfinite(value) or (self.best is not None and sign * (value - self.best) <= 0):
             return False
         self.best, self.best_step = value, record["step"]
         return True
@@ -100,6 +109,8 @@ class Reporter:
 
     def epoch(self, record: dict):
         """One epoch's record (already reduced over the ranks)."""
+        if not record.get("partial"):
+            self.history.append(record)
         if not self.printing:
             return
         record = finite(record)
@@ -112,6 +123,7 @@ class Reporter:
                 os.fsync(self.metrics.fileno())
             except OSError as e:
                 raise write_error(self.metrics_path, e) from None
+            self.logger.log(record)
             if not record.get("partial") and self._consider_best(record) and self.saved_step == record["step"]:
                 self._copy_best()
         if not self.cfg.quiet:
@@ -144,6 +156,7 @@ class Reporter:
             self.bar = None
         if self.active and not self.metrics.closed:
             self.metrics.close()
+            self.logger.close()
 
     def print(self, msg: str):
         if not self.printing:
@@ -158,7 +171,7 @@ class Reporter:
         summary = dict(summary)
         summary["config"] = self.cfg.to_dict()
         if self.best_step is not None:
-            summary["best"] = {"step": self.best_step, metric_name(self.task): self.best}
+            summary["best"] = {"step": self.best_step, self.key: self.best}
         restarts = restart_count()
         if restarts:
             summary["restarts"] = restarts
@@ -175,10 +188,72 @@ class Reporter:
         metric = next((k for k in ("test_accuracy", "test_r2") if summary.get(k) is not None), None)
         tail = f", {metric} {summary[metric]:.4f}" if metric else ""
         where = f", outputs in {self.cfg.out}" if self.active else ""
+        extra += f"; {summary['stop_reason']}" if summary.get("stop_reason") else ""
         self.print(f"ddp: done: {summary['steps']} steps, {summary['epochs']} epochs, "
                    f"{summary['elapsed_s']:.1f} s{tail}{extra}{where}")
-        return summary
+        return {**summary, "history": self.history}
 
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def scalars(record: dict) -> dict:
+    """A record's numbers, lists spread out: grad_norms [a, b] -> grad_norms/0, grad_norms/1."""
+    out = {}
+    for k, v in record.items():
+        for name, x in ([(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)]):
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                out[name] = x
+    return out
+
+
+class NoLogger:
+    def __init__(self, out: str, kept: list):
+        pass
+
+    def log(self, record: dict):
+        pass
+
+    def close(self):
+        pass
+
+
+class CSVLogger(NoLogger):
+    """metrics.csv: one row per epoch record, one column per number (written whole each epoch: a column that
+    appears later, such as a validation metric, gets its header)."""
+
+    def __init__(self, out, kept):
+        self.path, self.rows = os.path.join(out, "metrics.csv"), [scalars(r) for r in kept]
+
+    def log(self, record):
+        import csv
+        import io
+        self.rows.append(scalars(record))
+        text = io.StringIO()
+        w = csv.DictWriter(text, list(dict.fromkeys(k for r in self.rows for k in r)), lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.rows)
+        write_file(self.path, lambda fh: fh.write(text.getvalue().encode()))
+
+
+class TensorBoardLogger(NoLogger):
+    """Event files in the run folder (`tensorboard --logdir runs`): each number of a record as a scalar at
+    the record's step, written with TensorBoard's own event writer."""
+
+    def __init__(self, out, kept):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        self.writer = EventFileWriter(out)
+
+    def log(self, record):
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        values = [Summary.Value(tag=k, simple_value=v) for k, v in scalars(record).items() if k != "step"]
+        self.writer.add_event(Event(wall_time=time.time(), step=record["step"], summary=Summary(value=values)))
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+LOGGERS = {"none": NoLogger, "csv": CSVLogger, "tensorboard": TensorBoardLogger}

@@ -125,6 +125,8 @@ def build(cfg: Config, device_index: int = 0, raw=None, comm: Communicator | Non
     train, val, test, prep = load_data(cfg, raw, comm)
     bs = batch_size_for(cfg.batch_mode, cfg.batch_size, len(train))
     loss, n_out = resolve_loss(cfg, train)
+    if cfg.early_stopping and not len(val):
+        raise UsageError("--early-stopping needs validation data: --val-fraction > 0 (or X_val, y_val)")
     xp = backend.get_xp(cfg.device)
     if xp is not np:
         backend.use_gpu(device_index % max(backend.gpu_count(), 1))

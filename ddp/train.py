@@ -27,16 +27,16 @@ from .errors import Stopped, TrainingError, UsageError
 from .evaluate import epoch_record, final_metrics
 from .model import Network
 from .parallel import DataParallel, check_replicas
-from .report import Reporter
+from .report import Reporter, reporter_key
 from .run import finished_summary, start_run
 from .setup import Setup, agree, is_finished, make_optimizer_for, steps_per_epoch, total_steps
-from .stop import stop_requested
+from .stop import EarlyStopping, stop_requested
 from .trace import NULL, Tracer
 
 # --------------------------------------------------------------------------- the loop
 
-def check_finite(model: Network, loss, step: int) -> float:
-    """Raise if the gradients hold NaN or Inf; return the step's loss as a Python float.
+def check_finite(model: Network, loss, step: int) -> tuple[float, float]:
+    """Raise if the gradients hold NaN or Inf; return the step's loss and gradient norm as Python floats.
 
     The loss and the gradients' squared norm come to the host together, in ONE
     transfer: the step's only wait for the GPU. After the allreduce every rank holds
@@ -49,7 +49,7 @@ def check_finite(model: Network, loss, step: int) -> float:
     if not backend.all_finite(model.grads, sqnorm):
         raise TrainingError(f"gradients became NaN or Inf at step {step + 1}; "
                             f"the loss is {loss:.4g}; try a lower learning rate")
-    return loss
+    return loss, math.sqrt(sqnorm)
 
 
 def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[dict, Setup]:
@@ -91,6 +91,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         threads = backend.thread_note or backend.blas_threads()
         print(f"ddp: {model} on {comm.describe()}, {len(train)} training samples, "
               f"global batch {B}, {n_total} steps{gpu}{out}, BLAS threads {threads}", flush=True)
+    early = EarlyStopping(cfg, reporter_key(cfg, s.prep.task))
     reporter = Reporter(cfg, rank0, n_total, start_step, s.prep.task, start_step if ckpt is not None else None)
     ckpt_path = os.path.join(cfg.out, CHECKPOINT)
 
@@ -110,7 +111,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         while not is_finished(cfg, step, epoch):
             batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
             first = start_batch if epoch == start_epoch else 0
-            loss_sum, n_steps, samples, norms = 0.0, 0, 0, None
+            loss_sum, n_steps, samples, norms, norm_sum = 0.0, 0, 0, None, 0.0
             t_epoch = time.perf_counter()
             nb = first                                       # the next batch of this epoch
             while nb < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
@@ -126,11 +127,12 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
                     loss += dp.forward_backward(Xb, yb, denom=len(gb), accumulate=j > 0, sync=j == len(micro) - 1,
                                                 rows=mb, step=step)
                 with span("finite check"):
-                    loss = check_finite(model, loss, step)
+                    loss, norm = check_finite(model, loss, step)
                 with span("optimizer"):
                     optimizer.step()
                 step += 1
                 loss_sum += loss
+                norm_sum += norm
                 n_steps += 1
                 samples += len(gb)
                 if cfg.grad_norms:
@@ -152,7 +154,9 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
             elapsed_epoch = time.perf_counter() - t_epoch
             tot = np.array([loss_sum])
             comm.allreduce_sum(tot)                         # each rank held its share of each loss
-            extra = {} if norms is None else {"grad_norms": (norms / max(n_steps, 1)).tolist()}
+            extra = {"lr": optimizer.current_lr(), "grad_norm": norm_sum / max(n_steps, 1)}
+            if norms is not None:
+                extra["grad_norms"] = (norms / max(n_steps, 1)).tolist()
             with span("evaluate"):
                 record = epoch_record(model, s.val, comm, epoch=epoch, step=step, loss_sum=tot[0], n_steps=n_steps,
                                       samples=samples, seconds=elapsed_epoch, t0=t0, finished=finished_epoch,
@@ -163,13 +167,14 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
             if finished_epoch:
                 epoch, nb = epoch + 1, 0
             save(step, epoch, nb)
-            if not finished_epoch:
+            if not finished_epoch or early(record):
                 break
         check_replicas(comm, model.params, step)
     finally:
         reporter.close()
     with span("evaluate"):
-        summary = final_metrics(s, comm, step=step, epoch=epoch, world_size=comm.size, t0=t0)
+        summary = final_metrics(s, comm, step=step, epoch=epoch, world_size=comm.size, t0=t0,
+                                stop_reason=early.reason)
     if cfg.trace:
         tracer.merge(comm, cfg.trace)
         summary["trace"] = cfg.trace
