@@ -151,6 +151,9 @@ def cmd_predict(args) -> int:
     import csv
 
     from .api import load, read_rows
+    from .run import refuse_run_file
+    if args.out:
+        refuse_run_file(args.out, "--out")
     model = load(args.checkpoint)
     X, _ = read_rows(args.data_path, model.prep.n_features)
     if args.proba:

@@ -221,7 +221,8 @@ RUN_SETTINGS = frozenset({
 })
 
 
-NOT_INHERITED = frozenset({"max_steps", "resume", "overwrite", "out"})
+# Output paths come only from the command line: a shared checkpoint must not choose where a run writes.
+NOT_INHERITED = frozenset({"max_steps", "resume", "overwrite", "out", "trace"})
 
 
 def flag(name: str) -> str:

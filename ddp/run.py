@@ -9,12 +9,16 @@ Everything a run writes lives in its folder (--out): config.toml, metrics.jsonl,
 summary.json. A checkpoint is self-contained: weights, optimizer state, position in the data, the resolved
 configuration, and the preprocessing (input standardization, target standardization, the class labels as
 they appeared in the data), so `ddp.load` can use the model on raw rows. It loads with allow_pickle=False.
-Only rank 0 writes. A folder that holds a run is never overwritten unless asked (--resume, --overwrite).
+Only rank 0 writes. A folder that holds any run file is a run: never overwritten unless asked (--resume,
+--overwrite). A run holds its folder's lock (ddp.lock: PID and host, created atomically) until it exits.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import socket
+import sys
 
 from .checkpoint import BEST, CHECKPOINT, check_resume, load_checkpoint, saved_config
 from .comm import Communicator
@@ -67,11 +71,19 @@ def resolve_config(given: dict) -> Config:
     return Config(**values).validate()
 
 
+RUN_FILES = (CHECKPOINT, BEST, "metrics.jsonl", "summary.json", "config.toml")
+LOCK = "ddp.lock"
+
+
+def run_files(out: str) -> list[str]:
+    return [os.path.join(out, n) for n in RUN_FILES if os.path.lexists(os.path.join(out, n))]
+
+
 def auto_out(cfg: Config) -> str:
     """runs/DATASET, or the first runs/DATASET-N that holds no run yet."""
     base = os.path.join("runs", cfg.dataset)
     n, path = 1, base
-    while os.path.exists(os.path.join(path, CHECKPOINT)):
+    while run_files(path):
         n += 1
         path = f"{base}-{n}"
     return path
@@ -92,22 +104,71 @@ def prepare_out(cfg: Config) -> None:
     out = cfg.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file, not a folder")
-    ckpt = os.path.join(out, CHECKPOINT)
-    if os.path.exists(ckpt) and not cfg.resume and not cfg.overwrite:
-        raise UsageError(f"{out} already holds a run ({ckpt}); continue it with --resume {ckpt}, replace it "
-                         "with --overwrite, or choose another --out")
+    if cfg.trace:
+        refuse_run_file(cfg.trace, "--trace")
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".ddp-write-test-{os.getpid()}")
-        with open(probe, "w") as fh:
-            fh.write("x")
-        os.remove(probe)
+        lock(out)                                  # also the proof that the folder is writable
     except OSError as e:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    held, ckpt = run_files(out), os.path.join(out, CHECKPOINT)
+    if held and not cfg.resume and not cfg.overwrite:
+        raise UsageError(f"{out} already holds a run ({held[0]}); continue it with --resume {ckpt}, replace it "
+                         "with --overwrite, or choose another --out")
     if cfg.overwrite and not cfg.resume:
-        for name in (CHECKPOINT, BEST, "metrics.jsonl", "summary.json"):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
+        for path in held:
+            os.remove(path)
+
+
+def refuse_run_file(path: str, flag: str) -> None:
+    """An output path of a command must not replace a model or a run's file."""
+    if os.path.basename(path) in RUN_FILES + (LOCK,) or (path.endswith(".npz") and os.path.lexists(path)):
+        raise UsageError(f"{flag} {path} would overwrite a run's file or a model; choose another path")
+
+
+def lock(out: str) -> None:
+    """Hold `out` for this process's life. A lock whose process is gone (on this host) is taken over with a
+    note; one held by this process (ddp.fit called again) is kept."""
+    path, me = os.path.join(out, LOCK), f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            with open(path, errors="replace") as fh:
+                holder = fh.read(200).strip()
+            pid, _, host = holder.partition(" ")
+            if holder == me:
+                return
+            if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+                raise UsageError(f"{out} is in use by another run (pid {pid or '?'} on {host or '?'}, lock file "
+                                 f"{path}); wait for it to end, or choose another --out") from None
+            print(f"ddp: note: taking over {path} from pid {pid}, which has ended", file=sys.stderr, flush=True)
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        atexit.register(_unlock, path, me)
+        return
+    raise UsageError(f"{out} is in use by another run (lock file {path} keeps changing)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _unlock(path: str, me: str) -> None:
+    try:
+        with open(path) as fh:
+            if fh.read().strip() == me:
+                os.remove(path)
+    except OSError:
+        pass
 
 
 def finished_summary(cfg: Config, step: int, epoch: int, reporter_active: bool) -> dict:
