@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from .config import merge_for_resume
-from .errors import TrainingError, UsageError
+from .errors import TrainingError, UsageError, regular_file
 from .version import __version__
 
 CHECKPOINT, BEST = "checkpoint.npz", "best.npz"
@@ -113,7 +113,7 @@ def write_npz(path: str, arrays: dict) -> None:
 def _json_field(data: dict, key: str, path: str) -> dict:
     try:
         value = json.loads(str(data[key][()]))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         value = None
     if not isinstance(value, dict):
         raise UsageError(f"checkpoint {path}: {key!r} is not a JSON object")
@@ -127,6 +127,7 @@ def load_checkpoint(path: str) -> dict:
         raise UsageError(f"checkpoint {path} not found")
     if os.path.isdir(path):
         raise UsageError(f"checkpoint {path} is a folder; give the .npz file in it, e.g. {os.path.join(path, CHECKPOINT)}")
+    regular_file(path, "checkpoint")
     return read_checkpoint(path, path)
 
 

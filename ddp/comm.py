@@ -146,14 +146,17 @@ def cuda_aware_mpi() -> bool:
     """Whether the loaded MPI library can read GPU memory directly.
 
     Asks the library itself (MPIX_Query_cuda_support, in Open MPI and MPICH);
-    DDP_CUDA_AWARE=0/1 overrides the answer.
+    DDP_CUDA_AWARE=0/1 overrides the answer (any other value is refused: a wrong "yes" hands device
+    pointers to an MPI that cannot read them).
     """
     import ctypes
     import os
 
     env = os.environ.get("DDP_CUDA_AWARE")
     if env is not None:
-        return env.strip() not in ("0", "", "false", "no")
+        if env.strip() not in ("0", "1"):
+            raise UsageError(f"DDP_CUDA_AWARE must be 0 or 1, got {env!r}")
+        return env.strip() == "1"
     try:
         from mpi4py import MPI  # noqa: F401 (loads libmpi into the process)
         with open("/proc/self/maps") as f:

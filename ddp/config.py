@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .data import DATASETS, SCALES, infer_format
-from .errors import UsageError
+from .errors import UsageError, regular_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -261,6 +261,7 @@ def coerce(name, value, where="config"):
 
 
 def load_toml(path: str) -> dict:
+    regular_file(path, "config file")
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -268,6 +269,8 @@ def load_toml(path: str) -> dict:
         raise UsageError(f"config file {path} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise UsageError(f"config file {path} is nested too deeply") from None
     except UnicodeDecodeError as e:
         raise UsageError(f"config file {path} is not UTF-8 text (byte {e.start}); TOML files must be UTF-8") from None
     except OSError as e:

@@ -1,0 +1,77 @@
+"""Issue 20: inputs that used to hang or trace back end with one line, exit 2, in one process and under the
+launcher: a FIFO or a device given as a file, deeply nested TOML, abbreviated flags, a DDP_CUDA_AWARE that is
+neither 0 nor 1; and a closed pipe ends `ddp predict` quietly with exit 0, as Unix tools do."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import LIVENESS_S, ROOT, run_cli, run_launcher
+
+TRAIN = ["train", "--dataset", "synthetic_classification", "--n-samples", "300", "--hidden", "8",
+         "--epochs", "2", "--no-progress", "--quiet"]
+
+
+def one_line(res, *words, code=2):
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("flag", ["--config", "--resume"])
+def test_a_fifo_is_refused_not_opened(fifo, flag):
+    one_line(run_cli(*TRAIN, flag, fifo, timeout=LIVENESS_S), "not a regular file")
+
+
+def test_a_fifo_or_device_as_the_model_is_refused(fifo):
+    for path in (fifo, "/dev/zero"):
+        one_line(run_cli("predict", "--checkpoint", path, "--data-path", path, timeout=LIVENESS_S),
+                 "not a regular file")
+
+
+def test_a_fifo_under_the_launcher_is_one_line(fifo):
+    res = run_launcher("-n", "2", "--", *TRAIN, "--config", fifo, timeout=LIVENESS_S * 3)
+    one_line(res, "not a regular file")
+
+
+def test_deeply_nested_toml_is_one_line(tmp_path):
+    cfg = tmp_path / "deep.toml"
+    cfg.write_text("epochs = " + "[" * 20000 + "]" * 20000 + "\n")
+    one_line(run_cli(*TRAIN, "--config", str(cfg)), "nested too deeply")
+
+
+def test_abbreviated_flags_are_refused():
+    one_line(run_cli(*TRAIN, "--epoch", "3"), "--epoch")
+
+
+@pytest.mark.parametrize("value", ["off", "False", "garbage", ""])
+def test_cuda_aware_accepts_only_0_or_1(monkeypatch, value):
+    from ddp.comm import cuda_aware_mpi
+    from ddp.errors import UsageError
+    monkeypatch.setenv("DDP_CUDA_AWARE", value)
+    with pytest.raises(UsageError, match="DDP_CUDA_AWARE must be 0 or 1"):
+        cuda_aware_mpi()
+    for ok, expected in (("0", False), ("1", True)):
+        monkeypatch.setenv("DDP_CUDA_AWARE", ok)
+        assert cuda_aware_mpi() is expected
+
+
+def test_a_closed_pipe_ends_predict_quietly(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*TRAIN, "--out", str(out)).returncode == 0
+    rows = tmp_path / "rows.csv"
+    rows.write_text(("0.5," * 19 + "0.5\n") * 50000)
+    cmd = (f"set -o pipefail; {sys.executable} -m ddp predict --checkpoint {out / 'checkpoint.npz'} "
+           f"--data-path {rows} | head -n 1")
+    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=LIVENESS_S * 2, cwd=ROOT)
+    assert res.returncode == 0 and res.stdout == "prediction\n" and res.stderr == "", (res.returncode, res.stderr)
