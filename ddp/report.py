@@ -182,6 +182,9 @@ class Reporter:
             if last > RISE * first:
                 self.print(f"ddp: warning: validation loss rose from {first:.4g} (epoch {e0}) to {last:.4g} "
                            f"(epoch {e1}): the learning rate may be too high, or the model overfits")
+        if summary.get("healthy") is False:
+            self.print("ddp: warning: the final validation metric is no better than predicting the majority class "
+                       "(or the mean): the model has not learned; check --lr and the data")
         if self.active:
             write_file(os.path.join(self.cfg.out, "summary.json"),
                        lambda fh: fh.write(json.dumps(summary, indent=1).encode()))

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from helpers import LIVENESS_S, ROOT, run_cli, run_launcher
@@ -75,3 +76,35 @@ def test_a_closed_pipe_ends_predict_quietly(tmp_path):
            f"--data-path {rows} | head -n 1")
     res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=LIVENESS_S * 2, cwd=ROOT)
     assert res.returncode == 0 and res.stdout == "prediction\n" and res.stderr == "", (res.returncode, res.stderr)
+
+
+def test_a_model_that_learned_nothing_is_not_healthy(tmp_path):
+    """Adam at lr 1 ends near chance on digits: a warning line and "healthy": false; a normal run is healthy.
+    The baseline is the majority class of the validation split, computed here independently."""
+    import json
+    import numpy as np
+    from ddp.config import Config
+    from ddp.setup import build
+    for lr, optimizer, healthy in (("1", "adam", False), ("0.05", "sgd", True)):
+        out = tmp_path / optimizer
+        res = run_cli("train", "--dataset", "digits", "--epochs", "2", "--optimizer", optimizer, "--lr", lr,
+                      "--no-progress", "--out", str(out))
+        assert res.returncode == 0, res.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        val = build(Config(dataset="digits").validate()).val
+        beats = bool(summary["val_accuracy"] > np.bincount(val.y).max() / len(val.y))
+        assert summary["healthy"] is healthy is beats, summary
+        assert ("ddp: warning: the final validation metric is no better" in res.stdout) is not healthy
+
+
+def test_a_non_finite_final_metric_is_a_failure():
+    """A blow-up at the last step: the final metrics are NaN, which ends the run with exit 1, not 'done'."""
+    from ddp.comm import SerialComm
+    from ddp.config import Config
+    from ddp.errors import TrainingError
+    from ddp.evaluate import final_metrics
+    from ddp.setup import build
+    s = build(Config(dataset="digits", hidden="8").validate())
+    s.model.params[...] = np.nan
+    with pytest.raises(TrainingError, match="not finite"):
+        final_metrics(s, SerialComm(), step=1, epoch=1, world_size=1, t0=0.0)
