@@ -3,13 +3,10 @@
     ddp lr-find --dataset digits --hidden 128,64 --momentum 0.9 --out runs/lr-find
     launch/mpirun.sh -n 4 -- lr-find --dataset digits --steps 200
 
-From the untrained model, step k trains one global batch at lr = lr_min * (lr_max / lr_min) ** (k / (steps - 1)),
-and records the batch's loss. It stops after --steps steps, or when the smoothed loss passes 4x its lowest (it
-exploded). Every rank takes the same steps and the same decision: the loss it decides on is the global batch's,
-summed over the ranks by an allreduce, so no rank can leave the loop while another waits in a collective. Every
-mode runs the test with gradient averaging (a synchronous parameter server computes the same gradients).
-The suggestion is the lr where the smoothed loss falls fastest, before its minimum. Rank 0 writes
-lr_find.csv and, with matplotlib, lr_find.png (loss against lr, log scale, the suggestion marked).
+Step k trains one global batch at lr_min * (lr_max / lr_min) ** (k / (steps - 1)) and records its loss, until
+--steps or until the smoothed loss passes 4x its lowest. The loss decided on is the global batch's, summed over
+the ranks, so every rank takes the same steps and none can leave while another waits in a collective. Every
+mode runs it with gradient averaging (a synchronous parameter server computes the same gradients).
 """
 from __future__ import annotations
 

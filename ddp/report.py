@@ -71,7 +71,7 @@ class Reporter:
             write_file(self.metrics_path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
             # Appended to, never through a symlink; each record is fsynced before its line is printed.
             self.metrics = os.fdopen(os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "a")
-            self.logger = LOGGERS[cfg.logger](cfg.out, kept)
+            self.logger = Logger(cfg.logger, cfg.out, kept)
         if active and cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
@@ -211,52 +211,34 @@ def scalars(record: dict) -> dict:
     return out
 
 
-class NoLogger:
-    def __init__(self, out: str, kept: list):
-        pass
+class Logger:
+    """--logger csv: metrics.csv, one row per record and one column per number (rewritten whole each epoch, so
+    a column that appears later gets its header); tensorboard: event files in the run folder (`tensorboard
+    --logdir runs`), each number a scalar at the record's step, by TensorBoard's own writer; none: nothing."""
 
-    def log(self, record: dict):
-        pass
-
-    def close(self):
-        pass
-
-
-class CSVLogger(NoLogger):
-    """metrics.csv: one row per epoch record, one column per number (written whole each epoch: a column that
-    appears later, such as a validation metric, gets its header)."""
-
-    def __init__(self, out, kept):
-        self.path, self.rows = os.path.join(out, "metrics.csv"), [scalars(r) for r in kept]
+    def __init__(self, kind: str, out: str, kept: list):
+        self.kind, self.path, self.rows = kind, os.path.join(out, "metrics.csv"), [scalars(r) for r in kept]
+        if kind == "tensorboard":
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            self.writer = EventFileWriter(out)
 
     def log(self, record):
-        import csv
-        import io
-        self.rows.append(scalars(record))
-        text = io.StringIO()
-        w = csv.DictWriter(text, list(dict.fromkeys(k for r in self.rows for k in r)), lineterminator="\n")
-        w.writeheader()
-        w.writerows(self.rows)
-        write_file(self.path, lambda fh: fh.write(text.getvalue().encode()))
-
-
-class TensorBoardLogger(NoLogger):
-    """Event files in the run folder (`tensorboard --logdir runs`): each number of a record as a scalar at
-    the record's step, written with TensorBoard's own event writer."""
-
-    def __init__(self, out, kept):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        self.writer = EventFileWriter(out)
-
-    def log(self, record):
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        values = [Summary.Value(tag=k, simple_value=v) for k, v in scalars(record).items() if k != "step"]
-        self.writer.add_event(Event(wall_time=time.time(), step=record["step"], summary=Summary(value=values)))
-        self.writer.flush()
+        if self.kind == "csv":
+            import csv
+            import io
+            self.rows.append(scalars(record))
+            text = io.StringIO()
+            w = csv.DictWriter(text, list(dict.fromkeys(k for r in self.rows for k in r)), lineterminator="\n")
+            w.writeheader()
+            w.writerows(self.rows)
+            write_file(self.path, lambda fh: fh.write(text.getvalue().encode()))
+        elif self.kind == "tensorboard":
+            from tensorboard.compat.proto.event_pb2 import Event
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            values = [Summary.Value(tag=k, simple_value=v) for k, v in scalars(record).items() if k != "step"]
+            self.writer.add_event(Event(wall_time=time.time(), step=record["step"], summary=Summary(value=values)))
+            self.writer.flush()
 
     def close(self):
-        self.writer.close()
-
-
-LOGGERS = {"none": NoLogger, "csv": CSVLogger, "tensorboard": TensorBoardLogger}
+        if self.kind == "tensorboard":
+            self.writer.close()
