@@ -15,6 +15,7 @@ Only rank 0 writes. A folder that holds any run file is a run: never overwritten
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -133,42 +134,36 @@ def lock(out: str) -> None:
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+            break
         except FileExistsError:
-            with open(path, errors="replace") as fh:
-                holder = fh.read(200).strip()
+            holder = _read(path)
             pid, _, host = holder.partition(" ")
             if holder == me:
                 return
-            if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+            if host != socket.gethostname() or not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
                 raise UsageError(f"{out} is in use by another run (pid {pid or '?'} on {host or '?'}, lock file "
                                  f"{path}); wait for it to end, or choose another --out") from None
             print(f"ddp: note: taking over {path} from pid {pid}, which has ended", file=sys.stderr, flush=True)
             os.remove(path)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(me)
-        atexit.register(_unlock, path, me)
-        return
-    raise UsageError(f"{out} is in use by another run (lock file {path} keeps changing)")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+    else:
+        raise UsageError(f"{out} is in use by another run (lock file {path} keeps changing)")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(me)
+    atexit.register(_unlock, path, me)
 
 
 def _unlock(path: str, me: str) -> None:
+    with contextlib.suppress(OSError):             # a folder gone read-only keeps its lock: it is stale
+        if _read(path) == me:
+            os.remove(path)
+
+
+def _read(path: str) -> str:
     try:
-        with open(path) as fh:
-            if fh.read().strip() == me:
-                os.remove(path)
+        with open(path, errors="replace") as fh:
+            return fh.read(200).strip()
     except OSError:
-        pass
+        return ""
 
 
 def finished_summary(cfg: Config, step: int, epoch: int, reporter_active: bool) -> dict:
