@@ -148,7 +148,7 @@ def read_checkpoint(source, path: str) -> dict:
         if key in data:
             data[key] = _json_field(data, key, path)
     for key, a in data.items():
-        if key.startswith(("layers.", "optimizer.")) and key != "optimizer.t":
+        if key.startswith(("layers.", "optimizer.", "data.x_", "data.y_")) and key != "optimizer.t":
             if a.dtype.kind != "f":
                 raise UsageError(f"checkpoint {path}: {key} has dtype {a.dtype}, expected floating point")
             if not np.isfinite(a).all():

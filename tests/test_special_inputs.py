@@ -108,3 +108,17 @@ def test_a_non_finite_final_metric_is_a_failure():
     s.model.params[...] = np.nan
     with pytest.raises(TrainingError, match="not finite"):
         final_metrics(s, SerialComm(), step=1, epoch=1, world_size=1, t0=0.0)
+
+
+def test_non_finite_preprocessing_in_a_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*TRAIN, "--out", str(out)).returncode == 0
+    with np.load(out / "checkpoint.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["data.x_std"] = arrays["data.x_std"].copy()
+    arrays["data.x_std"][3] = np.nan
+    np.savez(tmp_path / "bad.npz", **arrays)
+    rows = tmp_path / "rows.csv"
+    rows.write_text(",".join(["0.5"] * 20) + "\n")
+    one_line(run_cli("predict", "--checkpoint", str(tmp_path / "bad.npz"), "--data-path", str(rows)),
+             "data.x_std holds NaN or Inf")
