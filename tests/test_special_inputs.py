@@ -122,3 +122,28 @@ def test_non_finite_preprocessing_in_a_checkpoint_is_refused(tmp_path):
     rows.write_text(",".join(["0.5"] * 20) + "\n")
     one_line(run_cli("predict", "--checkpoint", str(tmp_path / "bad.npz"), "--data-path", str(rows)),
              "data.x_std holds NaN or Inf")
+
+
+@pytest.mark.parametrize("lines", [
+    ['{"epoch": 1, "train_loss": "high"}'],
+    ['[1, 2, 3]'],
+    ['{"train_loss": 0.5}'],
+    ['{"epoch": 1, "train_loss": 0.5, "grad_norms": [1.0, 2.0]}', '{"epoch": 2, "train_loss": 0.4, "grad_norms": [1.0]}'],
+    ['{"epoch": 1, "grad_norms": ["a"]}'],
+    ['{"epoch": ' + "[" * 100000 + "]" * 100000 + '}'],
+])
+def test_plot_refuses_odd_metrics_in_one_line(tmp_path, lines):
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    from ddp.errors import UsageError
+    from ddp.plot import read_metrics
+    with pytest.raises(UsageError, match="metrics.jsonl"):
+        read_metrics(str(tmp_path))
+    res = run_cli("plot", str(tmp_path), "--out", str(tmp_path / "c.png"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_plot_reads_a_real_run(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*TRAIN, "--grad-norms", "--out", str(out)).returncode == 0
+    from ddp.plot import read_metrics
+    assert [r["epoch"] for r in read_metrics(str(out))] == [1, 2]
