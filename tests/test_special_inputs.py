@@ -147,3 +147,8 @@ def test_plot_reads_a_real_run(tmp_path):
     assert run_cli(*TRAIN, "--grad-norms", "--out", str(out)).returncode == 0
     from ddp.plot import read_metrics
     assert [r["epoch"] for r in read_metrics(str(out))] == [1, 2]
+
+
+def test_sizes_beyond_memory_are_one_line_before_allocation():
+    one_line(run_cli("train", "--dataset", "digits", "--hidden", "300000,300000", "--epochs", "1", "--no-progress"),
+             "parameters: more than this machine's memory holds")
