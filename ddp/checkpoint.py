@@ -123,6 +123,8 @@ def _json_field(data: dict, key: str, path: str) -> dict:
 def load_checkpoint(path: str) -> dict:
     """The checkpoint's arrays, checked: every field a ddp checkpoint needs, of the right kind, and finite
     weights (a checkpoint saved after a blow-up must not be resumed or used)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"a checkpoint is a path to an .npz file, got {path!r}")
     if not os.path.exists(path):
         raise UsageError(f"checkpoint {path} not found")
     if os.path.isdir(path):

@@ -152,3 +152,15 @@ def test_plot_reads_a_real_run(tmp_path):
 def test_sizes_beyond_memory_are_one_line_before_allocation():
     one_line(run_cli("train", "--dataset", "digits", "--hidden", "300000,300000", "--epochs", "1", "--no-progress"),
              "parameters: more than this machine's memory holds")
+
+
+def test_the_python_api_raises_usage_errors(tmp_path):
+    import ddp
+    out = tmp_path / "run"
+    assert run_cli(*TRAIN, "--out", str(out)).returncode == 0
+    model = ddp.load(str(out / "checkpoint.npz"))
+    with pytest.raises(ddp.UsageError, match="row 1 of the inputs overflows"):
+        model.predict_proba(np.vstack([np.zeros(20), np.full(20, 1e300)]))     # finite, but no float32 holds it
+    assert np.isfinite(model.predict_proba(np.zeros((2, 20)))).all()
+    with pytest.raises(ddp.UsageError, match="a checkpoint is a path"):
+        ddp.load(None)
