@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 from .checkpoint import BEST, CHECKPOINT, check_resume, load_checkpoint, saved_config
 from .comm import Communicator
@@ -140,7 +141,8 @@ def lock(out: str) -> None:
             pid, _, host = holder.partition(" ")
             if holder == me:
                 return
-            if host != socket.gethostname() or not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            # A relaunch (--max-restarts) can start while the failed job's rank 0 is still ending.
+            if host != socket.gethostname() or not pid.isdigit() or _alive(pid, 10 if restart_count() else 0):
                 raise UsageError(f"{out} is in use by another run (pid {pid or '?'} on {host or '?'}, lock file "
                                  f"{path}); wait for it to end, or choose another --out") from None
             print(f"ddp: note: taking over {path} from pid {pid}, which has ended", file=sys.stderr, flush=True)
@@ -150,6 +152,21 @@ def lock(out: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(me)
     atexit.register(_unlock, path, me)
+
+
+def _alive(pid: str, wait: float) -> bool:
+    """Whether process `pid` of this host runs (a zombie has ended), after waiting up to `wait` s for it to end."""
+    end = time.monotonic() + wait
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return False
+        except OSError:
+            return False
+        if time.monotonic() >= end:
+            return True
+        time.sleep(0.1)
 
 
 def _unlock(path: str, me: str) -> None:

@@ -297,7 +297,9 @@ on_signal() {
 # A rank printed its error line (the filter says so): the ranks are ending. mpiexec may still wait for a
 # daemon it cannot reach (a network partition), so it gets GRACE_S seconds, then TERM, then KILL.
 GRACE_S=20
+saw_error=0
 on_error_line() {
+    saw_error=1
     [[ -z "$child" || -n "$reaper" ]] || {
         (sleep "$GRACE_S"; kill -TERM "$child"; sleep 5; kill -KILL "$child") >/dev/null 2>&1 &
         reaper=$!
@@ -325,6 +327,7 @@ while true; do
                                          "${ranks[@]}")
     fi
     set +e
+    saw_error=0
     "${run[@]}" 2> >(filter_banners >&2) &
     child=$!
     wait "$child"
@@ -350,6 +353,12 @@ while true; do
         exit 143
     fi
     if [[ -n "$interrupted" || $rc == 0 || $rc == 2 || $rc == 143 || $attempt -ge $max_restarts ]]; then
+        if [[ $rc != 0 && $rc != 143 && -z "$interrupted" && $flavor == openmpi && "${DDP_MPI_BANNERS:-0}" != 1 ]]; then
+            # A failure always comes with a line: the filter gets 2 s to pass a rank's own on, else it is said
+            # here (mpiexec's teardown can drop a rank's last output).
+            for _ in {1..20}; do [[ $saw_error == 1 ]] && break; sleep 0.1; done
+            [[ $saw_error == 1 ]] || echo "$prog: error: the job ended with exit code $rc and printed no reason" >&2
+        fi
         exit "$rc"
     fi
     attempt=$((attempt + 1))
