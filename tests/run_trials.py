@@ -1,5 +1,5 @@
 """Issue 20's trials: the launcher killed with SIGKILL, a job that hangs after its error line, two runs into one
-folder, and a file system aborted mid-run (ext4 on a loop device; needs root).
+folder, a failure's line on an oversubscribed machine, and a file system aborted mid-run (ext4 on a loop device; needs root).
 
     python tests/run_trials.py --trials 10          # the figures in benchmarks/RESULTS.md (a few minutes)
 
@@ -81,6 +81,15 @@ def two_runs(tmp):
     return good, took
 
 
+def failure_line(tmp):
+    """A bad flag on 4 ranks oversubscribing 2 cores: exit 2, with an error line every time."""
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", LAUNCHER, "-n", "4", "--", "train", "--dataset", "no-such-data"], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    return res.returncode == 2 and len(lines) == 1, time.monotonic() - t0
+
+
 def aborted_disk(tmp):
     """ext4 on a loop device, aborted (mount -o remount,abort) while a run writes a checkpoint every 5 steps: the
     run ends with one line, exit 1; after remounting, metrics.jsonl holds every epoch the run printed and the
@@ -125,11 +134,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--tmp", default="/tmp/ddp-run-trials")
-    p.add_argument("--only", help="run one kind: kill, hang, lock, disk")
+    p.add_argument("--only", help="run one kind: kill, hang, lock, line, disk")
     a = p.parse_args()
     cases = [("kill", "SIGKILL of launch/mpirun.sh: every rank gone within 10 s", kill_launcher),
              ("hang", "ranks hang after their error line: launcher exit 1 within 30 s", hang_after_error),
              ("lock", "two runs into one fresh --out: one exit 0, one refused (exit 2)", two_runs),
+             ("line", "a bad flag on 4 ranks, 2 cores: exit 2 with one error line", failure_line),
              ("disk", "ext4 aborted mid-run: exit 1, one line, disk holds what was reported", aborted_disk)]
     for key, name, fn in cases:
         if a.only and key != a.only:
