@@ -14,11 +14,11 @@ code starts reducing the tail of the buffer while backward still works on the he
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 from . import backend
+from .config import memory_bytes
 from .errors import UsageError
 from .layers import Pass, fmt, make_layer, parse_arch
 from .losses import get_loss
@@ -66,7 +66,7 @@ class Network:
         self.layers = [L for L in self.seq if L.shapes]
         n = sum(L.size for L in self.layers)
         # Sizes from flags or a checkpoint's architecture are checked as a product, before any allocation.
-        if 2 * n * self.dtype.itemsize > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+        if 2 * n * self.dtype.itemsize > memory_bytes():
             raise UsageError(f"arch {self.arch!r} has {n:,} parameters: more than this machine's memory holds")
         self.params, self.grads = xp.zeros(n, self.dtype), xp.zeros(n, self.dtype)
         offset = 0

@@ -164,3 +164,8 @@ def test_the_python_api_raises_usage_errors(tmp_path):
     assert np.isfinite(model.predict_proba(np.zeros((2, 20)))).all()
     with pytest.raises(ddp.UsageError, match="a checkpoint is a path"):
         ddp.load(None)
+
+
+def test_a_synthetic_dataset_beyond_memory_is_one_line():
+    one_line(run_cli("train", "--dataset", "synthetic_classification", "--n-samples", "100000000",
+                     "--n-features", "1048576", "--no-progress"), "needs more than this machine's memory")
