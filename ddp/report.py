@@ -15,6 +15,7 @@ import numpy as np
 
 from .checkpoint import BEST, CHECKPOINT, write_error, write_file
 from .config import Config, to_toml
+from .lock import unlock
 
 RISE = 2.0                       # a final validation loss this many times the first one earns a warning
 
@@ -188,6 +189,7 @@ class Reporter:
         if self.active:
             write_file(os.path.join(self.cfg.out, "summary.json"),
                        lambda fh: fh.write(json.dumps(summary, indent=1).encode()))
+            unlock(self.cfg.out)
         metric = next((k for k in ("test_accuracy", "test_r2") if summary.get(k) is not None), None)
         tail = f", {metric} {summary[metric]:.4f}" if metric else ""
         where = f", outputs in {self.cfg.out}" if self.active else ""

@@ -10,22 +10,18 @@ summary.json. A checkpoint is self-contained: weights, optimizer state, position
 configuration, and the preprocessing (input standardization, target standardization, the class labels as
 they appeared in the data), so `ddp.load` can use the model on raw rows. It loads with allow_pickle=False.
 Only rank 0 writes. A folder that holds any run file is a run: never overwritten unless asked (--resume,
---overwrite). A run holds its folder's lock (ddp.lock: PID and host, created atomically) until it exits.
+--overwrite). A run holds its folder's lock (lock.py) until it ends.
 """
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import os
-import socket
-import sys
-import time
 
 from .checkpoint import BEST, CHECKPOINT, check_resume, load_checkpoint, saved_config
 from .comm import Communicator
 from .config import Config, merge_for_resume
 from .errors import UsageError
+from .lock import LOCK, lock
 from .report import restart_count
 from .setup import agree, build
 
@@ -74,7 +70,6 @@ def resolve_config(given: dict) -> Config:
 
 
 RUN_FILES = (CHECKPOINT, BEST, "metrics.jsonl", "summary.json", "config.toml")
-LOCK = "ddp.lock"
 
 
 def run_files(out: str) -> list[str]:
@@ -126,61 +121,6 @@ def refuse_run_file(path: str, flag: str) -> None:
     """An output path of a command must not replace a model or a run's file."""
     if os.path.basename(path) in RUN_FILES + (LOCK,) or (path.endswith(".npz") and os.path.lexists(path)):
         raise UsageError(f"{flag} {path} would overwrite a run's file or a model; choose another path")
-
-
-def lock(out: str) -> None:
-    """Hold `out` for this process's life. A lock whose process is gone (on this host) is taken over with a
-    note; one held by this process (ddp.fit called again) is kept."""
-    path, me = os.path.join(out, LOCK), f"{os.getpid()} {socket.gethostname()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
-            break
-        except FileExistsError:
-            holder = _read(path)
-            pid, _, host = holder.partition(" ")
-            if holder == me:
-                return
-            # A relaunch (--max-restarts) can start while the failed job's rank 0 is still ending.
-            if host != socket.gethostname() or not pid.isdigit() or _alive(pid, 10 if restart_count() else 0):
-                raise UsageError(f"{out} is in use by another run (pid {pid or '?'} on {host or '?'}, lock file "
-                                 f"{path}); wait for it to end, or choose another --out") from None
-            print(f"ddp: note: taking over {path} from pid {pid}, which has ended", file=sys.stderr, flush=True)
-            os.remove(path)
-    else:
-        raise UsageError(f"{out} is in use by another run (lock file {path} keeps changing)")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(me)
-    atexit.register(_unlock, path, me)
-
-
-def _alive(pid: str, wait: float) -> bool:
-    """Whether process `pid` of this host runs (a zombie has ended), after waiting up to `wait` s for it to end."""
-    end = time.monotonic() + wait
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return False
-        except OSError:
-            return False
-        if time.monotonic() >= end:
-            return True
-        time.sleep(0.1)
-
-
-def _unlock(path: str, me: str) -> None:
-    with contextlib.suppress(OSError):             # a folder gone read-only keeps its lock: it is stale
-        if _read(path) == me:
-            os.remove(path)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, errors="replace") as fh:
-            return fh.read(200).strip()
-    except OSError:
-        return ""
 
 
 def finished_summary(cfg: Config, step: int, epoch: int, reporter_active: bool) -> dict:
