@@ -12,8 +12,9 @@ own, and take their shard of every global batch exactly as allreduce mode does. 
 gradient shard s to server s and pulls parameter shard s back. A shard is pushed during backward, as soon as
 the layers it covers are done (backward produces the end of the arena first).
 
-Messages are non-blocking buffer sends of contiguous arrays (GPU arrays are staged through pinned host
-memory). Nothing is pickled except a few bytes of JSON for control:
+Messages are the communicator's non-blocking buffer sends of contiguous arrays (the MPI one stages GPU
+arrays through pinned host memory; simulated ranks run ps mode too). Nothing is pickled except a few bytes
+of JSON for control:
 
     worker -> server  TAG_GRAD    gradient shard, model dtype
     worker -> server  TAG_CTRL    JSON bytes: {"kind": "epoch", "record": {...}} (to rank 0), {"kind": "done"}
@@ -60,10 +61,9 @@ import time
 
 import numpy as np
 
-from . import backend
 from .backend import all_finite
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
-from .comm import WATCHDOG, Communicator, DebugComm, MPIComm
+from .comm import Communicator, DebugComm
 from .config import Config
 from .data import epoch_batches, micro_batches, shard, shard_range
 from .errors import Stopped, TrainingError, UsageError
@@ -77,7 +77,7 @@ from .trace import NULL, Tracer
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
 OK, FAILED, STOP = 0, 1, 2     # STOP: this server got SIGTERM (sync only: stop at the end of this step)
-CTRL_BYTES = 1 << 16          # the largest control message (an epoch record is a few hundred bytes)
+CTRL_BYTES = 1 << 14          # every control message is padded to this (an epoch record is a few hundred bytes)
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -124,31 +124,26 @@ def position(spe: int, start: tuple, step: int) -> tuple[int, int]:
 
 
 def _json_bytes(obj) -> np.ndarray:
-    data = np.frombuffer(bytearray(json.dumps(obj).encode()), np.uint8)
-    if data.size > CTRL_BYTES:
-        raise RuntimeError(f"control message of {data.size} bytes exceeds {CTRL_BYTES}")
-    return data
+    """A control message: JSON text padded with spaces to CTRL_BYTES, so that a receive needs no count."""
+    text = json.dumps(obj).encode()
+    if len(text) > CTRL_BYTES:
+        raise RuntimeError(f"control message of {len(text)} bytes exceeds {CTRL_BYTES}")
+    return np.frombuffer(bytearray(text.ljust(CTRL_BYTES)), np.uint8)
 
 
 def check_ps(cfg: Config, comm: Communicator) -> None:
     """Reject what ps mode cannot run, with the same message on every rank."""
     S = cfg.servers
-    if cfg.simulate_ranks:
-        raise UsageError("--simulate-ranks does not support --mode ps (servers and workers exchange MPI "
-                         f"messages); launch with mpiexec -n {S + 1} or more instead")
     if S < 1:
         raise UsageError(f"--servers {S} must be >= 1")
     if cfg.staleness < 0:
         raise UsageError(f"--staleness {cfg.staleness} must be >= 0")
     if comm.size < 2:
         raise UsageError(f"ps mode needs at least 2 ranks: {S} server(s) and at least one worker; "
-                         f"launch with mpiexec -n {S + 1} or more")
+                         f"launch with mpiexec -n {S + 1} or more (or --simulate-ranks {S + 1})")
     if S >= comm.size:
         raise UsageError(f"--servers {S} leaves no worker among {comm.size} ranks: use --servers "
                          f"{comm.size - 1} or fewer, or launch with mpiexec -n {S + 1} or more")
-    if getattr(comm, "comm", None) is None:
-        raise UsageError(f"ps mode needs MPI ranks (mpiexec); the {comm.name} communicator has no "
-                         "point-to-point messages")
 
 
 # --------------------------------------------------------------------------- worker
@@ -156,17 +151,11 @@ def check_ps(cfg: Config, comm: Communicator) -> None:
 class Worker:
     """A full replica that pushes gradient shards to the servers and pulls parameter shards back."""
 
-    def __init__(self, world: MPIComm, model, bounds):
-        self.mpi, self.MPI = world.comm, world.MPI
-        self.tracer = model.tracer
+    def __init__(self, world: Communicator, model, bounds):
+        self.world, self.tracer = world, model.tracer
+        # Contiguous views of the arenas: the messages read and write the model itself.
         self.params = [model.params[a:b] for a, b in bounds]
         self.grads = [model.grads[a:b] for a, b in bounds]
-        self.staged = backend.is_gpu_array(model.params)
-        if self.staged:         # MPI reads host memory: GPU shards travel through pinned copies
-            self.host_params = [backend.pinned_empty(p.shape, p.dtype) for p in self.params]
-            self.host_grads = [backend.pinned_empty(g.shape, g.dtype) for g in self.grads]
-        else:                   # NumPy shards are contiguous views: MPI uses the arena itself
-            self.host_params, self.host_grads = self.params, self.grads
         self.meta = np.zeros((len(bounds), 3), np.int64)
         # Shard s is complete once backward has finished the layer holding its first element.
         self.ready = {}
@@ -179,20 +168,17 @@ class Worker:
 
     def expect(self, s: int, count: bool = True) -> None:
         """Post the receives of server s's reply: its parameter shard and its meta."""
-        self.reqs += [self.mpi.Irecv(self.host_params[s], source=s, tag=TAG_PARAMS),
-                      self.mpi.Irecv(self.meta[s], source=s, tag=TAG_META)]
+        self.reqs += [self.world.irecv(self.params[s], s, TAG_PARAMS), self.world.irecv(self.meta[s], s, TAG_META)]
         if count:
-            self.bytes_received += self.host_params[s].nbytes + self.meta[s].nbytes
+            self.bytes_received += self.params[s].nbytes + self.meta[s].nbytes
 
     def push(self, s: int) -> None:
-        with self.tracer.span(f"push to server {s}", "push", bytes=self.host_grads[s].nbytes):
-            if self.staged:     # a blocking copy on the stream that wrote the gradients: no separate sync
-                backend.copy_to_host(self.grads[s], self.host_grads[s])
+        with self.tracer.span(f"push to server {s}", "push", bytes=self.grads[s].nbytes):
             # The reply's receives go up before the gradient leaves. Writing the reply into the arena
             # while backward goes on is safe: backward is done with every layer of shard s.
             self.expect(s)
-            self.reqs.append(self.mpi.Isend(self.host_grads[s], dest=s, tag=TAG_GRAD))
-        self.bytes_sent += self.host_grads[s].nbytes
+            self.reqs.append(self.world.isend(self.grads[s], s, TAG_GRAD))
+        self.bytes_sent += self.grads[s].nbytes
 
     def on_grad(self, layer: int) -> None:
         for s in self.ready.get(layer, ()):
@@ -201,21 +187,17 @@ class Worker:
     def send_ctrl(self, dest: int, obj: dict) -> None:
         data = _json_bytes(obj)
         self.keep.append(data)                     # alive until its send completes
-        self.reqs.append(self.mpi.Isend(data, dest=dest, tag=TAG_CTRL))
+        self.reqs.append(self.world.isend(data, dest, TAG_CTRL))
 
     def wait(self) -> np.ndarray:
         """Finish every pending message; returns the replies' meta, one [clock, staleness, status] per server."""
-        with WATCHDOG.watch("the worker's Waitall for the servers' replies"), \
-                self.tracer.span("pull (wait for the servers' replies)", "pull", bytes=self.pull_bytes):
-            self.MPI.Request.Waitall(self.reqs)
+        with self.tracer.span("pull (wait for the servers' replies)", "pull", bytes=self.pull_bytes):
+            self.world.waitall(self.reqs, "the worker's Waitall for the servers' replies")
         self.reqs, self.keep = [], []
-        if self.staged:
-            for host, dev in zip(self.host_params, self.params):
-                backend.copy_to_device(host, dev)
         return self.meta
 
 
-def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sync: bool, on_step):
+def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, start, sync: bool, on_step):
     """The worker's loop: train_allreduce's loop, with push/pull in place of the allreduce.
     Returns (summary or {"error": ...}, traffic)."""
     model, train, B = s.model, s.train, s.batch_size
@@ -319,9 +301,10 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
 class Server:
     """Owns one shard of the arena and its optimizer, and answers the workers' pushes."""
 
-    def __init__(self, setup: Setup, world: MPIComm, scomm, optimizer, bounds, workers: list[int], *,
-                 sync: bool, staleness: int | None, start: tuple, spe: int, points: dict, reporter: Reporter):
-        self.setup, self.cfg, self.mpi, self.MPI, self.scomm = setup, setup.cfg, world.comm, world.MPI, scomm
+    def __init__(self, setup: Setup, world: Communicator, scomm: Communicator, optimizer, bounds,
+                 workers: list[int], *, sync: bool, staleness: int | None, start: tuple, spe: int, points: dict,
+                 reporter: Reporter):
+        self.setup, self.cfg, self.world, self.scomm = setup, setup.cfg, world, scomm
         self.model, self.opt, self.bounds, self.workers = setup.model, optimizer, bounds, workers
         model = setup.model
         self.tracer = model.tracer
@@ -338,8 +321,7 @@ class Server:
         self.clock = np.zeros(n, np.int64)         # steps each worker has pushed
         self.released = np.zeros(n, np.int64)      # the server clock when each worker got its shard
         self.staleness = np.zeros(n, np.int64)     # of each worker's last applied gradient
-        self.grad_reqs = [self.MPI.REQUEST_NULL] * n
-        self.ctrl_reqs = [self.MPI.REQUEST_NULL] * n
+        self.grad_reqs, self.ctrl_reqs = [None] * n, [None] * n
         self.sends = [[] for _ in range(n)]
         self.deferred, self.arrived, self.failed = set(), 0, False
         self.stopping = False                      # sync: reply STOP (a SIGTERM here, or a worker's "stop")
@@ -350,21 +332,21 @@ class Server:
         return int(self.clock.min())
 
     def serve(self) -> None:
-        MPI, n = self.MPI, len(self.workers)
+        n = len(self.workers)
         for w in range(n):
             self._post_ctrl(w)
             self.reply(w, count=False)             # the initial shard
-        done, stopped, status = [False] * n, False, MPI.Status()
+        done, stopped = [False] * n, False
         while not all(done):
-            with WATCHDOG.watch("the server's Waitany for gradients", self._laggards), \
-                    self.tracer.span("wait for gradients", "wait"):
-                i = MPI.Request.Waitany(self.grad_reqs + self.ctrl_reqs, status)
+            with self.tracer.span("wait for gradients", "wait"):
+                i = self.world.waitany(self.grad_reqs + self.ctrl_reqs, "the server's Waitany for gradients",
+                                       self._laggards)
             if i < n:
                 self.bytes_received += self.grad_in[i].nbytes
                 self.on_grad(i)
                 continue
             w = i - n
-            msg = json.loads(self.ctrl_in[w][:status.Get_count(MPI.BYTE)].tobytes())
+            msg = json.loads(self.ctrl_in[w].tobytes())
             if msg["kind"] == "done":
                 done[w] = True
                 stopped = stopped or msg.get("stopped", False)
@@ -375,12 +357,10 @@ class Server:
                 self.reporter.epoch(msg["record"])
                 self._post_ctrl(w)
         for r in self.grad_reqs:                   # the receive each worker's last reply posted
-            if r != MPI.REQUEST_NULL:
-                r.Cancel()
-                r.Wait()
+            r.cancel()
         for w in range(n):                         # the final shard
             self.reply(w, more=False, count=False)
-        MPI.Request.Waitall([r for rs in self.sends for r in rs])
+        self.world.waitall([r for rs in self.sends for r in rs])
         step = self.start[0] + self.gclock
         if stopped and step not in self.points:    # a stop for SIGTERM between the planned checkpoints
             self.points[step] = position(self.spe, self.start, step)
@@ -391,11 +371,11 @@ class Server:
         return f"workers {behind} have not pushed step {self.start[0] + self.gclock + 1}"
 
     def _post_ctrl(self, w):
-        self.ctrl_reqs[w] = self.mpi.Irecv(self.ctrl_in[w], source=self.workers[w], tag=TAG_CTRL)
+        self.ctrl_reqs[w] = self.world.irecv(self.ctrl_in[w], self.workers[w], TAG_CTRL)
 
     def reply(self, w: int, more: bool = True, count: bool = True) -> None:
         """Send worker w the current shard and meta; `more`: repost the receive of its next push."""
-        self.MPI.Request.Waitall(self.sends[w])
+        self.world.waitall(self.sends[w])
         if self.out is None:
             buf = self.params
         else:
@@ -406,9 +386,8 @@ class Server:
         self.released[w] = g
         dest = self.workers[w]
         if more:
-            self.grad_reqs[w] = self.mpi.Irecv(self.grad_in[w], source=dest, tag=TAG_GRAD)
-        self.sends[w] = [self.mpi.Isend(buf, dest=dest, tag=TAG_PARAMS),
-                         self.mpi.Isend(self.meta_out[w], dest=dest, tag=TAG_META)]
+            self.grad_reqs[w] = self.world.irecv(self.grad_in[w], dest, TAG_GRAD)
+        self.sends[w] = [self.world.isend(buf, dest, TAG_PARAMS), self.world.isend(self.meta_out[w], dest, TAG_META)]
         if count:
             self.bytes_sent += buf.nbytes + self.meta_out[w].nbytes
 
@@ -425,7 +404,7 @@ class Server:
     def on_grad(self, w: int) -> None:
         before = self.gclock
         self.clock[w] += 1
-        WATCHDOG.step = self.start[0] + self.gclock
+        self.world.at_step(self.start[0] + self.gclock)
         if w == 0:
             self._tick()
         if self.sync:
@@ -437,7 +416,7 @@ class Server:
             g[...] = self.grad_in[0]
             for x in self.grad_in[1:]:
                 g += x
-            self.MPI.Request.Waitall([r for rs in self.sends for r in rs])   # they read self.params
+            self.world.waitall([r for rs in self.sends for r in rs])   # they read self.params
             self.apply()
             self.stopping = self.stopping or got_sigterm()    # once per step: every worker gets the same
             for u in range(len(self.workers)):
@@ -468,19 +447,15 @@ class Server:
         state to rank 0 and write one full checkpoint in allreduce mode's format."""
         if step not in self.points:
             return
-        MPI, root = self.MPI, self.scomm.Get_rank() == 0
+        root = self.scomm.rank == 0
         counts = [b - a for a, b in self.bounds]
-        displs = [a for a, _ in self.bounds]
-        full = self.model.params                   # rank 0's own shard is already in place
-        with WATCHDOG.watch("the servers' checkpoint Gatherv"), self.tracer.span("checkpoint"):
-            self.scomm.Gatherv(MPI.IN_PLACE if root else self.params,
-                               [full, (counts, displs)] if root else None, root=0)
+        with self.tracer.span("checkpoint"):
+            self.scomm.gatherv(self.params, self.model.params if root else None, counts)
             state = {}
             for name in self.opt.state_names:
                 mine = getattr(self.opt, name)
-                whole = np.empty(full.size, mine.dtype) if root else None
-                self.scomm.Gatherv(mine, [whole, (counts, displs)] if root else None, root=0)
-                state[name] = whole
+                state[name] = np.empty(self.model.num_params, mine.dtype) if root else None
+                self.scomm.gatherv(mine, state[name], counts)
         if root and self.reporter.active:
             state["t"] = np.array(self.opt.t, np.int64)
             epoch, batch = self.points[step]
@@ -500,7 +475,6 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     cfg.validate()
     check_ps(cfg, comm)
     comm.set_timeout(cfg.timeout)
-    world = comm.inner if isinstance(comm, DebugComm) else comm
     S, P = cfg.servers, comm.size
     is_server = comm.rank < S
     sync = is_sync(cfg)
@@ -522,7 +496,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         start = (int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]))
         if is_finished(cfg, start[0], start[1]):
             return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
-    part = world.comm.Split(0 if is_server else 1, comm.rank)   # the servers; the workers
+    part = comm.split(0 if is_server else 1, comm.rank)   # the servers; the workers
 
     optimizer = None
     if is_server:
@@ -531,8 +505,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         # it); async servers take one optimizer step per worker step.
         updates = 1 if sync else n_workers
         optimizer = make_optimizer_for(cfg, model.params[a:b], model.grads[a:b], cfg.epochs * spe * updates)
-        with WATCHDOG.watch("bcast"):
-            part.Bcast(model.params, root=0)       # rank 0's initial weights, not equal seeds
+        part.bcast(model.params, root=0)           # rank 0's initial weights, not equal seeds
     if ckpt is not None:                           # each server loads its slice; every rank agrees it worked
         agree(comm, lambda: restore(ckpt, model, optimizer, cfg.resume, (a, b)) if is_server else None)
     points, _ = checkpoint_points(cfg, spe, *start)
@@ -557,25 +530,24 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         tracer.start(comm)
     try:
         if is_server:
-            server = Server(s, world, part, optimizer, bounds, list(range(S, P)), sync=sync,
+            server = Server(s, comm, part, optimizer, bounds, list(range(S, P)), sync=sync,
                             staleness=None if cfg.consistency == "async" else cfg.staleness,
                             start=start, spe=spe, points=points, reporter=reporter)
             server.serve()
             result, traffic = None, (server.bytes_sent, server.bytes_received)
         else:
-            wcomm = MPIComm(part)
-            result, traffic = _work(cfg, s, world, DebugComm(wcomm) if cfg.debug else wcomm, bounds, start,
+            result, traffic = _work(cfg, s, comm, DebugComm(part) if cfg.debug else part, bounds, start,
                                     sync, on_step)
     finally:
         reporter.close()
     summary = comm.bcast_obj(result, root=S)       # the first worker's summary, to every rank
     traffic = comm.allgather_obj(traffic)
-    part.Free()
+    part.free()
     if "error" in summary:
         raise TrainingError(summary["error"])
     if "stopped_at" in summary:                    # the servers saved the checkpoint at that step
         raise Stopped.at(summary["stopped_at"], os.path.join(cfg.out, CHECKPOINT), reporter.active)
-    world.bcast(model.params, root=S)              # the final weights, so every rank returns the same model
+    comm.bcast(model.params, root=S)              # the final weights, so every rank returns the same model
     summary.update({"mode": "ps", "servers": S, "workers": n_workers, "consistency": cfg.consistency,
                     "staleness_bound": cfg.staleness if cfg.consistency == "ssp" else None,
                     "model_bytes": model.params.nbytes,

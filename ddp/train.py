@@ -20,7 +20,8 @@ import numpy as np
 
 from . import backend
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
-from .comm import Communicator, DebugComm, SerialComm, run_simulated
+from .comm import Communicator, DebugComm, SerialComm
+from .comm_simulated import run_simulated
 from .config import Config
 from .data import epoch_batches, micro_batches, shard
 from .errors import Stopped, TrainingError, UsageError
