@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 
@@ -65,13 +64,14 @@ from .backend import all_finite
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
 from .comm import Communicator, DebugComm
 from .config import Config
-from .data import epoch_batches, micro_batches, shard, shard_range
+from .data import shard_range
 from .errors import Stopped, TrainingError, UsageError
-from .evaluate import epoch_record, final_metrics
+from .evaluate import final_metrics
 from .parallel import check_replicas
 from .report import Reporter
+from .loop import train_loop
 from .run import finished_summary, start_run
-from .setup import Setup, agree, is_finished, make_optimizer_for, steps_per_epoch, total_steps
+from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_for, steps_per_epoch, total_steps
 from .stop import got_sigterm
 from .trace import NULL, Tracer
 
@@ -85,31 +85,6 @@ CTRL_BYTES = 1 << 14          # every control message is padded to this (an epoc
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     """(start, stop) of `parts` balanced contiguous shards of range(n), cut as data.shard cuts a batch."""
     return [shard_range(n, s, parts) for s in range(parts)]
-
-
-def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) -> tuple[dict, int]:
-    """The steps after which train_allreduce writes a record and a checkpoint, starting from
-    (step, epoch, batch): {step: (epoch, batch_in_epoch) as saved}, and the last step.
-
-    The servers need this to checkpoint at exactly the steps the workers report at, without
-    being told: it is the same loop as train_allreduce's, with the batches only counted.
-    """
-    points = {}
-    every = cfg.checkpoint_every
-    while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
-        n = spe - batch
-        if cfg.max_steps:
-            n = min(n, cfg.max_steps - step)
-        if every:                             # --checkpoint-every inside the epoch (its end is saved anyway)
-            for k in range(step // every + 1, (step + n - 1) // every + 1):
-                points[k * every] = (epoch, batch + k * every - step)
-        step, batch = step + n, batch + n
-        if batch < spe:                       # stopped by --max-steps inside the epoch
-            points[step] = (epoch, batch)
-            break
-        epoch, batch = epoch + 1, 0
-        points[step] = (epoch, 0)
-    return points, step
 
 
 def is_sync(cfg: Config) -> bool:
@@ -149,14 +124,16 @@ def check_ps(cfg: Config, comm: Communicator) -> None:
 # --------------------------------------------------------------------------- worker
 
 class Worker:
-    """A full replica that pushes gradient shards to the servers and pulls parameter shards back."""
+    """A full replica that pushes gradient shards to the servers and pulls parameter shards back: a ps
+    worker's side of the loop (see loop.py)."""
 
-    def __init__(self, world: Communicator, model, bounds):
-        self.world, self.tracer = world, model.tracer
+    def __init__(self, cfg: Config, world: Communicator, wcomm: Communicator, model, bounds, sync: bool):
+        self.cfg, self.world, self.comm, self.tracer, self.identical = cfg, world, wcomm, model.tracer, sync
         # Contiguous views of the arenas: the messages read and write the model itself.
         self.params = [model.params[a:b] for a, b in bounds]
         self.grads = [model.grads[a:b] for a, b in bounds]
         self.meta = np.zeros((len(bounds), 3), np.int64)
+        self.model = model
         # Shard s is complete once backward has finished the layer holding its first element.
         self.ready = {}
         for s, (a, _) in enumerate(bounds):
@@ -165,6 +142,9 @@ class Worker:
         self.reqs, self.keep = [], []
         self.bytes_sent = self.bytes_received = 0
         self.pull_bytes = sum(p.nbytes for p in self.params)
+        self.told, self.share = False, 1.0
+        self.stale = [0, 0, 0]                     # this epoch's max, sum and count of the replies' staleness
+        self.run_stale = [0, 0.0, 0.0]             # the run's
 
     def expect(self, s: int, count: bool = True) -> None:
         """Post the receives of server s's reply: its parameter shard and its meta."""
@@ -196,101 +176,76 @@ class Worker:
         self.reqs, self.keep = [], []
         return self.meta
 
+    # ---- the loop's side (loop.py)
+    def denom(self, global_rows: int, my_rows: int) -> int:
+        # sync: a share of the global-batch mean, as in allreduce mode; async: this worker's own mean
+        self.share = 1.0 if self.identical else my_rows / global_rows
+        return global_rows if self.identical else max(my_rows, 1)
 
-def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, start, sync: bool, on_step):
-    """The worker's loop: train_allreduce's loop, with push/pull in place of the allreduce.
-    Returns (summary or {"error": ...}, traffic)."""
-    model, train, B = s.model, s.train, s.batch_size
-    xp = model.xp
-    S = len(bounds)
-    worker = Worker(world, model, bounds)
-    for srv in range(S):                            # the initial shards
+    def backward(self, X, y, denom, accumulate, last, rows, step):
+        return self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, rows=rows, step=step,
+                                           on_grad=self.on_grad if last else None)
+
+    def apply(self, loss, step):
+        meta = self.wait()
+        st = meta[:, 1]
+        self.stale = [max(self.stale[0], int(st.max())), self.stale[1] + int(st.sum()), self.stale[2] + len(st)]
+        return float(loss) * self.share, not (meta[:, 2] == FAILED).any()
+
+    def save(self, step, position):
+        pass                                       # the servers save at the same steps
+
+    def stop(self, step, position) -> bool:
+        if not self.identical:
+            return False
+        if (self.meta[:, 2] == STOP).any():        # every worker got the same replies for this step
+            return True
+        if got_sigterm() and not self.told:        # the servers stop everyone at one step
+            for srv in range(len(self.params)):
+                self.send_ctrl(srv, {"kind": "stop"})
+            self.told = True
+        return False
+
+    def epoch_sums(self):
+        return self.stale[1:]
+
+    def epoch_extra(self, sums, step) -> dict:
+        peaks = self.comm.allgather_obj((self.stale[0], step))
+        extra = {"max_staleness": max(p[0] for p in peaks), "mean_staleness": sums[0] / max(sums[1], 1),
+                 "last_step": max(p[1] for p in peaks)}
+        r = self.run_stale
+        self.run_stale = [max(r[0], extra["max_staleness"]), r[1] + sums[0], r[2] + sums[1]]
+        self.stale = [0, 0, 0]
+        return extra
+
+    def end_epoch(self, record, step, position):
+        if self.comm.rank == 0:                    # to rank 0 (a server), which writes the records
+            self.send_ctrl(0, {"kind": "epoch", "record": record})
+
+
+def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, start, sync: bool, reporter, on_step):
+    """A worker: the loop, with push/pull in place of the allreduce. Returns (summary or {"error": ...}, traffic)."""
+    worker = Worker(cfg, world, wcomm, s.model, bounds, sync)
+    for srv in range(len(bounds)):                  # the initial shards
         worker.expect(srv, count=False)
     worker.wait()
-    X_dev = xp.asarray(train.X, model.dtype)
-    y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
-    step, epoch, start_batch = start
-    start_epoch = epoch
-    first_worker = wcomm.rank == 0
-    run_max, run_sum, run_n = 0, 0.0, 0.0
-    error, stopped, told = None, False, False
-    t0 = time.perf_counter()
-    while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
-        batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
-        nb = start_batch if epoch == start_epoch else 0
-        loss_sum, n_steps, samples, failed = 0.0, 0, 0, False
-        stale_max, stale_sum, stale_n = 0, 0, 0
-        t_epoch = time.perf_counter()
-        while nb < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
-            gb = batches[nb]
-            nb += 1
-            world.at_step(step + 1)
-            local = shard(gb, wcomm.rank, wcomm.size)
-            # sync: a share of the global-batch mean, as in allreduce mode; async: this worker's own mean
-            denom = len(gb) if sync else max(len(local), 1)
-            micro = micro_batches(local, cfg.accumulate)
-            loss = 0.0
-            for j, mb in enumerate(micro):
-                last = j == len(micro) - 1
-                loss += model.forward_backward(X_dev[mb], y_dev[mb], denom=denom, accumulate=j > 0, rows=mb, step=step,
-                                               on_grad=worker.on_grad if last else None)
-            meta = worker.wait()
-            loss = float(loss)                      # the step's one wait for the loss (the pushes wait too)
-            step += 1
-            n_steps += 1
-            samples += len(gb)
-            loss_sum += loss if sync else loss * len(local) / len(gb)
-            stale_max = max(stale_max, int(meta[:, 1].max()))
-            stale_sum += int(meta[:, 1].sum())
-            stale_n += S
-            if (meta[:, 2] == FAILED).any():
-                failed = True
-                break
-            if sync and cfg.check_every and step % cfg.check_every == 0:
-                check_replicas(wcomm, model.params, step)
-            if on_step is not None:
-                on_step(step, model, wcomm)
-            if sync and (meta[:, 2] == STOP).any():   # every worker got the same replies for this step
-                stopped = True
-                break
-            if sync and got_sigterm() and not told:   # the servers stop everyone at one step
-                for srv in range(S):
-                    worker.send_ctrl(srv, {"kind": "stop"})
-                told = True
-        finished_epoch = nb >= len(batches)
-        elapsed_epoch = time.perf_counter() - t_epoch
-        # Every worker reaches this point, failed or not, so the verdict below is collective.
-        tot = np.array([loss_sum, float(failed), stale_sum, stale_n])
-        wcomm.allreduce_sum(tot)
-        peaks = wcomm.allgather_obj((stale_max, step))
-        if tot[1]:
-            error = (f"gradients became NaN or Inf by step {max(p[1] for p in peaks)}; lower the learning "
-                     f"rate (now {cfg.lr:g}, {model.dtype.name})")
-            break
-        record = epoch_record(model, s.val, wcomm, epoch=epoch, step=step, loss_sum=tot[0], n_steps=n_steps,
-                              samples=samples, seconds=elapsed_epoch, t0=t0, finished=finished_epoch,
-                              max_staleness=max(p[0] for p in peaks), mean_staleness=tot[2] / max(tot[3], 1))
-        run_max, run_sum, run_n = max(run_max, record["max_staleness"]), run_sum + tot[2], run_n + tot[3]
-        if not math.isfinite(record["train_loss"]):
-            error = f"training loss became {record['train_loss']} in epoch {epoch + 1}"
-            break
-        if first_worker:
-            worker.send_ctrl(0, {"kind": "epoch", "record": record})
-        if finished_epoch:
-            epoch, nb = epoch + 1, 0
-        if stopped or not finished_epoch:
-            break
+    error, stopped, step, epoch, t0 = None, False, start[0], start[1], time.perf_counter()
+    try:
+        step, epoch, t0, stopped = train_loop(cfg, s, worker, start, {}, reporter, on_step)
+    except TrainingError as e:                      # raised on every worker together: tell the servers
+        error = str(e)
     # Shut down: tell every server, then take the final shards, which hold every worker's last update.
-    for srv in range(S):
+    for srv in range(len(bounds)):
         worker.send_ctrl(srv, {"kind": "done", "stopped": stopped})
         worker.expect(srv, count=False)
     worker.wait()
     traffic = (worker.bytes_sent, worker.bytes_received)
     if error is not None:
         return {"error": error}, traffic
-    check_replicas(wcomm, model.params, step)
+    check_replicas(wcomm, s.model.params, step)
+    r = worker.run_stale
     summary = {**final_metrics(s, wcomm, step=step, epoch=epoch, world_size=world.size, t0=t0),
-               "max_staleness": run_max, "mean_staleness": run_sum / max(run_n, 1)}
+               "max_staleness": r[0], "mean_staleness": r[1] / max(r[2], 1)}
     if stopped:
         summary["stopped_at"] = step
     return summary, traffic
@@ -537,7 +492,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
             result, traffic = None, (server.bytes_sent, server.bytes_received)
         else:
             result, traffic = _work(cfg, s, comm, DebugComm(part) if cfg.debug else part, bounds, start,
-                                    sync, on_step)
+                                    sync, reporter, on_step)
     finally:
         reporter.close()
     summary = comm.bcast_obj(result, root=S)       # the first worker's summary, to every rank

@@ -11,7 +11,8 @@ from ddp.comm import Communicator, SerialComm
 from ddp.config import Config
 from ddp.data import epoch_batches, shard
 from ddp.errors import UsageError
-from ddp.ps import check_ps, checkpoint_points, shard_bounds, train_ps
+from ddp.ps import check_ps, shard_bounds, train_ps
+from ddp.setup import checkpoint_points
 from ddp.train import run
 
 
