@@ -18,5 +18,14 @@ from .optim import SGD, Adam, AdamW, make_optimizer
 from .parallel import DataParallel
 from .version import __version__
 
-__all__ = ["Model", "fit", "load", "world_comm", "Config", "UsageError", "MLP", "Network", "Layer", "SGD", "Adam", "AdamW",
+__all__ = ["Model", "fit", "load", "world_comm", "Config", "UsageError", "MLPClassifier", "MLPRegressor", "MLP",
+           "Network", "Layer", "SGD", "Adam", "AdamW",
            "make_optimizer", "DataParallel", "__version__"]
+
+
+def __getattr__(name):
+    """ddp.MLPClassifier and ddp.MLPRegressor import scikit-learn's estimator machinery only when asked for."""
+    if name in ("MLPClassifier", "MLPRegressor"):
+        from . import estimator
+        return getattr(estimator, name)
+    raise AttributeError(f"module 'ddp' has no attribute {name!r}")

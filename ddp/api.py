@@ -15,14 +15,13 @@ script), `ddp.fit` trains data-parallel on every rank and returns the same model
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 
 import numpy as np
 
-from .checkpoint import CHECKPOINT, load_checkpoint
-from .config import FIELDS, Config
-from .data import Dataset, from_arrays, split
+from .checkpoint import CHECKPOINT, load_checkpoint, model_arrays, model_meta, read_checkpoint, write_npz
+from .config import FIELDS, Config, coerce
+from .data import Dataset, from_arrays, from_parts, split
 from .errors import UsageError
 from .guard import one_job
 from .model import MLP, Network
@@ -32,10 +31,32 @@ from .run import resolve_config
 
 class Model:
     """A trained network with the preprocessing it was trained with. `config` is the run's configuration;
-    `summary`, after ddp.fit, the run's summary (steps, world size, validation and test metrics)."""
+    `summary`, after ddp.fit, the run's summary (steps, world size, validation and test metrics).
+    It pickles (and deep-copies) as the bytes of its checkpoint."""
 
-    def __init__(self, mlp: Network, prep: Preprocess, config: dict, summary: dict | None = None):
+    def __init__(self, mlp: Network, prep: Preprocess, config: dict, summary: dict | None = None, meta=None):
         self.mlp, self.prep, self.config, self.summary = mlp, prep, config, summary
+        self.meta = meta or model_meta(mlp, prep, None if prep.classes is None else len(prep.classes), None)
+
+    def save(self, path: str) -> None:
+        """Write the model as a checkpoint that ddp.load, `ddp predict` and `ddp export` read."""
+        write_npz(path, self._arrays())
+
+    def _arrays(self) -> dict:
+        steps = (self.summary or {}).get("steps", 0)
+        return {**self.mlp.state_dict(), **model_arrays(self.config, self.meta, self.prep),
+                "step": np.array(steps, np.int64), "epoch": np.array(0, np.int64),
+                "batch_in_epoch": np.array(0, np.int64)}
+
+    def to_onnx(self, path: str | None = None):
+        """The model, its preprocessing and (classification) its softmax as one ONNX graph on raw rows."""
+        from .export import to_onnx
+        return to_onnx(self, path)
+
+    def __reduce__(self):
+        buf = io.BytesIO()
+        np.savez(buf, **self._arrays())
+        return _from_bytes, (buf.getvalue(), self.summary)
 
     @property
     def task(self) -> str:
@@ -91,7 +112,16 @@ def load(path: str, device: str = "cpu") -> Model:
     import os
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
-    ckpt = load_checkpoint(path)
+    return _from_checkpoint(load_checkpoint(path), path, device)
+
+
+def _from_bytes(data: bytes, summary=None) -> Model:
+    model = _from_checkpoint(read_checkpoint(io.BytesIO(data), "(pickled model)"), "(pickled model)", "cpu")
+    model.summary = summary
+    return model
+
+
+def _from_checkpoint(ckpt: dict, path: str, device: str) -> Model:
     meta = ckpt.get("meta")
     if meta is None:
         raise UsageError(f"checkpoint {path} has no 'meta': it was written before ddp saved what it needs to "
@@ -103,7 +133,8 @@ def load(path: str, device: str = "cpu") -> Model:
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"checkpoint {path}: bad 'meta' ({type(e).__name__}: {e})") from None
     mlp.load_state_dict(ckpt)
-    return Model(mlp, Preprocess.from_arrays(ckpt, meta.get("task", "classification"), path), ckpt.get("config", {}))
+    return Model(mlp, Preprocess.from_arrays(ckpt, meta.get("task", "classification"), path), ckpt.get("config", {}),
+                 meta=meta)
 
 
 def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -> Model:
@@ -122,6 +153,8 @@ def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -
     for name in ("dataset", "data_path"):
         if name in settings:
             raise UsageError(f"ddp.fit trains on the arrays it is given; {name!r} does not apply")
+    # Checked as TOML values are (NumPy scalars, as a grid search may pass, are taken as Python's).
+    settings = {k: coerce(k, v.item() if isinstance(v, np.generic) else v) for k, v in settings.items()}
     if (X_val is None) != (y_val is None):
         raise UsageError("give both X_val and y_val, or neither")
     settings.setdefault("val_fraction", 0.0)
@@ -142,7 +175,8 @@ def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -
     # raise ends the whole job instead of leaving the others in a collective.
     with one_job(), (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())):
         summary, setup = run_with_setup(cfg, comm, raw=raw)
-    return Model(setup.model, setup.prep, cfg.to_dict(), summary)
+    return Model(setup.model, setup.prep, cfg.to_dict(), summary,
+                 model_meta(setup.model, setup.prep, setup.train.n_classes, setup.fingerprint))
 
 
 def _raw_splits(cfg: Config, X, y, X_val, y_val):
@@ -152,30 +186,26 @@ def _raw_splits(cfg: Config, X, y, X_val, y_val):
     if X_val is None:
         ds = from_arrays(X, y, cfg.task, "arrays")
         return split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
-    X_val, y_val = np.asarray(X_val), np.asarray(y_val)
-    if len(X) != len(y) or len(X_val) != len(y_val):
-        raise UsageError(f"X has {len(X)} rows and y {len(y)}; X_val has {len(X_val)} and y_val {len(y_val)}")
-    both = from_arrays(np.concatenate([X, X_val]), np.concatenate([y, y_val]), cfg.task, "arrays")
-    n = len(X)
-    train, val = both.subset(np.arange(n)), both.subset(np.arange(n, len(both)))
+    train, val = from_parts([(X, y), (X_val, y_val)], cfg.task, "arrays")
     if cfg.test_fraction:
         train, _, test = split(train, 0.0, cfg.test_fraction, seed=cfg.seed)
     else:
-        test = dataclasses.replace(train, X=train.X[:0], y=train.y[:0])
+        test = train.subset(slice(0, 0))
     return train, val, test
 
 
 def read_rows(path: str, n_features: int):
     """(X, y or None) from a file of raw rows: .npz (X, and y if present), CSV (n_features columns, or one
     more holding the target; header detected), or idx. For `ddp predict` and `ddp evaluate`."""
-    from .data import _load_csv, _load_idx_pair, _load_npz_arrays, infer_format
+    from .data import infer_format
+    from .formats import read_csv, read_idx_pair, read_npz_arrays
     fmt = infer_format(path)
     if fmt == "npz":
-        arrays = _load_npz_arrays(path, required=("X",))
+        arrays = read_npz_arrays(path, required=("X",))
         return arrays["X"], arrays.get("y")
     if fmt == "idx":
-        return _load_idx_pair(path)[:2]
-    X, last = _load_csv(path)
+        return read_idx_pair(path, labels_required=False)[:2]
+    X, last = read_csv(path)
     if X.shape[1] == n_features:
         return X, last
     if X.shape[1] + 1 == n_features and last.dtype.kind == "f":

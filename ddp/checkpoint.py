@@ -42,13 +42,25 @@ def save_checkpoint(path: str, setup, model_state: dict, opt_state: dict, *, ste
     # Shuffling is a pure function of (seed, epoch), so these two ARE the data RNG state.
     arrays["rng.seed"] = np.array(cfg.seed, np.int64)
     arrays["rng.epoch"] = np.array(epoch, np.int64)
-    arrays["config"] = _json_array(cfg.to_dict())
-    arrays["meta"] = _json_array({
-        "format": FORMAT, "ddp_version": __version__, "sizes": model.sizes, "activation": model.activation,
-        "arch": model.arch, "input_shape": list(model.input_shape),
-        "loss": model.loss_name, "task": setup.prep.task, "dtype": model.dtype.name, "init": model.init,
-        "n_classes": setup.train.n_classes, "data_fingerprint": setup.fingerprint})
-    arrays.update(setup.prep.arrays())
+    arrays.update(model_arrays(cfg.to_dict(), model_meta(model, setup.prep, setup.train.n_classes, setup.fingerprint),
+                               setup.prep))
+    write_npz(path, arrays)
+
+
+def model_meta(model, prep, n_classes, fingerprint) -> dict:
+    """The checkpoint's meta: what ddp.load needs to rebuild the model."""
+    return {"format": FORMAT, "ddp_version": __version__, "sizes": model.sizes, "activation": model.activation,
+            "arch": model.arch, "input_shape": list(model.input_shape),
+            "loss": model.loss_name, "task": prep.task, "dtype": model.dtype.name, "init": model.init,
+            "n_classes": n_classes, "data_fingerprint": fingerprint}
+
+
+def model_arrays(config: dict, meta: dict, prep) -> dict:
+    return {"config": _json_array(config), "meta": _json_array(meta), **prep.arrays()}
+
+
+def write_npz(path: str, arrays: dict) -> None:
+    """Write atomically: a crash mid-write never destroys the previous file."""
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -71,8 +83,13 @@ def load_checkpoint(path: str) -> dict:
         raise UsageError(f"checkpoint {path} not found")
     if os.path.isdir(path):
         raise UsageError(f"checkpoint {path} is a folder; give the .npz file in it, e.g. {os.path.join(path, CHECKPOINT)}")
+    return read_checkpoint(path, path)
+
+
+def read_checkpoint(source, path: str) -> dict:
+    """load_checkpoint's checks on an open file or a path; `path` names it in messages."""
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with np.load(source, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
     except Exception as e:
         raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None

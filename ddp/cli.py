@@ -1,4 +1,4 @@
-"""Command line: `ddp train`, `ddp predict`, `ddp evaluate`, `ddp plot`, `ddp gradcheck`, `ddp info`.
+"""Command line: `ddp train`, `ddp predict`, `ddp evaluate`, `ddp export`, `ddp lr-find`, `ddp plot`, `ddp gradcheck`, `ddp info`.
 
     ddp train --dataset digits --hidden 128,64 --epochs 20 --out runs/digits
     ddp train --config run.toml --lr 0.05          # flags override the TOML file
@@ -6,6 +6,8 @@
     launch/mpirun.sh -n 4 -- train --dataset digits
     ddp evaluate --checkpoint runs/digits/checkpoint.npz --dataset digits --split test
     ddp predict --checkpoint runs/digits/checkpoint.npz --data-path rows.csv --out predictions.csv
+    ddp lr-find --dataset digits --hidden 128,64 --momentum 0.9       # a learning-rate range test, and its PNG
+    ddp export --checkpoint runs/digits/best.npz --format onnx --out model.onnx
     ddp plot runs/digits --out curves.png
     ddp gradcheck --sizes 5,8,3 --activation tanh
 
@@ -45,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (1 rank, N MPI ranks, or --simulate-ranks N)",
                        description="Train a network (an MLP, or --arch). Under mpiexec each rank takes its shard of every global batch.")
     add_flags(t)
+    lf = sub.add_parser("lr-find", help="learning-rate range test: loss against an exponentially rising lr, a PNG "
+                        "and a suggestion", description="Train from the untrained model with the lr rising from "
+                        "--lr-min to --lr-max over --steps global batches, stopping when the loss explodes; writes "
+                        "lr_find.csv and lr_find.png to --out (default runs/DATASET-lr-find). Takes every flag of "
+                        "train; on any number of ranks, every rank takes the same decision.")
+    add_flags(lf)
+    lf.add_argument("--steps", type=int, default=100, help="the most steps to take (default: 100)")
+    lf.add_argument("--lr-min", type=float, default=1e-7, help="the first step's lr (default: 1e-07)")
+    lf.add_argument("--lr-max", type=float, default=10.0, help="the last step's lr (default: 10.0)")
     g = sub.add_parser("gradcheck", help="compare analytic gradients with central differences (float64)",
                        description="Compare analytic gradients with central differences in float64, per layer.")
     g.add_argument("--sizes", default="5,8,6,3", help="layer sizes including inputs and outputs (default: 5,8,6,3)")
@@ -83,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(runs trained with --grad-norms) per epoch, several runs overlaid.")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or metrics.jsonl files)")
     pl.add_argument("--out", default="curves.png", metavar="FILE.png", help="image to write (default: curves.png)")
+    ex = sub.add_parser("export", help="write a trained model as an ONNX graph that takes raw rows",
+                        description="Export a checkpoint's model with its standardization and (classification) its "
+                                    "softmax: outputs 'label' and 'probabilities', or 'prediction' (regression).")
+    ex.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint.npz or best.npz (or a run folder)")
+    ex.add_argument("--format", default="onnx", choices=("onnx",), help="the format (default: onnx)")
+    ex.add_argument("--out", required=True, metavar="FILE.onnx", help="the file to write")
     sub.add_parser("info", help="print the environment: MPI, GPUs, CuPy, NumPy, BLAS threads",
                    description="Print the MPI library, CUDA-awareness, GPUs, CuPy/NumPy versions and BLAS threads.")
     return p
@@ -182,7 +199,8 @@ def cmd_evaluate(args) -> int:
         same = saved.get("dataset") == args.dataset
         part = args.split or ("test" if same else "all")
         known = {k: v for k, v in saved.items() if k in FIELDS}     # a key another ddp version wrote is not ours
-        cfg = Config(**{**known, "dataset": args.dataset, "data_path": ""}).validate()
+        cfg = Config(**{**known, "dataset": args.dataset, "data_path": "", "val_path": "",
+                            "test_path": ""}).validate()
         train, val, test = raw_splits(cfg)
         pick = {"train": [train], "val": [val], "test": [test], "all": [train, val, test]}[part]
         X = np.concatenate([p.X for p in pick])
@@ -197,6 +215,30 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(metrics))
     else:
         print(f"ddp: {where}: " + ", ".join(f"{k} {v:.6g}" for k, v in metrics.items() if k != "n"))
+    return 0
+
+
+def cmd_lr_find(args, comm) -> None:
+    import os
+
+    from .backend import limit_threads
+    from .lrfind import lr_find, write
+    from .run import resolve_config
+    from .setup import agree
+    cfg = agree(comm, resolve_config, given_settings(args))
+    limit_threads(getattr(comm, "local_size", None), cfg.simulate_ranks)
+    result = lr_find(cfg, comm, args.steps, args.lr_min, args.lr_max)
+    if comm.rank == 0:
+        files = write(result, cfg.out or os.path.join("runs", f"{cfg.dataset}-lr-find"))
+        why = "the loss exploded" if result["exploded"] else f"--lr-max {args.lr_max:g} reached"
+        print(f"ddp: lr-find: {len(result['lr'])} steps ({why}); suggested lr {result['suggestion']:.3g}; "
+              f"wrote {', '.join(files)}", flush=True)
+
+
+def cmd_export(args) -> int:
+    from .api import load
+    load(args.checkpoint).to_onnx(args.out)
+    print(f"ddp: wrote {args.out}")
     return 0
 
 
@@ -241,13 +283,16 @@ def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return cmd_info()
-    if args.command != "train":
+    if args.command not in ("train", "lr-find"):
         return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
-                "plot": cmd_plot}[args.command](args)
+                "plot": cmd_plot, "export": cmd_export}[args.command](args)
     from .comm import world_comm
     from .errors import Stopped
 
     comm = world_comm()
+    if args.command == "lr-find":
+        cmd_lr_find(args, comm)
+        return 0
     try:
         cmd_train(args, comm)
     except Stopped as e:              # every rank stopped at the same step, with the checkpoint saved

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
 from dataclasses import dataclass, field
 
-from .data import DATASETS, infer_format
+from .data import DATASETS, SCALES, infer_format
 from .errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -34,6 +35,10 @@ class Config:
                        "from --data-path's extension, else digits)", ("auto", *DATASETS), group="data")
     data_path: str = opt("", "a .npz (arrays X, y), .csv or .csv.gz (last column the target, header "
                          "detected, string labels allowed) or 'IMAGES,LABELS' idx files", group="data")
+    val_path: str = opt("", "a validation file, in --data-path's format (then --val-fraction does not apply)",
+                        group="data")
+    test_path: str = opt("", "a test file, in --data-path's format, such as the official test split (then "
+                         "--test-fraction does not apply; summary.json reports it)", group="data")
     task: str = opt("auto", "classification or regression (auto: from the dataset)",
                     ["auto", "classification", "regression"], group="data")
     n_samples: int = opt(2000, "samples in a synthetic dataset", group="data")
@@ -41,7 +46,9 @@ class Config:
     n_classes: int = opt(3, "classes in synthetic_classification", group="data")
     val_fraction: float = opt(0.1, "fraction of the data held out for validation", group="data")
     test_fraction: float = opt(0.2, "fraction of the data held out for the final test", group="data")
-    standardize: bool = opt(True, "standardize features with the training set's mean and std", group="data")
+    scale: str = opt("auto", "input scaling fitted on the training set: standard (per-feature mean and std), "
+                     "minmax (overall min and max to 0..1), none; auto: uint8 data (images) / 255, else standard",
+                     SCALES, group="data")
     # model
     hidden: str = opt("128,64", "hidden layer sizes, comma-separated ('' for none): the MLP shorthand", group="model")
     arch: str = opt("", "the network's layers, comma-separated, instead of --hidden and --activation: dense:N, "
@@ -87,6 +94,13 @@ class Config:
     grad_norms: bool = opt(False, "log each layer's gradient norm per epoch (watch gradients vanish)")
     progress: bool = opt(True, "show a progress bar (only when stderr is a terminal)")
     quiet: bool = opt(False, "do not print the one line per epoch")
+    logger: str = opt("none", "also write each epoch's record to the run folder as metrics.csv (csv) or as event "
+                      "files for `tensorboard --logdir` (tensorboard)", ["none", "csv", "tensorboard"])
+    early_stopping: int = opt(0, "PATIENCE: stop when --monitor has not improved by --min-delta for this many "
+                              "epochs (0: off); needs validation data")
+    min_delta: float = opt(0.0, "early stopping: the least change of --monitor that counts as an improvement")
+    monitor: str = opt("val_metric", "what early stopping and best.npz follow: val_loss, or val_metric "
+                       "(accuracy, or R² for regression)", ["val_loss", "val_metric"])
     trace: str = opt("", "write a timeline of every rank (Chrome trace format: open it in Perfetto or "
                      "chrome://tracing) to this .json file")
     # distributed
@@ -140,6 +154,9 @@ class Config:
         elif self.data_path and self.dataset not in FILE_FORMATS:
             raise UsageError(f"--data-path is for file datasets ({', '.join(FILE_FORMATS)}); dataset "
                              f"{self.dataset!r} is built in: drop --data-path or --dataset")
+        if (self.val_path or self.test_path) and self.dataset not in FILE_FORMATS:
+            raise UsageError(f"--val-path and --test-path are for file datasets (--data-path); {self.dataset!r} "
+                             "is built in")
         checks = [
             (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
@@ -169,6 +186,10 @@ class Config:
             (0 <= self.val_fraction < 1, f"val fraction {self.val_fraction} must be in [0, 1)"),
             (0 <= self.test_fraction < 1, f"test fraction {self.test_fraction} must be in [0, 1)"),
             (self.timeout > 0, f"timeout {self.timeout} must be a number of seconds > 0"),
+            (self.early_stopping >= 0 and self.min_delta >= 0, f"early stopping {self.early_stopping} and min "
+                                                              f"delta {self.min_delta} must be >= 0"),
+            (self.logger != "tensorboard" or importlib.util.find_spec("tensorboard"),
+             '--logger tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"'),
         ]
         for ok, msg in checks:
             if not ok:
@@ -196,7 +217,7 @@ MAX_SIMULATED = 64               # each simulated rank is a thread; hundreds onl
 RUN_SETTINGS = frozenset({
     "epochs", "max_steps", "out", "resume", "overwrite", "checkpoint_every", "progress", "quiet", "grad_norms",
     "check_every", "debug", "timeout", "trace", "device", "simulate_ranks", "bucket_mb", "overlap",
-    "accumulate", "mode", "servers",
+    "accumulate", "mode", "servers", "logger", "early_stopping", "min_delta", "monitor",
 })
 
 
@@ -215,7 +236,7 @@ def merge_for_resume(saved: dict, given: dict, path: str) -> dict:
         # A key a newer ddp wrote is not ours to judge. --max-steps stopped the saved invocation; carrying
         # it over would stop the resumed one at once.
         if name in FIELDS and name not in NOT_INHERITED:
-            values[name] = _coerce(name, value, f"checkpoint {path}")
+            values[name] = coerce(name, value, f"checkpoint {path}")
     for name, value in given.items():
         if name in RUN_SETTINGS or name not in values or values[name] == value:
             values[name] = value
@@ -225,11 +246,11 @@ def merge_for_resume(saved: dict, given: dict, path: str) -> dict:
     return values
 
 
-def _coerce(name, value, where="config"):
+def coerce(name, value, where="config"):
     """A TOML or checkpoint value, checked against the field's type."""
     f = FIELDS[name]
     typ = {"str": str, "int": int, "float": float, "bool": bool}[f.type]
-    if name in ("hidden", "arch") and isinstance(value, list):
+    if name in ("hidden", "arch") and isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -257,7 +278,7 @@ def load_toml(path: str) -> dict:
         name = key.replace("-", "_")
         if name not in FIELDS:
             raise UsageError(f"config file {path}: unknown key {key!r}")
-        out[name] = _coerce(name, value)
+        out[name] = coerce(name, value)
     return out
 
 

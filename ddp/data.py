@@ -1,12 +1,13 @@
 """Datasets, splits, standardization, and the index arithmetic of data parallelism.
 
-Everything here is NumPy on the host; the trainer moves each batch to the GPU itself.
+Files stay on disk: each rank reads only the rows of its shard of each batch, in their stored dtype, and
+converts that batch alone on the device (Dataset.inputs).
 
     ds = load_dataset("digits")
-    train, val, test = split(ds, val_fraction=0.1, test_fraction=0.2, seed=0)   # run.load_data scales them
+    train, val, test = split(ds, val_fraction=0.1, test_fraction=0.2, seed=0)   # setup.load_data scales them
     for batch in epoch_batches(len(train), 64, seed=0, epoch=e):   # same on every rank
         for micro in micro_batches(shard(batch, rank, world), k):  # this rank's rows
-            ...train.X[micro], train.y[micro]...
+            ...train.inputs(micro, xp, dtype), train.y[micro]...
 
 Data parallelism needs no communication to agree on batches: every rank draws the same
 permutation from (seed, epoch) and takes its own contiguous slice of each global batch.
@@ -14,45 +15,71 @@ permutation from (seed, epoch) and takes its own contiguous slice of each global
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import math
-import os
-import zlib
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import get_array_module
 from .errors import UsageError
+from .formats import load_bundled, pread_rows, read_csv, read_idx_pair, read_npz
 
 DATASETS = ("digits", "breast_cancer", "diabetes", "synthetic_classification",
             "synthetic_regression", "npz", "csv", "idx")
 TASKS = ("auto", "classification", "regression")
 BATCH_MODES = ("sgd", "minibatch", "full")
+SCALES = ("auto", "standard", "minmax", "none")
 MAX_CSV_CLASSES = 50  # an integral CSV target with more distinct values is taken as regression
 MAX_CLASSES = 1 << 16
 
 
 @dataclass
 class Dataset:
-    """X: (N, d) float64. y: (N,) int64 class indices in 0..n_classes-1, or (N, n_out) float64.
-
+    """data: (M, d) inputs as stored, in their own dtype (uint8 stays uint8); a read-only memory map for
+    idx, .npy and uncompressed .npz files, so nothing is read until a batch asks for its rows.
+    rows: this dataset's rows of `data` (None: all of them), in order; a split is index arrays, not copies.
+    scale: the preprocessing each batch gets as it is read (setup.load_data fits it on the training rows).
+    y: (N,) int64 class indices in 0..n_classes-1, or (N, n_out) float64, one per row of this dataset.
     classes[i] is the label class index i stands for, as it appeared in the data (a number or a string).
     """
 
-    X: np.ndarray
+    data: np.ndarray
     y: np.ndarray
     task: str
     n_classes: int | None
     name: str
     classes: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    scale: "Standardizer | None" = None
     shape: tuple | None = None      # one sample's C,H,W when the file says (idx images)
 
     def __len__(self) -> int:
-        return len(self.X)
+        return len(self.y)
+
+    @property
+    def n_features(self) -> int:
+        return self.data.shape[1]
+
+    def take(self, i) -> np.ndarray:
+        """Rows i (an index array or a slice) as stored: only those rows are read from disk."""
+        rows = np.arange(len(self))[i] if self.rows is None else self.rows[i]
+        raw = pread_rows(self.data, rows) if isinstance(self.data, np.memmap) else self.data[rows]
+        return raw.astype(raw.dtype.newbyteorder("="), copy=False)  # idx files are big-endian
+
+    def inputs(self, i=slice(None), xp=np, dtype=np.float64):
+        """Rows i scaled, as `dtype` on xp's device. The rows cross to the device in their stored dtype (a
+        uint8 image is 8x smaller than its float64), and are converted and scaled there, this batch alone."""
+        X = xp.asarray(self.take(i)).astype(np.float64)
+        if self.scale is not None:
+            X = self.scale.transform(X)
+        return X.astype(dtype, copy=False)
+
+    X = property(inputs, doc="every row, scaled, float64: for small data and tests")
 
     def subset(self, idx) -> "Dataset":
-        """The rows `idx` (an index array or a boolean mask), with the same metadata."""
-        return dataclasses.replace(self, X=self.X[idx], y=self.y[idx])
+        """The rows `idx` (an index array or a boolean mask), with the same metadata; no input is copied."""
+        idx = np.arange(len(self))[idx]
+        return dataclasses.replace(self, y=self.y[idx], rows=idx if self.rows is None else self.rows[idx])
 
 
 # ---------------------------------------------------------------------------- loading
@@ -69,31 +96,44 @@ def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
     if name in ("digits", "breast_cancer", "diabetes"):
         X, y = load_bundled(name)
         known = "regression" if name == "diabetes" else "classification"
-        return _finish(X, y, _fixed_task(name, known, task), name)
+        return from_arrays(X, y, _fixed_task(name, known, task), name)
     if name.startswith("synthetic_"):
         X, y = _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed)
         known = name.removeprefix("synthetic_")
-        return _finish(X, y, _fixed_task(name, known, task), name, n_classes=n_classes)
+        return from_parts([(X, y)], _fixed_task(name, known, task), name, n_classes)[0]
 
-    if not path:
+    return load_files(name, [path], task)[0]
+
+
+def load_files(name: str, paths, task: str = "auto") -> list[Dataset]:
+    """Datasets from files of format `name` (npz, csv, idx), labels encoded together (from_parts); a path
+    that is empty or None gives None in its place (a validation or test file not given)."""
+    if not paths[0]:
         raise UsageError(f"dataset {name!r} needs a path")
-    if name == "npz":
-        X, y = _load_npz(path)
-    elif name == "csv":
-        X, y = _load_csv(path)
-    else:
-        X, y, shape = _load_idx_pair(path)
-        return dataclasses.replace(from_arrays(X, y, task, name), shape=shape)
-    return from_arrays(X, y, task, name)
+    read = {"npz": read_npz, "csv": read_csv, "idx": read_idx_pair}[name]
+    got = [read(p) if p else None for p in paths]
+    shape = got[0][2] if name == "idx" else None
+    sets = iter(from_parts([g[:2] for g in got if g], task, name, shape=shape))
+    return [next(sets) if g else None for g in got]
 
 
 def from_arrays(X, y, task: str = "auto", name: str = "arrays") -> Dataset:
-    """A Dataset from arrays in memory. task 'auto': labels (integers, strings, booleans, or a float column
-    of at most MAX_CSV_CLASSES distinct whole numbers, as a CSV gives) mean classification."""
+    """A Dataset from arrays in memory (or memory-mapped): from_parts with one part."""
+    return from_parts([(X, y)], task, name)[0]
+
+
+def from_parts(parts, task: str = "auto", name: str = "arrays", n_classes: int | None = None,
+               shape=None) -> list[Dataset]:
+    """Datasets from (X, y) pairs, a training set then validation or test sets given apart, their labels
+    encoded together: a class has the same index in each. task 'auto': labels (integers, strings, booleans,
+    or a float column of at most MAX_CSV_CLASSES distinct whole numbers, as a CSV gives) mean classification.
+    n_classes: the synthetic data's, which a tiny sample may not show (default: the distinct labels)."""
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-    X, y = np.asarray(X), np.asarray(y)
-    if task == "auto":
+    parts = [(np.asanyarray(X), np.asarray(y)) for X, y in parts]
+    y = np.concatenate([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
+    guessed = task == "auto"
+    if guessed:
         if y.dtype.kind in "biuUSO":
             task = "classification"
         elif y.dtype.kind == "f" and y.ndim == 1:
@@ -101,7 +141,18 @@ def from_arrays(X, y, task: str = "auto", name: str = "arrays") -> Dataset:
             task = "classification" if whole and len(np.unique(y)) <= MAX_CSV_CLASSES else "regression"
         else:
             task = "regression"
-    return _finish(X, y, task, name)
+    for X, yp in parts:
+        _check(X, yp, task, name)
+        if X.shape[1:] != parts[0][0].shape[1:]:
+            raise UsageError(f"dataset {name!r}: a file with {X.shape[1]} features, the training data has "
+                             f"{parts[0][0].shape[1]}")
+    y, classes = _encode(y, task, name, n_classes)
+    if guessed and classes is not None and len(classes) > max(MAX_CSV_CLASSES, len(y) // 2):
+        raise UsageError(f"dataset {name!r}: {len(classes)} distinct labels in {len(y)} rows: an identifier or a "
+                         "feature rather than a target? (--task classification trains on it anyway)")
+    ys = np.split(y, np.cumsum([len(yp) for _, yp in parts])[:-1])
+    n = None if classes is None else len(classes)
+    return [Dataset(X, yp, task, n, name, classes, shape=shape) for (X, _), yp in zip(parts, ys)]
 
 
 def infer_format(path: str) -> str:
@@ -115,41 +166,6 @@ def infer_format(path: str) -> str:
         return "idx"
     raise UsageError(f"cannot tell the format of --data-path {path!r} from its name: give --dataset npz, csv "
                      "or idx (files named .npz, .csv, .csv.gz, or 'IMAGES,LABELS' idx files are recognised)")
-
-
-def load_bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits, breast_cancer or diabetes, as its load_NAME(return_X_y=True) gives them.
-
-    The files are plain CSV inside the installed package. Reading them directly skips importing
-    sklearn.datasets, which pulls in scipy.stats and the estimator machinery: 1.1 s per rank.
-    tests/test_data.py proves both readers give bit-identical arrays.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("sklearn")     # a top-level spec is found without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"dataset {name!r} comes with scikit-learn, which is not installed "
-                         "(pip install scikit-learn)")
-    folder = os.path.join(spec.submodule_search_locations[0], "datasets", "data")
-
-    def table(file, **kw):
-        with gzip.open(os.path.join(folder, file), "rt", encoding="utf-8") as f:
-            return np.loadtxt(f, **kw)
-
-    if name == "digits":
-        data = table("digits.csv.gz", delimiter=",")
-        return data[:, :-1], data[:, -1].astype(int)
-    if name == "breast_cancer":    # header: n_samples, n_features, class names
-        data = np.loadtxt(os.path.join(folder, "breast_cancer.csv"), delimiter=",", skiprows=1)
-        return data[:, :-1], data[:, -1].astype(int)
-    # sklearn's scaled=True: each column centred, divided by its std, then by sqrt(n_samples),
-    # in the same order of operations so that the result is the same to the last bit.
-    X, y = table("diabetes_data_raw.csv.gz"), table("diabetes_target.csv.gz")
-    mean, std = np.nanmean(X, axis=0), np.nanstd(X, axis=0)
-    X -= mean
-    X /= std
-    X /= X.shape[0] ** 0.5
-    return X, y
 
 
 def _fixed_task(name: str, known: str, task: str) -> str:
@@ -186,118 +202,7 @@ def _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed):
     return X, (out + bias).argmax(axis=1)
 
 
-def _read_bytes(path: str) -> bytes:
-    """The file's bytes, gunzipped if it is gzip (detected by its magic bytes, not its name)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"file not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a corrupt gzip stream
-        raise UsageError(f"cannot read {path}: {e}") from None
-
-
-def _load_npz_arrays(path: str, required=("X", "y")) -> dict:
-    if not os.path.isfile(path):
-        raise UsageError(f"file not found: {path}")
-    try:
-        # allow_pickle=False: a pickled object array in a data file could run arbitrary code.
-        with np.load(path, allow_pickle=False) as f:
-            missing = set(required) - set(f.files)
-            if missing:
-                raise UsageError(f"{path} lacks array(s) {sorted(missing)}; it needs {' and '.join(required)}")
-            return {k: f[k] for k in ("X", "y") if k in f.files}
-    except UsageError:
-        raise
-    except Exception as e:  # BadZipFile, ValueError (object arrays), OSError, AttributeError (.npy)
-        raise UsageError(f"cannot read {path} as an .npz file with {' and '.join(required)}: {e}") from None
-
-
-def _load_npz(path: str):
-    arrays = _load_npz_arrays(path)
-    return arrays["X"], arrays["y"]
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _load_csv(path: str):
-    """Comma-separated; the last column is the target, numbers or strings (class labels). A first line whose
-    feature fields are not all numbers is a header and is skipped."""
-    lines = _read_bytes(path).decode("utf-8", errors="replace").splitlines()
-    lines = [line for line in lines if line.strip()]
-    if not lines:
-        raise UsageError(f"CSV file {path} is empty")
-    first = [v.strip().strip('"') for v in lines[0].split(",")]
-    skip = 0 if all(_is_number(v) for v in first[:-1]) and (len(first) > 1 or _is_number(first[0])) else 1
-    if len(first) < 2:
-        raise UsageError(f"CSV file {path} needs at least 2 columns (features, then target), found {len(first)}")
-    n = len(first)
-    body = lines[skip:]
-    if not body:
-        raise UsageError(f"CSV file {path} has a header but no rows")
-    try:
-        X = np.loadtxt(body, delimiter=",", dtype=np.float64, ndmin=2, usecols=range(n - 1), quotechar='"')
-        y = np.loadtxt(body, delimiter=",", dtype=str, ndmin=1, usecols=n - 1, quotechar='"')
-    except ValueError as e:
-        raise UsageError(f"cannot parse CSV file {path}: {e}") from None
-    y = np.char.strip(y)
-    try:
-        y = y.astype(np.float64)
-    except ValueError:
-        pass                                      # string labels: classification
-    return X, y
-
-
-# IDX type codes (http://yann.lecun.com/exdb/mnist/): all multi-byte values are big-endian.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str) -> np.ndarray:
-    """Parse an IDX file (plain or gzip): magic 0x0000TTNN, NN big-endian uint32 dims, data."""
-    data = _read_bytes(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise UsageError(f"{path} is not an IDX file (bad magic number {data[:4].hex()!r})")
-    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
-    header = 4 + 4 * ndim
-    if ndim < 1 or len(data) < header:
-        raise UsageError(f"{path}: corrupt IDX header ({ndim} dims, {len(data)} bytes)")
-    dims = tuple(int(v) for v in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(data) != expected:
-        raise UsageError(f"{path}: IDX file has {len(data)} bytes, dims {dims} of {dtype.name} "
-                         f"need {expected} (truncated or corrupt)")
-    return np.frombuffer(data, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def _load_idx_pair(path: str):
-    """path = "IMAGES,LABELS" -> (X, y, sample shape C,H,W): images flatten to (N, rows*cols), ubyte scaled
-    to [0, 1]."""
-    parts = [p.strip() for p in path.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise UsageError(f"idx path must be 'IMAGES_FILE,LABELS_FILE', got {path!r}")
-    images, labels = read_idx(parts[0]), read_idx(parts[1])
-    X = images.reshape(len(images), -1).astype(np.float64)
-    if images.dtype == np.uint8:
-        X /= 255.0
-    if labels.ndim != 1:
-        raise UsageError(f"idx labels {parts[1]} must be 1-D, got shape {labels.shape}")
-    return X, labels, (1, *images.shape[1:]) if images.ndim == 3 else None
-
-
-def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset:
-    """Validate X and y, and give y the shape and dtype of its task.
-
-    n_classes defaults to max label + 1; the synthetic data passes the number it was asked for,
-    which a tiny sample may not show.
-    """
-    X, y = np.asarray(X), np.asarray(y)
+def _check(X, y, task: str, name: str) -> None:
     labels_ok = "biufUSO" if task == "classification" else "biuf"
     if X.dtype.kind not in "biuf" or y.dtype.kind not in labels_ok:
         raise UsageError(f"dataset {name!r}: X must be numeric and y numeric{' or labels' if task == 'classification' else ''}, "
@@ -306,15 +211,16 @@ def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset
         raise UsageError(f"dataset {name!r}: X must be 2-D and non-empty, got shape {X.shape}")
     if y.ndim not in (1, 2) or len(y) != len(X):
         raise UsageError(f"dataset {name!r}: X has {len(X)} rows but y has shape {y.shape}")
-    X = X.astype(np.float64)
     for label, a in (("X", X), ("y", y)):
-        bad = np.count_nonzero(~np.isfinite(a)) if a.dtype.kind in "biuf" else 0
+        bad = sum(np.count_nonzero(~np.isfinite(a[s])) for s in row_chunks(a)) if a.dtype.kind == "f" else 0
         if bad:
             raise UsageError(f"dataset {name!r}: {label} contains NaN or Inf ({bad} values)")
 
+
+def _encode(y, task: str, name: str, n_classes: int | None):
+    """(y in the shape and dtype of its task, classes or None): class indices and the labels they stand for."""
     if task == "regression":
-        y = y.astype(np.float64).reshape(len(y), -1)
-        return Dataset(X, y, task, None, name)
+        return y.astype(np.float64).reshape(len(y), -1), None
     if y.ndim == 2 and y.shape[1] != 1:
         raise UsageError(f"dataset {name!r}: classification labels must be 1-D, got {y.shape}")
     y = y.reshape(-1)
@@ -333,9 +239,8 @@ def _finish(X, y, task: str, name: str, n_classes: int | None = None) -> Dataset
             raise UsageError(f"dataset {name!r}: {len(classes)} distinct labels; classification supports at "
                              f"most {MAX_CLASSES} classes (use --task regression for a numeric target)")
     if len(classes) < 2:
-        raise UsageError(f"dataset {name!r}: classification needs at least 2 classes, labels are all {classes[0]}")
-    index = np.searchsorted(classes, y)
-    return Dataset(X, index.astype(np.int64), task, len(classes), name, classes)
+        raise UsageError(f"dataset {name!r}: classification needs at least 2 classes, got 1 class ({classes[0]})")
+    return np.searchsorted(classes, y).astype(np.int64), classes
 
 
 # ------------------------------------------------------------- splitting and scaling
@@ -368,39 +273,95 @@ class Standardizer:
         self.mean = self.std = None
 
     def fit(self, X: np.ndarray) -> "Standardizer":
-        """X: (N, d). A constant feature gets std 1, so it maps to 0 instead of dividing by 0."""
+        """X: (N, d) in memory (regression targets). A constant feature gets std 1, so it maps to 0."""
         with np.errstate(over="ignore", invalid="ignore"):
-            self.mean = X.mean(axis=0)
-            std = X.std(axis=0)
-        bad = np.flatnonzero(~(np.isfinite(self.mean) & np.isfinite(std)))
-        if bad.size:
-            j = int(bad[0])
-            raise UsageError(f"column {j} overflows float64 when standardized (values up to "
-                             f"{np.abs(X[:, j]).max():.3g}); rescale it")
-        self.std = np.where(std > 0, std, 1.0)
-        return self
+            return self.from_stats(X.mean(axis=0), X.std(axis=0), X)
 
     @classmethod
-    def from_stats(cls, mean, std) -> "Standardizer":
+    def from_stats(cls, mean, std, X=None) -> "Standardizer":
         s = cls()
-        s.mean, s.std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        s.mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        bad = np.flatnonzero(~(np.isfinite(s.mean) & np.isfinite(std)))
+        if bad.size:
+            j = int(bad[0])
+            big = f" (values up to {np.abs(X[:, j]).max():.3g})" if X is not None else ""
+            raise UsageError(f"column {j} overflows float64 when standardized{big}; rescale it")
+        s.std = np.where(std > 0, std, 1.0)
         return s
 
     def inverse(self, Z: np.ndarray) -> np.ndarray:
         """(M, d) standardized -> original units."""
         return Z * self.std + self.mean
 
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        """X: (M, d) -> (M, d) float64."""
+    def transform(self, X):
+        """X: (M, d) float64, NumPy or CuPy -> (M, d) on the same device."""
         if self.mean is None:
             raise RuntimeError("Standardizer.transform called before fit")
         if X.shape[1:] != self.mean.shape:
             raise UsageError(f"X has {X.shape[1:]} features, the standardizer was fit on "
                              f"{self.mean.shape}")
-        return (X - self.mean) / self.std
+        xp = get_array_module(X)
+        out = X - xp.asarray(self.mean)
+        out /= xp.asarray(self.std)
+        return out
 
 
-# ----------------------------------------------------------- batching and sharding
+def row_chunks(X, nbytes: int = 1 << 24) -> list[slice]:
+    """Slices of X's rows of about `nbytes` each: a pass over a memory-mapped file in bounded memory."""
+    step = max(1, nbytes // max(1, X[:1].nbytes))
+    return [slice(s, s + step) for s in range(0, len(X), step)]
+
+
+def fit_scale(ds: Dataset, how: str, comm) -> Standardizer:
+    """The input scaling `how` (SCALES) of the training set `ds`, in one pass over its rows: each rank reads
+    its shard of them in chunks, and the float64 sums (exact for integer data such as pixels) are combined
+    with one allreduce, so every rank gets the same statistics whatever it read.
+
+    auto: uint8 inputs (images) are divided by 255, anything else is standardized. standard warns once,
+    naming them, about features whose training range spans more than 50 stds (a pixel almost always 0): a
+    value unseen in training there becomes a z-score in the hundreds. minmax maps the training set's overall
+    min and max (one pair for all features, so it suits pixels) to 0 and 1.
+    """
+    d = ds.n_features
+    if how == "auto":
+        how = "uint8" if ds.data.dtype == np.uint8 else "standard"
+    if how in ("none", "uint8"):
+        return Standardizer.from_stats(np.zeros(d), np.full(d, 255.0 if how == "uint8" else 1.0))
+    if ds.rows is not None:                              # in file order: long runs of consecutive rows to read
+        ds = dataclasses.replace(ds, rows=np.sort(ds.rows))
+    start, stop = shard_range(len(ds), comm.rank, comm.size)
+    if len(ds) * d * ds.data.itemsize > 1 << 28 and comm.rank == 0:
+        print(f"ddp: scaling statistics: one pass over {len(ds):,} training rows, {comm.size} rank(s) sharing it",
+              flush=True)
+    shift = ds.take([0])[0].astype(np.float64)          # sums of x - shift: no cancellation when |mean| >> std
+    # rows 0, 1: sums of x - shift and of its square; 2 + 2r, 3 + 2r: rank r's per-feature min and max
+    acc = np.zeros((2 + 2 * comm.size, d))
+    lo, hi = acc[2 + 2 * comm.rank], acc[3 + 2 * comm.rank]
+    lo[:], hi[:] = np.inf, -np.inf
+    step = max(1, (1 << 21) // d)                        # rows per chunk: 16 MB of float64
+    for s in range(start, stop, step):
+        X = ds.take(slice(s, min(s + step, stop))).astype(np.float64)
+        np.minimum(lo, X.min(axis=0), out=lo)
+        np.maximum(hi, X.max(axis=0), out=hi)
+        X -= shift
+        acc[0] += X.sum(axis=0)
+        acc[1] += (X * X).sum(axis=0)
+    comm.allreduce_sum(acc)
+    lo, hi = acc[2::2].min(axis=0), acc[3::2].max(axis=0)
+    if how == "minmax":
+        return Standardizer.from_stats(np.full(d, lo.min()), np.full(d, hi.max() - lo.min()))
+    mean = acc[0] / len(ds)
+    with np.errstate(over="ignore", invalid="ignore"):
+        std = np.sqrt(np.maximum(acc[1] / len(ds) - mean * mean, 0))
+        spiky = np.flatnonzero(hi - lo > 50 * std)
+    spiky = spiky[std[spiky] > 0]
+    if spiky.size and comm.rank == 0:
+        print(f"ddp: warning: {spiky.size} feature(s) are almost constant with rare outliers (columns "
+              f"{', '.join(map(str, spiky[:8]))}{', ...' if spiky.size > 8 else ''}): standardized, a value unseen "
+              "in training there gives a huge input; --scale minmax suits features that share a range (pixels)",
+              file=sys.stderr, flush=True)
+    return Standardizer.from_stats(shift + mean, std)
+
 
 def batch_size_for(mode: str, batch_size: int, n: int) -> int:
     """The global batch size of a mode: sgd 1, minibatch `batch_size`, full `n`."""

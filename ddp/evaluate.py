@@ -3,6 +3,7 @@ of metrics.jsonl, and the summary's final metrics.
 """
 from __future__ import annotations
 
+import resource
 import time
 
 import numpy as np
@@ -24,9 +25,10 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 4096)
     classification = model.loss_name != "mse"
     # [loss sum, correct, sum y, sum y^2, sse] (the last three per output column)
     acc = np.zeros(2 + 3 * n_out)
+    chunk = max(1, min(chunk, (1 << 21) // ds.n_features))       # at most 16 MB of float64 inputs at once
     for s in range(0, len(idx), chunk):
         rows = idx[s:s + chunk]
-        X = xp.asarray(ds.X[rows], model.dtype)
+        X = ds.inputs(rows, xp, model.dtype)
         Z = model.forward(X)
         y = xp.asarray(ds.y[rows]) if classification else xp.asarray(ds.y[rows], model.dtype)
         loss, _ = model.loss_fn(Z, y, denom=1)
@@ -68,8 +70,13 @@ def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int
     return record
 
 
-def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_size: int, t0: float) -> dict:
-    """The summary's figures, the same in both modes: steps, epochs, world size, time, test_* and val_*."""
+def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_size: int, t0: float,
+                  stop_reason=None) -> dict:
+    """The summary's figures, the same in both modes: steps, epochs, world size, time, test_* and val_*, and
+    why the run stopped (early stopping; None when it ran its course)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # KiB on Linux
     return {"steps": step, "epochs": epoch, "world_size": world_size, "elapsed_s": time.perf_counter() - t0,
+            "stop_reason": stop_reason,
+            "peak_rss_mb": comm.allgather_obj(round(peak, 1)) if comm.size > 1 else [round(peak, 1)],
             **{f"test_{k}": v for k, v in evaluate(s.model, s.test, comm).items()},
             **{f"val_{k}": v for k, v in evaluate(s.model, s.val, comm).items()}}

@@ -11,7 +11,7 @@ small synchronization object, `sync` (train.Allreduce, ps.Worker):
     apply(loss, step) -> (loss share for the epoch sum, ok)         the exchange finished and the update taken
     save(step, position)          a checkpoint inside an epoch (--checkpoint-every)
     stop(step, position) -> bool  end of step: stop here? (SIGTERM)
-    epoch_sums() / epoch_extra(sums, step)                          mode figures of an epoch's record
+    epoch_sums() / epoch_extra(sums, step, n_steps)                 mode figures of an epoch's record
     end_epoch(record, step, position)                               the record written, the epoch's checkpoint
 
 The checkpoint schedule is setup.checkpoint_points, computed once: the servers save at exactly those steps.
@@ -28,19 +28,20 @@ from .data import epoch_batches, micro_batches, shard
 from .errors import TrainingError
 from .evaluate import epoch_record
 from .parallel import check_replicas
+from .report import reporter_key
 from .setup import Setup, is_finished
+from .stop import EarlyStopping
 
 
 def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter, on_step=None) -> tuple:
     """Train from start = (step, epoch, batch in epoch) until the run is finished or stopped.
-    Returns (step, epoch, t0, stopped). Raises TrainingError on every rank of sync.comm together."""
+    Returns (step, epoch, t0, stopped, why early stopping ended it or None). Raises TrainingError on every rank of sync.comm together."""
     model, train, B, comm = s.model, s.train, s.batch_size, sync.comm
     span = model.tracer.span
     xp = model.xp
-    X_dev = xp.asarray(train.X, model.dtype)
     y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
     step, epoch, first = start
-    stopped = False
+    stopped, early = False, EarlyStopping(cfg, reporter_key(cfg, s.prep.task))
     t0 = time.perf_counter()
     while not is_finished(cfg, step, epoch):
         batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
@@ -57,7 +58,7 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
             loss = 0.0
             for j, mb in enumerate(micro):
                 with span("data", rows=len(mb)):
-                    Xb, yb = X_dev[mb], y_dev[mb]
+                    Xb, yb = train.inputs(mb, xp, model.dtype), y_dev[mb]
                 loss += sync.backward(Xb, yb, denom, j > 0, j == len(micro) - 1, mb, step)
             loss, ok = sync.apply(loss, step)
             step += 1
@@ -86,7 +87,7 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
         # Every rank of comm reaches this point, failed or not, so the verdicts below are collective.
         tot = np.array([loss_sum, float(failed), *sync.epoch_sums()])
         comm.allreduce_sum(tot)                              # each rank held its share of each loss
-        extra = sync.epoch_extra(tot[2:], step)
+        extra = sync.epoch_extra(tot[2:], step, n_steps)
         if tot[1]:
             raise TrainingError(f"gradients became NaN or Inf by step {extra.pop('last_step', step)}; lower the "
                                 f"learning rate (now {cfg.lr:g}, {model.dtype.name})")
@@ -101,6 +102,6 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
         if finished:
             epoch, nb = epoch + 1, 0
         sync.end_epoch(record, step, (epoch, nb))
-        if stopped or not finished:
+        if stopped or not finished or early(record):    # every rank holds the same record
             break
-    return step, epoch, t0, stopped
+    return step, epoch, t0, stopped, early.reason

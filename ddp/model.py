@@ -24,7 +24,7 @@ from .losses import get_loss
 from .trace import NULL
 
 INITS = ("he", "xavier")
-CHUNK_ELEMENTS = 1 << 24           # forward() evaluates in chunks whose largest array stays under this
+CHUNK_ELEMENTS = 1 << 22           # forward() evaluates in chunks whose largest array stays under this (16 MB of float32: RSS per rank)
 
 
 def parse_shape(shape) -> tuple:
@@ -227,7 +227,7 @@ class MLP(Network):
 def network_for(cfg, ds, loss: str, n_out: int) -> Network:
     """The network a run's settings describe for dataset ds and n_out outputs: --arch, else --hidden's MLP."""
     kw = dict(loss=loss, init=cfg.init, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
-    n = ds.X.shape[1]
+    n = ds.n_features
     if not cfg.arch:
         return MLP([n, *cfg.hidden_sizes(), n_out], activation=cfg.activation, **kw)
     shape = cfg.input_shape or ds.shape or n

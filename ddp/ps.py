@@ -209,7 +209,7 @@ class Worker:
     def epoch_sums(self):
         return self.stale[1:]
 
-    def epoch_extra(self, sums, step) -> dict:
+    def epoch_extra(self, sums, step, n_steps) -> dict:
         peaks = self.comm.allgather_obj((self.stale[0], step))
         extra = {"max_staleness": max(p[0] for p in peaks), "mean_staleness": sums[0] / max(sums[1], 1),
                  "last_step": max(p[1] for p in peaks)}
@@ -229,9 +229,9 @@ def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, star
     for srv in range(len(bounds)):                  # the initial shards
         worker.expect(srv, count=False)
     worker.wait()
-    error, stopped, step, epoch, t0 = None, False, start[0], start[1], time.perf_counter()
+    error, stopped, reason, step, epoch, t0 = None, False, None, start[0], start[1], time.perf_counter()
     try:
-        step, epoch, t0, stopped = train_loop(cfg, s, worker, start, {}, reporter, on_step)
+        step, epoch, t0, stopped, reason = train_loop(cfg, s, worker, start, {}, reporter, on_step)
     except TrainingError as e:                      # raised on every worker together: tell the servers
         error = str(e)
     # Shut down: tell every server, then take the final shards, which hold every worker's last update.
@@ -244,7 +244,7 @@ def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, star
         return {"error": error}, traffic
     check_replicas(wcomm, s.model.params, step)
     r = worker.run_stale
-    summary = {**final_metrics(s, wcomm, step=step, epoch=epoch, world_size=world.size, t0=t0),
+    summary = {**final_metrics(s, wcomm, step=step, epoch=epoch, world_size=world.size, t0=t0, stop_reason=reason),
                "max_staleness": r[0], "mean_staleness": r[1] / max(r[2], 1)}
     if stopped:
         summary["stopped_at"] = step

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import sys
+import time
 
 import numpy as np
 
@@ -42,6 +43,11 @@ def metric_name(task: str) -> str:
     return "val_accuracy" if task == "classification" else "val_r2"
 
 
+def reporter_key(cfg: Config, task: str) -> str:
+    """The record's key that --monitor names: what best.npz and early stopping follow."""
+    return "val_loss" if cfg.monitor == "val_loss" else metric_name(task)
+
+
 class Reporter:
     """What rank 0 writes and prints: config.toml, metrics.jsonl, one line per epoch, the progress bar
     (only on a terminal), best.npz, summary.json. Other ranks hold an inactive Reporter."""
@@ -52,7 +58,9 @@ class Reporter:
         self.printing = active
         self.bar = None
         self.best, self.best_step, self.saved_step = None, None, None
+        self.key = reporter_key(cfg, task)          # what best.npz follows
         self.val_losses = []
+        self.history = []                  # every rank's records, for the estimators' loss_curve_
         if self.active:
             os.makedirs(cfg.out, exist_ok=True)
             with open(os.path.join(cfg.out, "config.toml"), "w") as fh:
@@ -65,6 +73,7 @@ class Reporter:
             for rec in kept:
                 self.metrics.write(json.dumps(rec) + "\n")
             self.metrics.flush()
+            self.logger = Logger(cfg.logger, cfg.out, kept)
         if active and cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
@@ -88,9 +97,9 @@ class Reporter:
         return kept
 
     def _consider_best(self, record: dict) -> bool:
-        key = metric_name(self.task)
-        value = record.get(key)
-        if value is None or not math.isfinite(value) or (self.best is not None and value <= self.best):
+        value = record.get(self.key)
+        sign = -1 if self.key == "val_loss" else 1
+        if value is None or not math.isfinite(value) or (self.best is not None and sign * (value - self.best) <= 0):
             return False
         self.best, self.best_step = value, record["step"]
         return True
@@ -102,6 +111,8 @@ class Reporter:
 
     def epoch(self, record: dict):
         """One epoch's record (already reduced over the ranks)."""
+        if not record.get("partial"):
+            self.history.append(record)
         if not self.printing:
             return
         record = finite(record)
@@ -110,6 +121,7 @@ class Reporter:
         if self.active:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
+            self.logger.log(record)
             if not record.get("partial") and self._consider_best(record) and self.saved_step == record["step"]:
                 self._copy_best()
         if not self.cfg.quiet:
@@ -144,6 +156,7 @@ class Reporter:
             self.bar = None
         if self.active and not self.metrics.closed:
             self.metrics.close()
+            self.logger.close()
 
     def print(self, msg: str):
         if not self.printing:
@@ -158,7 +171,7 @@ class Reporter:
         summary = dict(summary)
         summary["config"] = self.cfg.to_dict()
         if self.best_step is not None:
-            summary["best"] = {"step": self.best_step, metric_name(self.task): self.best}
+            summary["best"] = {"step": self.best_step, self.key: self.best}
         restarts = restart_count()
         if restarts:
             summary["restarts"] = restarts
@@ -175,10 +188,53 @@ class Reporter:
         metric = next((k for k in ("test_accuracy", "test_r2") if summary.get(k) is not None), None)
         tail = f", {metric} {summary[metric]:.4f}" if metric else ""
         where = f", outputs in {self.cfg.out}" if self.active else ""
+        extra += f"; {summary['stop_reason']}" if summary.get("stop_reason") else ""
         self.print(f"ddp: done: {summary['steps']} steps, {summary['epochs']} epochs, "
                    f"{summary['elapsed_s']:.1f} s{tail}{extra}{where}")
-        return summary
+        return {**summary, "history": self.history}
 
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def scalars(record: dict) -> dict:
+    """A record's numbers, lists spread out: grad_norms [a, b] -> grad_norms/0, grad_norms/1."""
+    out = {}
+    for k, v in record.items():
+        for name, x in ([(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)]):
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                out[name] = x
+    return out
+
+
+class Logger:
+    """--logger csv: metrics.csv, one row per record and one column per number (rewritten whole each epoch, so
+    a column that appears later gets its header); tensorboard: event files in the run folder (`tensorboard
+    --logdir runs`), each number a scalar at the record's step, by TensorBoard's own writer; none: nothing."""
+
+    def __init__(self, kind: str, out: str, kept: list):
+        self.kind, self.path, self.rows = kind, os.path.join(out, "metrics.csv"), [scalars(r) for r in kept]
+        if kind == "tensorboard":
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            self.writer = EventFileWriter(out)
+
+    def log(self, record):
+        if self.kind == "csv":
+            import csv
+            self.rows.append(scalars(record))
+            with open(self.path + ".tmp", "w", newline="") as fh:
+                w = csv.DictWriter(fh, list(dict.fromkeys(k for r in self.rows for k in r)), lineterminator="\n")
+                w.writeheader()
+                w.writerows(self.rows)
+            os.replace(self.path + ".tmp", self.path)
+        elif self.kind == "tensorboard":
+            from tensorboard.compat.proto.event_pb2 import Event
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            values = [Summary.Value(tag=k, simple_value=v) for k, v in scalars(record).items() if k != "step"]
+            self.writer.add_event(Event(wall_time=time.time(), step=record["step"], summary=Summary(value=values)))
+            self.writer.flush()
+
+    def close(self):
+        if self.kind == "tensorboard":
+            self.writer.close()

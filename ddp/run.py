@@ -28,7 +28,7 @@ def start_run(cfg: Config, comm: Communicator, raw=None):
     """Set-up shared by both modes, agreed by every rank: the data and model built, the checkpoint (if
     resuming) checked against them, then the run folder checked (rank 0) before anything is written.
     Returns (setup, checkpoint or None)."""
-    s = agree(comm, build, cfg, comm.local_rank, raw)
+    s = agree(comm, build, cfg, comm.local_rank, raw, comm)
 
     def load():
         if not cfg.resume:

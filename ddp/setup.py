@@ -8,14 +8,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import backend
-from .comm import Communicator
-from .config import Config
-from .data import Dataset, Standardizer, batch_size_for, load_dataset, split
+from .comm import Communicator, SerialComm
+from .config import FILE_FORMATS, Config
+from .data import Dataset, Standardizer, batch_size_for, fit_scale, load_dataset, load_files, split
 from .errors import UsageError
 from .model import Network, network_for
 from .optim import Schedule, make_optimizer
@@ -41,28 +42,38 @@ def agree(comm: Communicator, fn, *args):
 
 
 def raw_splits(cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
-    """The configured dataset, split into (train, val, test) before any scaling."""
-    ds = load_dataset(cfg.dataset, path=cfg.data_path or None, task=cfg.task, n_samples=cfg.n_samples,
-                      n_features=cfg.n_features, n_classes=cfg.n_classes, seed=cfg.seed)
-    return split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
+    """The configured dataset as (train, val, test) before any scaling: --val-path and --test-path files as
+    they are, and the fractions cut from --data-path only the sets not given."""
+    if cfg.dataset in FILE_FORMATS:
+        ds, val, test = load_files(cfg.dataset, [cfg.data_path, cfg.val_path, cfg.test_path], cfg.task)
+    else:
+        ds, val, test = load_dataset(cfg.dataset, task=cfg.task, n_samples=cfg.n_samples,
+                                     n_features=cfg.n_features, n_classes=cfg.n_classes, seed=cfg.seed), None, None
+    cut = split(ds, 0 if val else cfg.val_fraction, 0 if test else cfg.test_fraction, seed=cfg.seed)
+    return cut[0], cut[1] if val is None else val, cut[2] if test is None else test
 
 
-def load_data(cfg: Config, raw=None):
-    """(train, val, test, Preprocess): standardized with the training set's statistics only.
+def load_data(cfg: Config, raw=None, comm: Communicator | None = None):
+    """(train, val, test, Preprocess): every split scaled, as its rows are read, with the training set's
+    statistics only (data.fit_scale: one pass over the training rows, sharded across the ranks of `comm`).
 
     raw: (train, val, test) Datasets already in memory (ddp.fit), instead of loading cfg.dataset.
     """
-    parts = raw if raw is not None else raw_splits(cfg)
+    comm = comm or SerialComm()
+    files = [p for path in (cfg.data_path, cfg.val_path, cfg.test_path) for p in path.split(",") if os.path.isfile(p)]
+    size = sum(os.path.getsize(p) for p in files) if raw is None else 0
+    if size > 1 << 26 and comm.rank == 0:           # a log is never silent for long before the first epoch
+        print(f"ddp: reading {size / 1e6:,.0f} MB of data ({', '.join(files)})", flush=True)
+    parts = raw if raw is not None else agree(comm, raw_splits, cfg)
     train = parts[0]
-    xs = Standardizer().fit(train.X) if cfg.standardize else Standardizer.from_stats(
-        np.zeros(train.X.shape[1]), np.ones(train.X.shape[1]))
+    xs = fit_scale(train, cfg.scale, comm)
     ys = None
-    if train.task == "regression" and cfg.standardize:
+    if train.task == "regression" and cfg.scale != "none":
         # Targets in their own units (diabetes: ~150) make MSE gradients huge; training on standardized
         # targets keeps one learning rate good for all datasets. R² does not change under this affine map.
         ys = Standardizer().fit(train.y)
     prep = Preprocess(train.task, xs, ys, train.classes)
-    out = tuple(dataclasses.replace(p, X=xs.transform(p.X), y=ys.transform(p.y) if ys else p.y) for p in parts)
+    out = tuple(dataclasses.replace(p, scale=xs, y=ys.transform(p.y) if ys else p.y) for p in parts)
     return (*out, prep)
 
 
@@ -98,18 +109,24 @@ def resolve_loss(cfg: Config, ds: Dataset) -> tuple[str, int]:
 
 
 def fingerprint(ds: Dataset) -> str:
-    """A digest of the training rows: a resumed run must see the data its checkpoint was trained on."""
+    """A digest of the training data: a resumed run must see the data its checkpoint was trained on. Its
+    shape and labels, and up to 8,192 rows spread over it: a changed file is caught without reading it whole."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(np.ascontiguousarray(ds.X).tobytes())
+    h.update(repr((len(ds), ds.data.shape[1:], ds.data.dtype.str)).encode())
+    sample = np.unique(np.linspace(0, len(ds) - 1, 8192).astype(np.int64))
+    for s in range(0, len(sample), 512):
+        h.update(ds.take(sample[s:s + 512]))
     h.update(np.ascontiguousarray(ds.y).tobytes())
     return h.hexdigest()
 
 
-def build(cfg: Config, device_index: int = 0, raw=None) -> Setup:
+def build(cfg: Config, device_index: int = 0, raw=None, comm: Communicator | None = None) -> Setup:
     cfg.validate()
-    train, val, test, prep = load_data(cfg, raw)
+    train, val, test, prep = load_data(cfg, raw, comm)
     bs = batch_size_for(cfg.batch_mode, cfg.batch_size, len(train))
     loss, n_out = resolve_loss(cfg, train)
+    if cfg.early_stopping and not len(val):
+        raise UsageError("--early-stopping needs validation data: --val-fraction > 0 (or X_val, y_val)")
     xp = backend.get_xp(cfg.device)
     if xp is not np:
         backend.use_gpu(device_index % max(backend.gpu_count(), 1))

@@ -47,3 +47,29 @@ def stop_requested(comm: Communicator) -> bool:
     flag = np.array([1.0 if stop else 0.0])
     comm.allreduce_sum(flag)
     return bool(flag[0])
+
+
+class EarlyStopping:
+    """--early-stopping PATIENCE: stop once --monitor has gone PATIENCE epochs without improving by more than
+    --min-delta. It reads only the epoch's record, whose validation figures are reduced over the ranks, so
+    every rank takes the same decision after the same epoch without a message of its own (a decision taken
+    on one rank would leave the others waiting in the next collective)."""
+
+    def __init__(self, cfg, key: str):
+        self.patience, self.delta, self.key = cfg.early_stopping, cfg.min_delta, key
+        self.sign = -1 if key == "val_loss" else 1
+        self.best, self.best_epoch, self.waited, self.reason = None, 0, 0, None
+
+    def __call__(self, record: dict) -> bool:
+        """Whether to stop after this epoch's record."""
+        value = record.get(self.key)
+        if not self.patience or record.get("partial") or value is None:
+            return False
+        if self.best is None or self.sign * (value - self.best) > self.delta:
+            self.best, self.best_epoch, self.waited = value, record["epoch"], 0
+        else:
+            self.waited += 1
+        if self.waited >= self.patience:
+            self.reason = (f"early stopping: {self.key} did not improve by more than {self.delta:g} for "
+                           f"{self.patience} epochs (best {self.best:.4g} at epoch {self.best_epoch})")
+        return self.reason is not None

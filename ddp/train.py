@@ -12,6 +12,7 @@ N ranks compute what one rank computes (tests/mpi proves it to 1e-12).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -32,8 +33,8 @@ from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_
 from .stop import stop_requested
 from .trace import NULL, Tracer
 
-def check_finite(model: Network, loss, step: int) -> float:
-    """Raise if the gradients hold NaN or Inf; return the step's loss as a Python float.
+def check_finite(model: Network, loss, step: int) -> tuple[float, float]:
+    """Raise if the gradients hold NaN or Inf; return the step's loss and gradient norm as Python floats.
 
     The loss and the gradients' squared norm come to the host together, in ONE
     transfer: the step's only wait for the GPU. After the allreduce every rank holds
@@ -46,7 +47,7 @@ def check_finite(model: Network, loss, step: int) -> float:
     if not backend.all_finite(model.grads, sqnorm):
         raise TrainingError(f"gradients became NaN or Inf at step {step + 1}; "
                             f"the loss is {loss:.4g}; try a lower learning rate")
-    return loss
+    return loss, math.sqrt(sqnorm)
 
 
 class Allreduce:
@@ -59,6 +60,7 @@ class Allreduce:
         self.s, self.comm, self.world, self.optimizer, self.dp, self.reporter = s, comm, comm, optimizer, dp, reporter
         self.span = s.model.tracer.span
         self.path = os.path.join(s.cfg.out, CHECKPOINT)
+        self.norm_sum = 0.0                # this epoch's gradient norms, for its record
 
     def denom(self, global_rows: int, my_rows: int) -> int:
         return global_rows                 # a share of the global-batch mean: the allreduce sums the shares
@@ -68,9 +70,10 @@ class Allreduce:
 
     def apply(self, loss, step):
         with self.span("finite check"):
-            loss = check_finite(self.s.model, loss, step)
+            loss, norm = check_finite(self.s.model, loss, step)
         with self.span("optimizer"):
             self.optimizer.step()
+        self.norm_sum += norm
         return loss, True
 
     def save(self, step, position):
@@ -91,8 +94,10 @@ class Allreduce:
     def epoch_sums(self):
         return []
 
-    def epoch_extra(self, sums, step) -> dict:
-        return {}
+    def epoch_extra(self, sums, step, n_steps) -> dict:
+        extra = {"lr": self.optimizer.current_lr(), "grad_norm": self.norm_sum / max(n_steps, 1)}
+        self.norm_sum = 0.0
+        return extra
 
     def end_epoch(self, record, step, position):
         self.reporter.epoch(record)
@@ -142,13 +147,13 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     if cfg.trace:
         tracer.start(comm)
     try:
-        step, epoch, t0, _ = train_loop(cfg, s, Allreduce(s, comm, optimizer, dp, reporter), start,
+        step, epoch, t0, _, reason = train_loop(cfg, s, Allreduce(s, comm, optimizer, dp, reporter), start,
                                         checkpoint_points(cfg, spe, *start)[0], reporter, on_step)
         check_replicas(comm, model.params, step)
     finally:
         reporter.close()
     with tracer.span("evaluate"):
-        summary = final_metrics(s, comm, step=step, epoch=epoch, world_size=comm.size, t0=t0)
+        summary = final_metrics(s, comm, step=step, epoch=epoch, world_size=comm.size, t0=t0, stop_reason=reason)
     if cfg.trace:
         tracer.merge(comm, cfg.trace)
         summary["trace"] = cfg.trace

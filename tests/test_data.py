@@ -9,7 +9,8 @@ import sklearn.datasets
 from sklearn.preprocessing import StandardScaler
 
 from ddp.data import (DATASETS, Dataset, Standardizer, batch_size_for, epoch_batches,
-                      load_dataset, micro_batches, read_idx, shard, split)
+                      load_dataset, micro_batches, shard, split)
+from ddp.formats import read_idx
 from ddp.errors import UsageError
 
 
@@ -191,9 +192,13 @@ def test_read_idx_ubyte_images_and_labels(tmp_path):
     assert np.array_equal(read_idx(str(tmp_path / "lab")), labels)
 
     ds = load_dataset("idx", path=f"{tmp_path / 'img'},{tmp_path / 'lab'}")
-    assert ds.X.shape == (5, 12) and ds.X.dtype == np.float64
-    assert np.allclose(ds.X, images.reshape(5, 12) / 255.0) and 0 <= ds.X.min() <= ds.X.max() <= 1
+    assert isinstance(ds.data, np.memmap) and ds.data.dtype == np.uint8      # left on disk, as stored
+    assert np.array_equal(ds.X, images.reshape(5, 12))
     assert ds.task == "classification" and np.array_equal(ds.y, labels) and ds.n_classes == 3
+    from ddp.config import Config
+    from ddp.setup import load_data
+    train = load_data(Config(scale="auto"), raw=(ds, ds, ds))[0]       # auto: uint8 pixels / 255
+    assert np.array_equal(train.X, images.reshape(5, 12) / 255.0)
 
 
 def test_read_idx_gzip(tmp_path):
@@ -211,7 +216,9 @@ def test_read_idx_other_types(tmp_path, code, fmt, dtype):
         a = a * dtype(0.25)
     write_idx(tmp_path / "a", a, code, fmt)
     got = read_idx(str(tmp_path / "a"))
-    assert got.dtype == dtype and got.dtype.isnative and np.array_equal(got, a)
+    assert got.dtype == np.dtype(dtype).newbyteorder(">") and np.array_equal(got, a)    # the bytes as stored
+    ds = Dataset(got.reshape(2, -1), np.arange(2), "classification", 2, "t")
+    assert ds.take([1, 0]).dtype == dtype and np.array_equal(ds.take([1, 0]), a.reshape(2, -1)[[1, 0]])
 
 
 def test_read_idx_corrupt(tmp_path):
@@ -286,7 +293,7 @@ def test_standardize_uses_train_statistics_only():
     from ddp.config import Config
     from ddp.setup import load_data
     ds = load_dataset("diabetes")
-    ds.X[:, 3] = 7.0  # a constant feature must not divide by zero
+    ds.data[:, 3] = 7.0  # a constant feature must not divide by zero
     train, val, test = split(ds, 0.2, 0.2, seed=0)
     strain, sval, stest, prep = load_data(Config(dataset="diabetes"), raw=(train, val, test))
     assert np.allclose(strain.X.mean(axis=0), 0) and np.allclose(strain.X[:, 3], 0)
@@ -374,3 +381,22 @@ def test_micro_batches():
     assert [len(p) for p in parts] == [1, 1, 0, 0]
     with pytest.raises(UsageError, match="micro-batches 0"):
         micro_batches(idx, 0)
+
+
+def test_csv_keeps_labels_as_written_and_names_what_it_cannot_read(tmp_path):
+    big = 2**53
+    (tmp_path / "big.csv").write_text("".join(f"{i},{big + i % 4}\n" for i in range(40)))
+    ds = load_dataset("csv", path=str(tmp_path / "big.csv"))        # as float64, 2**53 + 1 would be 2**53
+    assert ds.n_classes == 4 and ds.classes.tolist() == [str(big + k) for k in range(4)]
+    (tmp_path / "zeros.csv").write_text("x,label\n" + "".join(f"{i},{'007' if i % 2 else '7'}\n" for i in range(20)))
+    assert load_dataset("csv", path=str(tmp_path / "zeros.csv")).classes.tolist() == ["007", "7"]
+    (tmp_path / "bom.csv").write_text("\ufeff1,2,0\n3,4,1\n5,6,0\n", encoding="utf-8")
+    ds = load_dataset("csv", path=str(tmp_path / "bom.csv"))
+    assert len(ds) == 3 and np.array_equal(ds.X[:, 0], [1, 3, 5])  # no row taken for a header
+    (tmp_path / "ragged.csv").write_text("a,b,y\n1,2,0\n3,4,1\n5,6,7,0\n")
+    with pytest.raises(UsageError, match="line 4: 4 fields"):
+        load_dataset("csv", path=str(tmp_path / "ragged.csv"))
+    (tmp_path / "ids.csv").write_text("".join(f"{i},{i * 0.5},id{i}\n" for i in range(200)))
+    with pytest.raises(UsageError, match="200 distinct labels in 200 rows"):
+        load_dataset("csv", path=str(tmp_path / "ids.csv"))
+    assert load_dataset("csv", path=str(tmp_path / "ids.csv"), task="classification").n_classes == 200

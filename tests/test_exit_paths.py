@@ -49,14 +49,14 @@ def test_simulated_watchdog_names_the_rank_that_has_not_arrived(tmp_path):
 
 def test_debug_nan_is_one_line_without_warnings(tmp_path):
     res = run_cli("train", "--dataset", "diabetes", "--hidden", "32", "--lr", "1e6", "--epochs", "3",
-                  "--no-standardize", "--no-progress", "--debug", "--simulate-ranks", "2", "--out", str(tmp_path))
+                  "--scale", "none", "--no-progress", "--debug", "--simulate-ranks", "2", "--out", str(tmp_path))
     assert res.returncode == 1
     assert res.stderr.splitlines() == ["ddp: error: --debug: rank 0 passes NaN or Inf to allreduce"], res.stderr
 
 
 def test_diverging_run_prints_no_runtime_warning(tmp_path):
     res = run_cli("train", "--dataset", "diabetes", "--hidden", "32", "--lr", "1e6", "--epochs", "3",
-                  "--no-standardize", "--no-progress", "--out", str(tmp_path))
+                  "--scale", "none", "--no-progress", "--out", str(tmp_path))
     assert res.returncode == 1
     assert res.stderr.startswith("ddp: error: gradients became NaN or Inf"), res.stderr
     assert len(res.stderr.splitlines()) == 1, res.stderr
@@ -181,7 +181,7 @@ def test_mpirun_sh_error_on_one_rank(tmp_path, kind, code, line):
 @pytest.mark.mpi
 def test_mpirun_sh_debug_nan_is_one_line(tmp_path):
     rc, _, err = _mpirun_sh(str(tmp_path), ["train", "--dataset", "diabetes", "--hidden", "32", "--lr", "1e6",
-                                            "--epochs", "3", "--no-standardize", "--no-progress", "--debug",
+                                            "--epochs", "3", "--scale", "none", "--no-progress", "--debug",
                                             "--out", str(tmp_path / "o")])
     assert rc == 1
     assert err.splitlines() == ["ddp: error: --debug: rank 0 passes NaN or Inf to allreduce"], err

@@ -287,7 +287,7 @@ def test_mnist_cnn_learns_from_the_idx_files(tmp_path):
     f = mnist_files()
     out = tmp_path / "mnist"
     run(Config(data_path=f"{f['train-images']},{f['train-labels']}", arch="conv:8:3,relu,maxpool:2,flatten,dense:10",
-               standardize=False, optimizer="adam", lr=0.002, batch_size=64, max_steps=150, val_fraction=0.01,
+               optimizer="adam", lr=0.002, batch_size=64, max_steps=150, val_fraction=0.01,
                test_fraction=0.0, progress=False, quiet=True, out=str(out)))
     model = ddp.load(str(out))
     assert model.mlp.input_shape == (1, 28, 28)

@@ -68,7 +68,7 @@ def test_best_checkpoint_survives_a_resume(tmp_path):
 
 # --------------------------------------------------------------------------- a crashed run's folder
 
-CRASH = ["--dataset", "diabetes", "--hidden", "32", "--lr", "1e6", "--epochs", "3", "--no-standardize",
+CRASH = ["--dataset", "diabetes", "--hidden", "32", "--lr", "1e6", "--epochs", "3", "--scale", "none",
          "--no-progress", "--checkpoint-every", "1"]
 
 

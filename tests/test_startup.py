@@ -9,7 +9,7 @@ import pytest
 import sklearn.datasets
 
 from ddp import backend
-from ddp.data import load_bundled
+from ddp.formats import load_bundled
 from helpers import ROOT
 
 

@@ -144,7 +144,7 @@ def test_grad_norms_are_logged_per_layer(tmp_path):
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
     from ddp.errors import TrainingError
-    cfg = cfg_for(tmp_path, dataset="diabetes", hidden="32", lr=1e6, epochs=3, standardize=False)
+    cfg = cfg_for(tmp_path, dataset="diabetes", hidden="32", lr=1e6, epochs=3, scale="none")
     with pytest.raises(TrainingError, match="NaN or Inf"):
         run(cfg)
 

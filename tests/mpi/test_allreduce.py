@@ -140,7 +140,7 @@ def test_debug_mode_names_the_rank_that_differs(comm):
 
 def test_nan_stops_every_rank_at_the_same_step(comm, shared_tmp):
     from ddp.errors import TrainingError
-    cfg = Config(dataset="diabetes", hidden="32", lr=1e6, epochs=3, standardize=False, progress=False,
+    cfg = Config(dataset="diabetes", hidden="32", lr=1e6, epochs=3, scale="none", progress=False,
                  out=os.path.join(shared_tmp, "nan"))
     try:
         run(cfg, comm)
