@@ -112,7 +112,7 @@ def test_simulated_ranks_equal_one_rank(tmp_path, extra):
 def test_ranks_meet_after_every_step_in_library_use(tmp_path, monkeypatch):
     """Without the CLI's SIGTERM handler too, every rank joins a 1-number allreduce right after each step
     (it drains the links before the next step's gradients: see stop.stop_requested)."""
-    from ddp.comm import SimulatedComm
+    from ddp.comm_simulated import SimulatedComm
     events = {0: [], 1: []}
     original = SimulatedComm.iallreduce_sum
 
