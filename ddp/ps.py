@@ -37,19 +37,15 @@ The staleness of a gradient is the server's clock when it is applied minus the s
 received the parameters it was computed on: 0 in sync, at most k under ssp. The replies tell each worker the
 staleness of its pushes; metrics.jsonl records each epoch's max_staleness and mean_staleness.
 
-Output. Rank 0 (server 0) is the one process that writes metrics.jsonl, checkpoint.npz and summary.json and
-shows the progress bar. The first worker sends it each epoch's record, already reduced over the workers. At
-every epoch end the servers gather their shards (parameters and optimizer state) to rank 0, which writes ONE
-checkpoint in allreduce mode's format, so either mode resumes from the other's. In async and ssp modes a
-server steps its optimizer once per worker step: the schedule's length and the checkpoint's `t` count those
-updates (n per step). Every rank returns the same summary. An exception on any rank aborts the job (the CLI
-calls MPI_Abort); NaN in a gradient makes the servers reply FAILED, and every rank raises TrainingError.
+Output. Rank 0 (server 0) alone writes metrics.jsonl, checkpoint.npz and summary.json and shows the progress
+bar; the first worker sends it each epoch's record, reduced over the workers. At the schedule's steps the
+servers gather their shards and optimizer state to rank 0, which writes ONE checkpoint in allreduce mode's
+format (either mode resumes from the other's). Async and ssp servers step once per worker step: the schedule
+and `t` count those updates. NaN in a gradient makes the servers reply FAILED; every rank raises TrainingError.
 
-SIGTERM (the CLI's handler, sync only). A worker that got it sends the servers "stop"; a server that got it,
-or got "stop", replies STOP to every worker for the same step. Every worker gets every server's reply, so
-all of them stop after that step, with no extra message between them. Their "done" says so, the servers
-save a checkpoint at that step, and every rank raises errors.Stopped. Async workers are not in step, so the CLI
-leaves SIGTERM's default there.
+SIGTERM (sync only). A worker that got it sends the servers "stop"; a server that got it, or "stop", replies
+STOP to every worker for the same step, so all of them stop after that step; the servers save a checkpoint
+there and every rank raises errors.Stopped. Async workers are not in step: the CLI leaves SIGTERM's default.
 """
 from __future__ import annotations
 
@@ -67,11 +63,12 @@ from .config import Config
 from .data import shard_range
 from .errors import Stopped, TrainingError, UsageError
 from .evaluate import final_metrics
-from .parallel import check_replicas
-from .report import Reporter
 from .loop import train_loop
+from .parallel import check_replicas, verify_model
+from .report import Reporter
 from .run import finished_summary, start_run
-from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_for, steps_per_epoch, total_steps
+from .setup import (Setup, agree, checkpoint_points, is_finished, make_optimizer_for, position, steps_per_epoch,
+                    total_steps)
 from .stop import got_sigterm
 from .trace import NULL, Tracer
 
@@ -90,12 +87,6 @@ def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
 def is_sync(cfg: Config) -> bool:
     """Bulk synchronous: --consistency sync, or ssp with staleness 0."""
     return cfg.consistency == "sync" or (cfg.consistency == "ssp" and cfg.staleness == 0)
-
-
-def position(spe: int, start: tuple, step: int) -> tuple[int, int]:
-    """(epoch, batch in epoch) as saved at `step`, for a run that started at start = (step, epoch, batch)."""
-    done = step - start[0] + start[2]
-    return start[1] + done // spe, done % spe
 
 
 def _json_bytes(obj) -> np.ndarray:
@@ -127,13 +118,12 @@ class Worker:
     """A full replica that pushes gradient shards to the servers and pulls parameter shards back: a ps
     worker's side of the loop (see loop.py)."""
 
-    def __init__(self, cfg: Config, world: Communicator, wcomm: Communicator, model, bounds, sync: bool):
-        self.cfg, self.world, self.comm, self.tracer, self.identical = cfg, world, wcomm, model.tracer, sync
+    def __init__(self, world: Communicator, wcomm: Communicator, model, bounds, sync: bool):
+        self.world, self.comm, self.model, self.tracer, self.identical = world, wcomm, model, model.tracer, sync
         # Contiguous views of the arenas: the messages read and write the model itself.
         self.params = [model.params[a:b] for a, b in bounds]
         self.grads = [model.grads[a:b] for a, b in bounds]
         self.meta = np.zeros((len(bounds), 3), np.int64)
-        self.model = model
         # Shard s is complete once backward has finished the layer holding its first element.
         self.ready = {}
         for s, (a, _) in enumerate(bounds):
@@ -225,7 +215,7 @@ class Worker:
 
 def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, start, sync: bool, reporter, on_step):
     """A worker: the loop, with push/pull in place of the allreduce. Returns (summary or {"error": ...}, traffic)."""
-    worker = Worker(cfg, world, wcomm, s.model, bounds, sync)
+    worker = Worker(world, wcomm, s.model, bounds, sync)
     for srv in range(len(bounds)):                  # the initial shards
         worker.expect(srv, count=False)
     worker.wait()
@@ -435,11 +425,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     sync = is_sync(cfg)
     s, ckpt = start_run(dataclasses.replace(cfg, device="cpu") if is_server else cfg, comm, raw)
     model = s.model
-    sig = (model.arch, model.input_shape, model.loss_name, model.dtype.name, model.num_params)
-    sigs = comm.allgather_obj(sig)
-    for r, other in enumerate(sigs):
-        if other != sigs[0]:
-            raise RuntimeError(f"rank {r} built model {other}, but rank 0 built {sigs[0]}")
+    verify_model(model, comm)
     if S > model.num_params:
         raise UsageError(f"--servers {S} is more than the model's {model.num_params} parameters")
     bounds = shard_bounds(model.num_params, S)

@@ -175,3 +175,9 @@ def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) 
         epoch, batch = epoch + 1, 0
         points[step] = (epoch, 0)
     return points, step
+
+
+def position(spe: int, start: tuple, step: int) -> tuple[int, int]:
+    """(epoch, batch in epoch) as saved at `step`, for a run that started at start = (step, epoch, batch)."""
+    done = step - start[0] + start[2]
+    return start[1] + done // spe, done % spe
