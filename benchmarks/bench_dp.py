@@ -40,7 +40,8 @@ import common  # noqa: E402  (must come before numpy: pins BLAS to one thread)
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from ddp.comm import WATCHDOG, MPIComm, SerialComm  # noqa: E402
+from ddp.comm import MPIComm, SerialComm  # noqa: E402
+from ddp.watchdog import WATCHDOG  # noqa: E402
 from ddp.model import MLP  # noqa: E402
 from ddp.optim import SGD  # noqa: E402
 from ddp.parallel import DataParallel  # noqa: E402

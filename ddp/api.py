@@ -70,7 +70,12 @@ class Model:
         """The model's outputs (logits, or standardized targets) for raw rows X: (n, n_features)."""
         Xs = self.prep.inputs(X)
         from .backend import to_numpy
-        return to_numpy(self.mlp.forward(Xs)).astype(np.float64)
+        Z = to_numpy(self.mlp.forward(Xs)).astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(Z).all(axis=1))
+        if bad.size:                   # finite inputs, but beyond what the model's float type can carry
+            raise UsageError(f"row {bad[0]} of the inputs overflows the model's {self.mlp.dtype} arithmetic "
+                             f"({bad.size} rows): its values are far outside the training data's range")
+        return Z
 
     def predict(self, X) -> np.ndarray:
         """Labels (classification) or targets in their own units (regression), one per row of X."""
@@ -110,7 +115,7 @@ class Model:
 def load(path: str, device: str = "cpu") -> Model:
     """The model in a checkpoint (checkpoint.npz or best.npz, or a run folder holding checkpoint.npz)."""
     import os
-    if os.path.isdir(path):
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     return _from_checkpoint(load_checkpoint(path), path, device)
 

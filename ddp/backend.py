@@ -97,6 +97,11 @@ def get_array_module(x):
     return np
 
 
+def pointer(x) -> int:
+    """The address of x's first element, on the device or the host."""
+    return x.data.ptr if is_gpu_array(x) else x.ctypes.data
+
+
 def is_gpu_array(x) -> bool:
     return get_array_module(x) is not np
 

@@ -8,22 +8,68 @@ Arrays: layers.i.W and layers.i.b, optimizer.*, step, epoch, batch_in_epoch, rng
 preprocessing data.x_mean, data.x_std (data.y_mean, data.y_std for regression, data.classes for
 classification), layers.k.running_mean/_var for batch norm; config (the resolved configuration) and meta
 (architecture: arch and input_shape, or the MLP's sizes and activation; task, ddp version, data
-fingerprint) as JSON strings. Nothing is pickled: np.load(path, allow_pickle=False) reads it, and every write is
-atomic, so a crash never destroys the previous checkpoint.
+fingerprint) as JSON strings. Nothing is pickled: np.load(path, allow_pickle=False) reads it.
+
+Every file of a run folder is written by write_file: atomic and durable (fsynced, then renamed, then the folder
+fsynced), so after a crash or an I/O error the disk holds the old file or the new one, and a run never reports a
+step it has not made durable.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import numpy as np
 
 from .config import merge_for_resume
-from .errors import UsageError
+from .errors import TrainingError, UsageError, regular_file
 from .version import __version__
 
 CHECKPOINT, BEST = "checkpoint.npz", "best.npz"
 FORMAT = 2                       # checkpoint format: 2 added meta and data.* (preprocessing)
+
+
+class WriteError(TrainingError):
+    """An OSError writing a run's file (disk full, read-only, I/O error): one line, exit 1."""
+
+
+def write_file(path: str, write) -> None:
+    """write(fh) fills a binary file that then replaces `path` atomically and durably. The temporary name
+    is this process's and created exclusively, and rename replaces a symlink rather than writing through it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        sync_folder(folder)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)                 # the partial file must not hold the last free bytes
+        raise write_error(path, e) from None
+
+
+def sync_folder(folder: str) -> None:
+    """A rename is durable only once its folder is."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_error(path: str, e: OSError) -> WriteError:
+    """The line for a failed write: what failed, and the last checkpoint that is safe on disk."""
+    last = os.path.join(os.path.dirname(os.path.abspath(path)), CHECKPOINT)
+    try:
+        with np.load(last, allow_pickle=False) as f:
+            note = f"; the last durable checkpoint is {last} (step {int(f['step'])})"
+    except Exception:
+        note = "; no checkpoint was saved"
+    return WriteError(f"cannot write {path}: {e.strerror or e}{note}")
 
 
 def _json_array(obj) -> np.ndarray:
@@ -32,7 +78,7 @@ def _json_array(obj) -> np.ndarray:
 
 def save_checkpoint(path: str, setup, model_state: dict, opt_state: dict, *, step: int, epoch: int,
                     batch: int) -> None:
-    """Write atomically: a crash mid-write never destroys the previous checkpoint."""
+    """Write atomically and durably (write_file): a crash mid-write never destroys the previous checkpoint."""
     cfg, model = setup.cfg, setup.model
     arrays = dict(model_state)
     arrays.update({f"optimizer.{k}": v for k, v in opt_state.items()})
@@ -60,16 +106,14 @@ def model_arrays(config: dict, meta: dict, prep) -> dict:
 
 
 def write_npz(path: str, arrays: dict) -> None:
-    """Write atomically: a crash mid-write never destroys the previous file."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """Write atomically and durably (write_file): a crash mid-write never destroys the previous file."""
+    write_file(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _json_field(data: dict, key: str, path: str) -> dict:
     try:
         value = json.loads(str(data[key][()]))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         value = None
     if not isinstance(value, dict):
         raise UsageError(f"checkpoint {path}: {key!r} is not a JSON object")
@@ -79,10 +123,13 @@ def _json_field(data: dict, key: str, path: str) -> dict:
 def load_checkpoint(path: str) -> dict:
     """The checkpoint's arrays, checked: every field a ddp checkpoint needs, of the right kind, and finite
     weights (a checkpoint saved after a blow-up must not be resumed or used)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"a checkpoint is a path to an .npz file, got {path!r}")
     if not os.path.exists(path):
         raise UsageError(f"checkpoint {path} not found")
     if os.path.isdir(path):
         raise UsageError(f"checkpoint {path} is a folder; give the .npz file in it, e.g. {os.path.join(path, CHECKPOINT)}")
+    regular_file(path, "checkpoint")
     return read_checkpoint(path, path)
 
 
@@ -103,7 +150,7 @@ def read_checkpoint(source, path: str) -> dict:
         if key in data:
             data[key] = _json_field(data, key, path)
     for key, a in data.items():
-        if key.startswith(("layers.", "optimizer.")) and key != "optimizer.t":
+        if key.startswith(("layers.", "optimizer.", "data.x_", "data.y_")) and key != "optimizer.t":
             if a.dtype.kind != "f":
                 raise UsageError(f"checkpoint {path}: {key} has dtype {a.dtype}, expected floating point")
             if not np.isfinite(a).all():

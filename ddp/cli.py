@@ -19,6 +19,7 @@ rank is left waiting in a collective.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import add_flags, given_settings
@@ -33,6 +34,9 @@ BUILTIN = ("digits", "breast_cancer", "diabetes", "synthetic_classification", "s
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)     # --epoch must not mean --epochs
+
     def error(self, message):
         # argparse prints the whole usage block; a one-line message is easier to act on, and
         # under MPI the guard prints it once for all ranks.
@@ -157,6 +161,9 @@ def cmd_predict(args) -> int:
     import csv
 
     from .api import load, read_rows
+    from .run import refuse_run_file
+    if args.out:
+        refuse_run_file(args.out, "--out")
     model = load(args.checkpoint)
     X, _ = read_rows(args.data_path, model.prep.n_features)
     if args.proba:
@@ -174,6 +181,9 @@ def cmd_predict(args) -> int:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(header)
         w.writerows(rows)
+    except BrokenPipeError:            # `ddp predict ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         raise UsageError(f"cannot write {args.out}: {e.strerror or e}") from None
     finally:

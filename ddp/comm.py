@@ -1,19 +1,18 @@
 """Communicators: one interface, three strategies, chosen by name.
 
     serial     world size 1, no MPI needed
-    mpi        mpi4py's buffer calls (Allreduce, Iallreduce, Bcast) on contiguous arrays
-    simulated  N logical ranks as N threads of one process (see `run_simulated`)
+    mpi        mpi4py's buffer calls (Allreduce, Iallreduce, Bcast, Isend, ...) on contiguous arrays
+    simulated  N logical ranks as N threads of one process (comm_simulated.py)
 
 Array methods take contiguous NumPy or CuPy arrays and work in place; methods
 ending in `_obj` are for small metadata only (they pickle). `debug=True`
 wraps any of them in `DebugComm`, which checks before each collective that
-every rank is making the same call with the same buffer size.
+every rank is making the same call with the same buffer size. Every wait in
+MPI reports to the watchdog from here (`--timeout`).
 """
 from __future__ import annotations
 
 import os
-import threading
-import time
 import traceback
 
 import numpy as np
@@ -21,14 +20,16 @@ import numpy as np
 from . import backend
 from .errors import NonFiniteError, TrainingError, UsageError
 from .launcher import check_launcher, launched, local_position
-from .watchdog import WATCHDOG  # noqa: F401 (ps.py and the benchmarks reach it through the communicators)
+from .watchdog import WATCHDOG
 
 
 class Request:
-    """A pending in-place allreduce. `test()` lets MPI make progress; `wait()` finishes it."""
+    """A pending operation. `test()` lets MPI make progress; `wait()` finishes it; `cancel()` withdraws a
+    receive. `raw`: the mpi4py request, for MPIComm.waitall and waitany."""
 
-    def __init__(self, wait=None, test=None):
-        self._wait, self._test, self.done = wait, test, wait is None
+    def __init__(self, wait=None, test=None, cancel=None, raw=None):
+        self._wait, self._test, self._cancel, self.raw = wait, test, cancel, raw
+        self.done = wait is None
 
     def test(self) -> bool:
         if not self.done and self._test is not None and self._test():
@@ -40,8 +41,19 @@ class Request:
             self._wait()
             self.done = True
 
+    def cancel(self) -> None:
+        if not self.done and self._cancel is not None:
+            self._cancel()
+        self.done = True
+
 
 class Communicator:
+    """Collectives on every communicator. The MPI and simulated ones also have messages between ranks:
+    isend(buf, dest, tag) and irecv(buf, source, tag) return Requests; waitall(requests, op) and
+    waitany(requests, op, detail) -> the index of a completed one (None entries and finished ones are
+    skipped); gatherv(buf, out, counts, root); split(color, key) -> a communicator of the ranks of one
+    color; free(). `op` and `detail()` name the wait in the watchdog's message."""
+
     name = "base"
     rank = 0
     size = 1
@@ -146,14 +158,17 @@ def cuda_aware_mpi() -> bool:
     """Whether the loaded MPI library can read GPU memory directly.
 
     Asks the library itself (MPIX_Query_cuda_support, in Open MPI and MPICH);
-    DDP_CUDA_AWARE=0/1 overrides the answer.
+    DDP_CUDA_AWARE=0/1 overrides the answer (any other value is refused: a wrong "yes" hands device
+    pointers to an MPI that cannot read them).
     """
     import ctypes
     import os
 
     env = os.environ.get("DDP_CUDA_AWARE")
     if env is not None:
-        return env.strip() not in ("0", "", "false", "no")
+        if env.strip() not in ("0", "1"):
+            raise UsageError(f"DDP_CUDA_AWARE must be 0 or 1, got {env!r}")
+        return env.strip() == "1"
     try:
         from mpi4py import MPI  # noqa: F401 (loads libmpi into the process)
         with open("/proc/self/maps") as f:
@@ -200,8 +215,9 @@ class MPIComm(Communicator):
     def gpu_path(self) -> str:
         return "CUDA-aware MPI (device buffers)" if self.cuda_aware else "staged through pinned host buffers"
 
-    def _host_view(self, buf):
-        """(array MPI should use, copy-back or None). Makes GPU buffers safe for MPI."""
+    def _host_view(self, buf, fill=True):
+        """(array MPI should use, copy-back or None). Makes GPU buffers safe for MPI.
+        fill=False: a receive buffer, whose old contents MPI need not see."""
         if not backend.is_gpu_array(buf):
             return buf, None
         # float16 is summed by a Python op (_fp16_sum) that reads HOST memory with
@@ -210,13 +226,14 @@ class MPIComm(Communicator):
         if self.cuda_aware and buf.dtype != np.float16:
             backend.synchronize(buf)       # MPI must not read memory a kernel is still writing
             return buf, None
-        key = (buf.data.ptr, buf.size, buf.dtype.str)
+        key = (backend.pointer(buf), buf.size, buf.dtype.str)
         host = self._staging.get(key)
         if host is None:
             if len(self._staging) >= 64:   # a bound, whatever buffers come: pending copies keep theirs alive
                 self._staging.clear()
             host = self._staging[key] = backend.pinned_empty(buf.shape, buf.dtype)
-        backend.copy_to_host(buf, host)    # blocking, on the stream that wrote buf: no separate sync
+        if fill:                           # blocking, on the stream that wrote buf: no separate sync
+            backend.copy_to_host(buf, host)
         return host, lambda: backend.copy_to_device(host, buf)
 
     def _spec(self, arr):
@@ -269,6 +286,54 @@ class MPIComm(Communicator):
         with WATCHDOG.watch("bcast"):
             return self.comm.bcast(obj, root=root)
 
+    def isend(self, buf, dest, tag):
+        host, _ = self._host_view(buf)
+        raw = self.comm.Isend(host, dest=dest, tag=tag)
+        return Request(raw.Wait, raw.Test, raw=raw)
+
+    def irecv(self, buf, source, tag):
+        host, copy_back = self._host_view(buf, fill=False)
+        raw = self.comm.Irecv(host, source=source, tag=tag)
+
+        def wait():
+            raw.Wait()
+            if copy_back:
+                copy_back()
+
+        def cancel():
+            raw.Cancel()
+            raw.Wait()
+        return Request(wait, raw.Test, cancel, raw)
+
+    def waitall(self, requests, op="waitall"):
+        with WATCHDOG.watch(op):
+            self.MPI.Request.Waitall([r.raw for r in requests if not r.done])
+        for r in requests:
+            r.wait()                       # the copies back to the device
+
+    def waitany(self, requests, op="waitany", detail=None):
+        raws = [self.MPI.REQUEST_NULL if r is None or r.done else r.raw for r in requests]
+        with WATCHDOG.watch(op, detail):
+            i = self.MPI.Request.Waitany(raws)
+        if i == self.MPI.UNDEFINED:
+            return None
+        requests[i].wait()
+        return i
+
+    def gatherv(self, buf, out, counts, root=0):
+        displs = np.cumsum([0, *counts[:-1]]).tolist()
+        with WATCHDOG.watch("gatherv"):
+            if self.rank != root:
+                return self.comm.Gatherv(buf, None, root=root)
+            out[displs[root]:displs[root] + counts[root]] = buf      # a no-op when buf is that slice already
+            self.comm.Gatherv(self.MPI.IN_PLACE, [out, (counts, displs)], root=root)
+
+    def split(self, color, key=0):
+        return MPIComm(self.comm.Split(color, key))
+
+    def free(self):
+        self.comm.Free()
+
     def abort(self, code=1):
         self.comm.Abort(code)
 
@@ -277,138 +342,6 @@ class MPIComm(Communicator):
 
     def at_step(self, step):
         WATCHDOG.step = step
-
-
-# --------------------------------------------------------------------------- simulated
-
-class SimulatedWorld:
-    """State shared by N simulated ranks: one slot per rank and a barrier.
-
-    If any rank fails, `fail()` breaks the barrier so that every other rank
-    raises instead of waiting forever: a simulated job never hangs. A wait
-    longer than `timeout` is a stall: the ranks not waiting at the barrier are
-    known here, and the stall is reported as a TrainingError that names them.
-    """
-
-    def __init__(self, size, timeout=300.0):
-        self.size, self.timeout = size, timeout
-        self.slots = [None] * size
-        self.barrier = threading.Barrier(size)
-        self.waiting = [None] * size       # (op, step) of each rank inside the barrier
-        self.failed = False
-        self.stall = None                  # the message, fixed by the first rank to see the stall
-        self.lock = threading.Lock()
-
-    def fail(self):
-        self.failed = True
-        self.barrier.abort()
-
-
-class SimulatedComm(Communicator):
-    """Rank `rank` of a SimulatedWorld. Reductions add the ranks' buffers in
-    rank order, so every simulated rank gets bitwise the same result."""
-
-    name = "simulated"
-
-    def __init__(self, world: SimulatedWorld, rank: int):
-        self.world, self.rank, self.size, self.local_rank = world, rank, world.size, rank
-        self.step = 0
-
-    def set_timeout(self, seconds):
-        self.world.timeout = seconds
-
-    def at_step(self, step):
-        self.step = step
-
-    def _sync(self, op="barrier"):
-        w = self.world
-        w.waiting[self.rank] = (op, self.step)
-        try:
-            w.barrier.wait(w.timeout)
-        except threading.BrokenBarrierError:
-            if w.failed:
-                raise RuntimeError(f"simulated rank {self.rank}: another rank failed") from None
-            with w.lock:
-                if w.stall is None:
-                    missing = [r for r in range(w.size) if w.waiting[r] is None]
-                    w.stall = (f"rank {self.rank}: no progress for {w.timeout:g} s at step {self.step}, "
-                               f"waiting in {op}; ranks {missing} have not arrived")
-            raise TrainingError(w.stall) from None
-        w.waiting[self.rank] = None     # only after success: a stall must still see who was waiting
-
-    def _exchange(self, value, op):
-        w = self.world
-        w.slots[self.rank] = value
-        self._sync(op)
-        got = list(w.slots)
-        self._sync(op)            # nobody may overwrite a slot before everyone has read it
-        return got
-
-    def iallreduce_sum(self, buf, compress=None):
-        if compress is not None:
-            return _compressed_sum(buf, compress, self.iallreduce_sum)
-        # Ranks may sit on different GPUs: the sum is done on this rank's device, from peer copies.
-        parts = [backend.to_device_of(p, buf) for p in self._exchange(buf.copy(), "allreduce")]
-        total = parts[0].astype(np.float32) if buf.dtype == np.float16 else parts[0].copy()
-        for p in parts[1:]:
-            total += p
-        buf[...] = total
-        return Request()
-
-    def bcast(self, buf, root=0):
-        src = self._exchange(buf.copy() if self.rank == root else None, "bcast")[root]
-        buf[...] = backend.to_device_of(src, buf)
-
-    def barrier(self):
-        self._sync()
-
-    def allgather_obj(self, obj):
-        return self._exchange(obj, "allgather")
-
-    def abort(self, code=1):
-        self.world.fail()
-        raise SystemExit(code)
-
-
-def run_simulated(size, fn, *args, **kwargs):
-    """Run fn(comm, *args, **kwargs) as `size` simulated ranks, one thread each.
-
-    Returns the list of the ranks' return values. The first exception raised
-    by any rank is re-raised here, with the others unblocked.
-    """
-    if size < 1:
-        raise UsageError(f"--simulate-ranks must be >= 1, got {size}")
-    world = SimulatedWorld(size)
-    results, errors = [None] * size, [None] * size
-
-    def body(r):
-        try:
-            results[r] = fn(SimulatedComm(world, r), *args, **kwargs)
-        except BaseException as e:
-            errors[r] = e
-            world.fail()
-
-    # Daemon threads: a rank stuck for good (the watchdog's case) must not keep the process alive.
-    threads = [threading.Thread(target=body, args=(r,), name=f"sim-rank-{r}", daemon=True) for r in range(size)]
-    for t in threads:
-        t.start()
-    deadline = None
-    for t in threads:
-        while t.is_alive() and (deadline is None or time.monotonic() < deadline):
-            t.join(0.05)
-            if deadline is None and world.stall is not None:
-                deadline = time.monotonic() + 1.0   # the others' errors, but not the stuck rank
-    # re-raise the root cause, not the ranks that merely saw the barrier break
-    real = [(r, e) for r, e in enumerate(errors) if e is not None
-            and not (isinstance(e, RuntimeError) and "another rank failed" in str(e))]
-    if real:
-        r, e = real[0]
-        if hasattr(e, "add_note") and not isinstance(e, (UsageError, SystemExit, KeyboardInterrupt)):
-            e.add_note(f"(raised on simulated rank {r})")
-        raise e
-    if any(errors):
-        raise next(e for e in errors if e is not None)
-    return results
 
 
 # --------------------------------------------------------------------------- debug

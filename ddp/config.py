@@ -12,11 +12,12 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 
 from .data import DATASETS, SCALES, infer_format
-from .errors import UsageError
+from .errors import UsageError, regular_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -182,6 +183,9 @@ class Config:
             (self.servers >= 1, f"servers {self.servers} must be >= 1"),
             (1 <= self.n_samples <= MAX_SAMPLES, f"n samples {self.n_samples} must be in 1..{MAX_SAMPLES}"),
             (1 <= self.n_features <= MAX_WIDTH, f"n features {self.n_features} must be in 1..{MAX_WIDTH}"),
+            (self.dataset not in ("synthetic_classification", "synthetic_regression")
+             or 16 * self.n_samples * self.n_features <= memory_bytes(),
+             f"a synthetic dataset of {self.n_samples} x {self.n_features} needs more than this machine's memory"),
             (2 <= self.n_classes <= MAX_WIDTH, f"n classes {self.n_classes} must be in 2..{MAX_WIDTH}"),
             (0 <= self.val_fraction < 1, f"val fraction {self.val_fraction} must be in [0, 1)"),
             (0 <= self.test_fraction < 1, f"test fraction {self.test_fraction} must be in [0, 1)"),
@@ -209,6 +213,11 @@ MAX_SEED = 2**63 - 1            # NumPy seeds are unbounded, but the checkpoint 
 MAX_COUNT = 10**9
 MAX_WIDTH = 1 << 20
 MAX_SAMPLES = 10**8              # synthetic rows: 10^8 x 20 float64 is 16 GB already
+def memory_bytes() -> int:
+    """Sizes are checked as a product against this before anything is allocated."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 MAX_SIMULATED = 64               # each simulated rank is a thread; hundreds only thrash
 
 # On resume the checkpoint's configuration is the base. These settings may differ from it, because they do
@@ -221,7 +230,8 @@ RUN_SETTINGS = frozenset({
 })
 
 
-NOT_INHERITED = frozenset({"max_steps", "resume", "overwrite", "out"})
+# Output paths come only from the command line: a shared checkpoint must not choose where a run writes.
+NOT_INHERITED = frozenset({"max_steps", "resume", "overwrite", "out", "trace"})
 
 
 def flag(name: str) -> str:
@@ -260,6 +270,7 @@ def coerce(name, value, where="config"):
 
 
 def load_toml(path: str) -> dict:
+    regular_file(path, "config file")
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -267,6 +278,8 @@ def load_toml(path: str) -> dict:
         raise UsageError(f"config file {path} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise UsageError(f"config file {path} is nested too deeply") from None
     except UnicodeDecodeError as e:
         raise UsageError(f"config file {path} is not UTF-8 text (byte {e.start}); TOML files must be UTF-8") from None
     except OSError as e:

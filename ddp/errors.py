@@ -1,8 +1,15 @@
 """The exception types that are not bugs: the CLI turns each into one line, without a traceback."""
+import os
 
 
 class UsageError(ValueError):
     """Bad input from the user: a flag, a config value, a dataset or a checkpoint. Exit code 2."""
+
+
+def regular_file(path: str, what: str) -> None:
+    """Refuse a FIFO, a device or a folder before it is opened for reading: a FIFO would hang the run."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f"{what} {path} is not a regular file")
 
 
 class TrainingError(RuntimeError):

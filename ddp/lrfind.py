@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from .comm import Communicator, run_simulated
+from .comm import Communicator
+from .comm_simulated import run_simulated
 from .config import Config
 from .data import epoch_batches, shard
 from .errors import UsageError

@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from . import backend
+from .config import memory_bytes
 from .errors import UsageError
 from .layers import Pass, fmt, make_layer, parse_arch
 from .losses import get_loss
@@ -64,6 +65,9 @@ class Network:
             raise UsageError(f"binary_cross_entropy needs 1 output unit, not {self.n_out}")
         self.layers = [L for L in self.seq if L.shapes]
         n = sum(L.size for L in self.layers)
+        # Sizes from flags or a checkpoint's architecture are checked as a product, before any allocation.
+        if 2 * n * self.dtype.itemsize > memory_bytes():
+            raise UsageError(f"arch {self.arch!r} has {n:,} parameters: more than this machine's memory holds")
         self.params, self.grads = xp.zeros(n, self.dtype), xp.zeros(n, self.dtype)
         offset = 0
         for k, L in enumerate(self.layers):

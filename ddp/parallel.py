@@ -57,22 +57,12 @@ class DataParallel:
                  compress: str | None = None):
         self.model, self.comm = model, comm
         self.overlap, self.compress = overlap, compress
-        self.verify_model()
+        verify_model(model, comm)
         comm.bcast(model.params, root=0)
         self.buckets = make_buckets(model, bucket_bytes) if overlap else []
         self.tracer = model.tracer
         self._by_layer = {i: b for b in self.buckets for i in b.layers}
         self._requests = []
-
-    def verify_model(self):
-        """Every rank must hold the same architecture, or the allreduce would mix
-        unrelated numbers (or hang on different buffer sizes)."""
-        m = self.model
-        sig = (m.arch, m.input_shape, m.loss_name, m.dtype.name, m.num_params)
-        sigs = self.comm.allgather_obj(sig)
-        for r, s in enumerate(sigs):
-            if s != sigs[0]:
-                raise RuntimeError(f"rank {r} built model {s}, but rank 0 built {sigs[0]}")
 
     def _layer_done(self, i):
         b = self._by_layer[i]
@@ -118,6 +108,15 @@ class DataParallel:
 def params_hash(params) -> str:
     """A short digest of the parameters' exact bits, for the replica check."""
     return hashlib.blake2b(backend.to_numpy(params).tobytes(), digest_size=8).hexdigest()
+
+
+def verify_model(m, comm: Communicator) -> None:
+    """Every rank must hold the same architecture, or a reduction would mix unrelated numbers (or hang on
+    different buffer sizes)."""
+    sigs = comm.allgather_obj((m.arch, m.input_shape, m.loss_name, m.dtype.name, m.num_params))
+    for r, s in enumerate(sigs):
+        if s != sigs[0]:
+            raise RuntimeError(f"rank {r} built model {s}, but rank 0 built {sigs[0]}")
 
 
 def check_replicas(comm: Communicator, params, step: int) -> None:

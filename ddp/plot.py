@@ -27,12 +27,26 @@ def read_metrics(run: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
-            except ValueError:
+                rec = json.loads(line)
+            except (ValueError, RecursionError):
                 raise UsageError(f"{path}: line {n} is not JSON") from None
+            if not _is_record(rec):
+                raise UsageError(f"{path}: line {n} is not a ddp epoch record (an epoch number, numbers or null "
+                                 "for the losses and metrics, a list of numbers for grad_norms)")
+            records.append(rec)
     if not records:
         raise UsageError(f"{path} has no epochs yet")
+    if len({len(r["grad_norms"]) for r in records if "grad_norms" in r}) > 1:
+        raise UsageError(f"{path}: grad_norms has a different number of layers from one epoch to another")
     return [r for r in records if not r.get("partial")] or records
+
+
+def _is_record(rec) -> bool:
+    def number(v, null=True):
+        return (v is None and null) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    return (isinstance(rec, dict) and number(rec.get("epoch"), null=False)
+            and all(number(rec.get(k)) for k in ("train_loss", "val_loss", "val_accuracy", "val_r2"))
+            and isinstance(rec.get("grad_norms", []), list) and all(number(v, False) for v in rec.get("grad_norms", [])))
 
 
 def label_of(run: str) -> str:

@@ -12,8 +12,9 @@ own, and take their shard of every global batch exactly as allreduce mode does. 
 gradient shard s to server s and pulls parameter shard s back. A shard is pushed during backward, as soon as
 the layers it covers are done (backward produces the end of the arena first).
 
-Messages are non-blocking buffer sends of contiguous arrays (GPU arrays are staged through pinned host
-memory). Nothing is pickled except a few bytes of JSON for control:
+Messages are the communicator's non-blocking buffer sends of contiguous arrays (the MPI one stages GPU
+arrays through pinned host memory; simulated ranks run ps mode too). Nothing is pickled except a few bytes
+of JSON for control:
 
     worker -> server  TAG_GRAD    gradient shard, model dtype
     worker -> server  TAG_CTRL    JSON bytes: {"kind": "epoch", "record": {...}} (to rank 0), {"kind": "done"}
@@ -36,48 +37,44 @@ The staleness of a gradient is the server's clock when it is applied minus the s
 received the parameters it was computed on: 0 in sync, at most k under ssp. The replies tell each worker the
 staleness of its pushes; metrics.jsonl records each epoch's max_staleness and mean_staleness.
 
-Output. Rank 0 (server 0) is the one process that writes metrics.jsonl, checkpoint.npz and summary.json and
-shows the progress bar. The first worker sends it each epoch's record, already reduced over the workers. At
-every epoch end the servers gather their shards (parameters and optimizer state) to rank 0, which writes ONE
-checkpoint in allreduce mode's format, so either mode resumes from the other's. In async and ssp modes a
-server steps its optimizer once per worker step: the schedule's length and the checkpoint's `t` count those
-updates (n per step). Every rank returns the same summary. An exception on any rank aborts the job (the CLI
-calls MPI_Abort); NaN in a gradient makes the servers reply FAILED, and every rank raises TrainingError.
+Output. Rank 0 (server 0) alone writes metrics.jsonl, checkpoint.npz and summary.json and shows the progress
+bar; the first worker sends it each epoch's record, reduced over the workers. At the schedule's steps the
+servers gather their shards and optimizer state to rank 0, which writes ONE checkpoint in allreduce mode's
+format (either mode resumes from the other's). Async and ssp servers step once per worker step: the schedule
+and `t` count those updates. NaN in a gradient makes the servers reply FAILED; every rank raises TrainingError.
 
-SIGTERM (the CLI's handler, sync only). A worker that got it sends the servers "stop"; a server that got it,
-or got "stop", replies STOP to every worker for the same step. Every worker gets every server's reply, so
-all of them stop after that step, with no extra message between them. Their "done" says so, the servers
-save a checkpoint at that step, and every rank raises errors.Stopped. Async workers are not in step, so the CLI
-leaves SIGTERM's default there.
+SIGTERM (sync only). A worker that got it sends the servers "stop"; a server that got it, or "stop", replies
+STOP to every worker for the same step, so all of them stop after that step; the servers save a checkpoint
+there and every rank raises errors.Stopped. Async workers are not in step: the CLI leaves SIGTERM's default.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 
 import numpy as np
 
-from . import backend
 from .backend import all_finite
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
-from .comm import WATCHDOG, Communicator, DebugComm, MPIComm
+from .comm import Communicator, DebugComm
 from .config import Config
-from .data import epoch_batches, micro_batches, shard, shard_range
+from .data import shard_range
 from .errors import Stopped, TrainingError, UsageError
-from .evaluate import epoch_record, final_metrics
-from .parallel import check_replicas
-from .report import Reporter, reporter_key
+from .evaluate import final_metrics
+from .loop import train_loop
+from .parallel import check_replicas, verify_model
+from .report import Reporter
 from .run import finished_summary, start_run
-from .setup import Setup, agree, is_finished, make_optimizer_for, steps_per_epoch, total_steps
-from .stop import EarlyStopping, got_sigterm
+from .setup import (Setup, agree, checkpoint_points, is_finished, make_optimizer_for, position, steps_per_epoch,
+                    total_steps)
+from .stop import got_sigterm
 from .trace import NULL, Tracer
 
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
 OK, FAILED, STOP = 0, 1, 2     # STOP: this server got SIGTERM (sync only: stop at the end of this step)
-CTRL_BYTES = 1 << 16          # the largest control message (an epoch record is a few hundred bytes)
+CTRL_BYTES = 1 << 14          # every control message is padded to this (an epoch record is a few hundred bytes)
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -87,86 +84,45 @@ def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return [shard_range(n, s, parts) for s in range(parts)]
 
 
-def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) -> tuple[dict, int]:
-    """The steps after which train_allreduce writes a record and a checkpoint, starting from
-    (step, epoch, batch): {step: (epoch, batch_in_epoch) as saved}, and the last step.
-
-    The servers need this to checkpoint at exactly the steps the workers report at, without
-    being told: it is the same loop as train_allreduce's, with the batches only counted.
-    """
-    points = {}
-    every = cfg.checkpoint_every
-    while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
-        n = spe - batch
-        if cfg.max_steps:
-            n = min(n, cfg.max_steps - step)
-        if every:                             # --checkpoint-every inside the epoch (its end is saved anyway)
-            for k in range(step // every + 1, (step + n - 1) // every + 1):
-                points[k * every] = (epoch, batch + k * every - step)
-        step, batch = step + n, batch + n
-        if batch < spe:                       # stopped by --max-steps inside the epoch
-            points[step] = (epoch, batch)
-            break
-        epoch, batch = epoch + 1, 0
-        points[step] = (epoch, 0)
-    return points, step
-
-
 def is_sync(cfg: Config) -> bool:
     """Bulk synchronous: --consistency sync, or ssp with staleness 0."""
     return cfg.consistency == "sync" or (cfg.consistency == "ssp" and cfg.staleness == 0)
 
 
-def position(spe: int, start: tuple, step: int) -> tuple[int, int]:
-    """(epoch, batch in epoch) as saved at `step`, for a run that started at start = (step, epoch, batch)."""
-    done = step - start[0] + start[2]
-    return start[1] + done // spe, done % spe
-
-
 def _json_bytes(obj) -> np.ndarray:
-    data = np.frombuffer(bytearray(json.dumps(obj).encode()), np.uint8)
-    if data.size > CTRL_BYTES:
-        raise RuntimeError(f"control message of {data.size} bytes exceeds {CTRL_BYTES}")
-    return data
+    """A control message: JSON text padded with spaces to CTRL_BYTES, so that a receive needs no count."""
+    text = json.dumps(obj).encode()
+    if len(text) > CTRL_BYTES:
+        raise RuntimeError(f"control message of {len(text)} bytes exceeds {CTRL_BYTES}")
+    return np.frombuffer(bytearray(text.ljust(CTRL_BYTES)), np.uint8)
 
 
 def check_ps(cfg: Config, comm: Communicator) -> None:
     """Reject what ps mode cannot run, with the same message on every rank."""
     S = cfg.servers
-    if cfg.simulate_ranks:
-        raise UsageError("--simulate-ranks does not support --mode ps (servers and workers exchange MPI "
-                         f"messages); launch with mpiexec -n {S + 1} or more instead")
     if S < 1:
         raise UsageError(f"--servers {S} must be >= 1")
     if cfg.staleness < 0:
         raise UsageError(f"--staleness {cfg.staleness} must be >= 0")
     if comm.size < 2:
         raise UsageError(f"ps mode needs at least 2 ranks: {S} server(s) and at least one worker; "
-                         f"launch with mpiexec -n {S + 1} or more")
+                         f"launch with mpiexec -n {S + 1} or more (or --simulate-ranks {S + 1})")
     if S >= comm.size:
         raise UsageError(f"--servers {S} leaves no worker among {comm.size} ranks: use --servers "
                          f"{comm.size - 1} or fewer, or launch with mpiexec -n {S + 1} or more")
-    if getattr(comm, "comm", None) is None:
-        raise UsageError(f"ps mode needs MPI ranks (mpiexec); the {comm.name} communicator has no "
-                         "point-to-point messages")
 
 
 # --------------------------------------------------------------------------- worker
 
 class Worker:
-    """A full replica that pushes gradient shards to the servers and pulls parameter shards back."""
+    """A full replica that pushes gradient shards to the servers and pulls parameter shards back: a ps
+    worker's side of the loop (see loop.py)."""
 
-    def __init__(self, world: MPIComm, model, bounds):
-        self.mpi, self.MPI = world.comm, world.MPI
-        self.tracer = model.tracer
+    def __init__(self, world: Communicator, wcomm: Communicator, model, bounds, sync: bool):
+        self.world, self.comm, self.model, self.tracer, self.identical = world, wcomm, model, model.tracer, sync
+        # Contiguous views of the arenas: the messages read and write the model itself.
         self.params = [model.params[a:b] for a, b in bounds]
         self.grads = [model.grads[a:b] for a, b in bounds]
-        self.staged = backend.is_gpu_array(model.params)
-        if self.staged:         # MPI reads host memory: GPU shards travel through pinned copies
-            self.host_params = [backend.pinned_empty(p.shape, p.dtype) for p in self.params]
-            self.host_grads = [backend.pinned_empty(g.shape, g.dtype) for g in self.grads]
-        else:                   # NumPy shards are contiguous views: MPI uses the arena itself
-            self.host_params, self.host_grads = self.params, self.grads
         self.meta = np.zeros((len(bounds), 3), np.int64)
         # Shard s is complete once backward has finished the layer holding its first element.
         self.ready = {}
@@ -176,23 +132,23 @@ class Worker:
         self.reqs, self.keep = [], []
         self.bytes_sent = self.bytes_received = 0
         self.pull_bytes = sum(p.nbytes for p in self.params)
+        self.told, self.share = False, 1.0
+        self.stale = [0, 0, 0]                     # this epoch's max, sum and count of the replies' staleness
+        self.run_stale = [0, 0.0, 0.0]             # the run's
 
     def expect(self, s: int, count: bool = True) -> None:
         """Post the receives of server s's reply: its parameter shard and its meta."""
-        self.reqs += [self.mpi.Irecv(self.host_params[s], source=s, tag=TAG_PARAMS),
-                      self.mpi.Irecv(self.meta[s], source=s, tag=TAG_META)]
+        self.reqs += [self.world.irecv(self.params[s], s, TAG_PARAMS), self.world.irecv(self.meta[s], s, TAG_META)]
         if count:
-            self.bytes_received += self.host_params[s].nbytes + self.meta[s].nbytes
+            self.bytes_received += self.params[s].nbytes + self.meta[s].nbytes
 
     def push(self, s: int) -> None:
-        with self.tracer.span(f"push to server {s}", "push", bytes=self.host_grads[s].nbytes):
-            if self.staged:     # a blocking copy on the stream that wrote the gradients: no separate sync
-                backend.copy_to_host(self.grads[s], self.host_grads[s])
+        with self.tracer.span(f"push to server {s}", "push", bytes=self.grads[s].nbytes):
             # The reply's receives go up before the gradient leaves. Writing the reply into the arena
             # while backward goes on is safe: backward is done with every layer of shard s.
             self.expect(s)
-            self.reqs.append(self.mpi.Isend(self.host_grads[s], dest=s, tag=TAG_GRAD))
-        self.bytes_sent += self.host_grads[s].nbytes
+            self.reqs.append(self.world.isend(self.grads[s], s, TAG_GRAD))
+        self.bytes_sent += self.grads[s].nbytes
 
     def on_grad(self, layer: int) -> None:
         for s in self.ready.get(layer, ()):
@@ -201,116 +157,85 @@ class Worker:
     def send_ctrl(self, dest: int, obj: dict) -> None:
         data = _json_bytes(obj)
         self.keep.append(data)                     # alive until its send completes
-        self.reqs.append(self.mpi.Isend(data, dest=dest, tag=TAG_CTRL))
+        self.reqs.append(self.world.isend(data, dest, TAG_CTRL))
 
     def wait(self) -> np.ndarray:
         """Finish every pending message; returns the replies' meta, one [clock, staleness, status] per server."""
-        with WATCHDOG.watch("the worker's Waitall for the servers' replies"), \
-                self.tracer.span("pull (wait for the servers' replies)", "pull", bytes=self.pull_bytes):
-            self.MPI.Request.Waitall(self.reqs)
+        with self.tracer.span("pull (wait for the servers' replies)", "pull", bytes=self.pull_bytes):
+            self.world.waitall(self.reqs, "the worker's Waitall for the servers' replies")
         self.reqs, self.keep = [], []
-        if self.staged:
-            for host, dev in zip(self.host_params, self.params):
-                backend.copy_to_device(host, dev)
         return self.meta
 
+    # ---- the loop's side (loop.py)
+    def denom(self, global_rows: int, my_rows: int) -> int:
+        # sync: a share of the global-batch mean, as in allreduce mode; async: this worker's own mean
+        self.share = 1.0 if self.identical else my_rows / global_rows
+        return global_rows if self.identical else max(my_rows, 1)
 
-def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sync: bool, on_step):
-    """The worker's loop: train_allreduce's loop, with push/pull in place of the allreduce.
-    Returns (summary or {"error": ...}, traffic)."""
-    model, train, B = s.model, s.train, s.batch_size
-    xp = model.xp
-    S = len(bounds)
-    worker = Worker(world, model, bounds)
-    for srv in range(S):                            # the initial shards
+    def backward(self, X, y, denom, accumulate, last, rows, step):
+        return self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, rows=rows, step=step,
+                                           on_grad=self.on_grad if last else None)
+
+    def apply(self, loss, step):
+        meta = self.wait()
+        st = meta[:, 1]
+        self.stale = [max(self.stale[0], int(st.max())), self.stale[1] + int(st.sum()), self.stale[2] + len(st)]
+        return float(loss) * self.share, not (meta[:, 2] == FAILED).any()
+
+    def save(self, step, position):
+        pass                                       # the servers save at the same steps
+
+    def stop(self, step, position) -> bool:
+        if not self.identical:
+            return False
+        if (self.meta[:, 2] == STOP).any():        # every worker got the same replies for this step
+            return True
+        if got_sigterm() and not self.told:        # the servers stop everyone at one step
+            for srv in range(len(self.params)):
+                self.send_ctrl(srv, {"kind": "stop"})
+            self.told = True
+        return False
+
+    def epoch_sums(self):
+        return self.stale[1:]
+
+    def epoch_extra(self, sums, step, n_steps) -> dict:
+        peaks = self.comm.allgather_obj((self.stale[0], step))
+        extra = {"max_staleness": max(p[0] for p in peaks), "mean_staleness": sums[0] / max(sums[1], 1),
+                 "last_step": max(p[1] for p in peaks)}
+        r = self.run_stale
+        self.run_stale = [max(r[0], extra["max_staleness"]), r[1] + sums[0], r[2] + sums[1]]
+        self.stale = [0, 0, 0]
+        return extra
+
+    def end_epoch(self, record, step, position):
+        if self.comm.rank == 0:                    # to rank 0 (a server), which writes the records
+            self.send_ctrl(0, {"kind": "epoch", "record": record})
+
+
+def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, start, sync: bool, reporter, on_step):
+    """A worker: the loop, with push/pull in place of the allreduce. Returns (summary or {"error": ...}, traffic)."""
+    worker = Worker(world, wcomm, s.model, bounds, sync)
+    for srv in range(len(bounds)):                  # the initial shards
         worker.expect(srv, count=False)
     worker.wait()
-    y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
-    step, epoch, start_batch = start
-    start_epoch = epoch
-    first_worker = wcomm.rank == 0
-    run_max, run_sum, run_n = 0, 0.0, 0.0
-    error, stopped, told = None, False, False
-    early = EarlyStopping(cfg, reporter_key(cfg, s.prep.task))
-    t0 = time.perf_counter()
-    while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
-        batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
-        nb = start_batch if epoch == start_epoch else 0
-        loss_sum, n_steps, samples, failed = 0.0, 0, 0, False
-        stale_max, stale_sum, stale_n = 0, 0, 0
-        t_epoch = time.perf_counter()
-        while nb < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
-            gb = batches[nb]
-            nb += 1
-            world.at_step(step + 1)
-            local = shard(gb, wcomm.rank, wcomm.size)
-            # sync: a share of the global-batch mean, as in allreduce mode; async: this worker's own mean
-            denom = len(gb) if sync else max(len(local), 1)
-            micro = micro_batches(local, cfg.accumulate)
-            loss = 0.0
-            for j, mb in enumerate(micro):
-                last = j == len(micro) - 1
-                Xb = train.inputs(mb, xp, model.dtype)
-                loss += model.forward_backward(Xb, y_dev[mb], denom=denom, accumulate=j > 0, rows=mb, step=step,
-                                               on_grad=worker.on_grad if last else None)
-            meta = worker.wait()
-            loss = float(loss)                      # the step's one wait for the loss (the pushes wait too)
-            step += 1
-            n_steps += 1
-            samples += len(gb)
-            loss_sum += loss if sync else loss * len(local) / len(gb)
-            stale_max = max(stale_max, int(meta[:, 1].max()))
-            stale_sum += int(meta[:, 1].sum())
-            stale_n += S
-            if (meta[:, 2] == FAILED).any():
-                failed = True
-                break
-            if sync and cfg.check_every and step % cfg.check_every == 0:
-                check_replicas(wcomm, model.params, step)
-            if on_step is not None:
-                on_step(step, model, wcomm)
-            if sync and (meta[:, 2] == STOP).any():   # every worker got the same replies for this step
-                stopped = True
-                break
-            if sync and got_sigterm() and not told:   # the servers stop everyone at one step
-                for srv in range(S):
-                    worker.send_ctrl(srv, {"kind": "stop"})
-                told = True
-        finished_epoch = nb >= len(batches)
-        elapsed_epoch = time.perf_counter() - t_epoch
-        # Every worker reaches this point, failed or not, so the verdict below is collective.
-        tot = np.array([loss_sum, float(failed), stale_sum, stale_n])
-        wcomm.allreduce_sum(tot)
-        peaks = wcomm.allgather_obj((stale_max, step))
-        if tot[1]:
-            error = (f"gradients became NaN or Inf by step {max(p[1] for p in peaks)}; lower the learning "
-                     f"rate (now {cfg.lr:g}, {model.dtype.name})")
-            break
-        record = epoch_record(model, s.val, wcomm, epoch=epoch, step=step, loss_sum=tot[0], n_steps=n_steps,
-                              samples=samples, seconds=elapsed_epoch, t0=t0, finished=finished_epoch,
-                              max_staleness=max(p[0] for p in peaks), mean_staleness=tot[2] / max(tot[3], 1))
-        run_max, run_sum, run_n = max(run_max, record["max_staleness"]), run_sum + tot[2], run_n + tot[3]
-        if not math.isfinite(record["train_loss"]):
-            error = f"training loss became {record['train_loss']} in epoch {epoch + 1}"
-            break
-        if first_worker:
-            worker.send_ctrl(0, {"kind": "epoch", "record": record})
-        if finished_epoch:
-            epoch, nb = epoch + 1, 0
-        if stopped or not finished_epoch or early(record):    # every worker holds the same record
-            break
+    error, stopped, reason, step, epoch, t0 = None, False, None, start[0], start[1], time.perf_counter()
+    try:
+        step, epoch, t0, stopped, reason = train_loop(cfg, s, worker, start, {}, reporter, on_step)
+    except TrainingError as e:                      # raised on every worker together: tell the servers
+        error = str(e)
     # Shut down: tell every server, then take the final shards, which hold every worker's last update.
-    for srv in range(S):
+    for srv in range(len(bounds)):
         worker.send_ctrl(srv, {"kind": "done", "stopped": stopped})
         worker.expect(srv, count=False)
     worker.wait()
     traffic = (worker.bytes_sent, worker.bytes_received)
     if error is not None:
         return {"error": error}, traffic
-    check_replicas(wcomm, model.params, step)
-    summary = {**final_metrics(s, wcomm, step=step, epoch=epoch, world_size=world.size, t0=t0,
-                               stop_reason=early.reason),
-               "max_staleness": run_max, "mean_staleness": run_sum / max(run_n, 1)}
+    check_replicas(wcomm, s.model.params, step)
+    r = worker.run_stale
+    summary = {**final_metrics(s, wcomm, step=step, epoch=epoch, world_size=world.size, t0=t0, stop_reason=reason),
+               "max_staleness": r[0], "mean_staleness": r[1] / max(r[2], 1)}
     if stopped:
         summary["stopped_at"] = step
     return summary, traffic
@@ -321,9 +246,10 @@ def _work(cfg: Config, s, world: MPIComm, wcomm: Communicator, bounds, start, sy
 class Server:
     """Owns one shard of the arena and its optimizer, and answers the workers' pushes."""
 
-    def __init__(self, setup: Setup, world: MPIComm, scomm, optimizer, bounds, workers: list[int], *,
-                 sync: bool, staleness: int | None, start: tuple, spe: int, points: dict, reporter: Reporter):
-        self.setup, self.cfg, self.mpi, self.MPI, self.scomm = setup, setup.cfg, world.comm, world.MPI, scomm
+    def __init__(self, setup: Setup, world: Communicator, scomm: Communicator, optimizer, bounds,
+                 workers: list[int], *, sync: bool, staleness: int | None, start: tuple, spe: int, points: dict,
+                 reporter: Reporter):
+        self.setup, self.cfg, self.world, self.scomm = setup, setup.cfg, world, scomm
         self.model, self.opt, self.bounds, self.workers = setup.model, optimizer, bounds, workers
         model = setup.model
         self.tracer = model.tracer
@@ -340,8 +266,7 @@ class Server:
         self.clock = np.zeros(n, np.int64)         # steps each worker has pushed
         self.released = np.zeros(n, np.int64)      # the server clock when each worker got its shard
         self.staleness = np.zeros(n, np.int64)     # of each worker's last applied gradient
-        self.grad_reqs = [self.MPI.REQUEST_NULL] * n
-        self.ctrl_reqs = [self.MPI.REQUEST_NULL] * n
+        self.grad_reqs, self.ctrl_reqs = [None] * n, [None] * n
         self.sends = [[] for _ in range(n)]
         self.deferred, self.arrived, self.failed = set(), 0, False
         self.stopping = False                      # sync: reply STOP (a SIGTERM here, or a worker's "stop")
@@ -352,21 +277,21 @@ class Server:
         return int(self.clock.min())
 
     def serve(self) -> None:
-        MPI, n = self.MPI, len(self.workers)
+        n = len(self.workers)
         for w in range(n):
             self._post_ctrl(w)
             self.reply(w, count=False)             # the initial shard
-        done, stopped, status = [False] * n, False, MPI.Status()
+        done, stopped = [False] * n, False
         while not all(done):
-            with WATCHDOG.watch("the server's Waitany for gradients", self._laggards), \
-                    self.tracer.span("wait for gradients", "wait"):
-                i = MPI.Request.Waitany(self.grad_reqs + self.ctrl_reqs, status)
+            with self.tracer.span("wait for gradients", "wait"):
+                i = self.world.waitany(self.grad_reqs + self.ctrl_reqs, "the server's Waitany for gradients",
+                                       self._laggards)
             if i < n:
                 self.bytes_received += self.grad_in[i].nbytes
                 self.on_grad(i)
                 continue
             w = i - n
-            msg = json.loads(self.ctrl_in[w][:status.Get_count(MPI.BYTE)].tobytes())
+            msg = json.loads(self.ctrl_in[w].tobytes())
             if msg["kind"] == "done":
                 done[w] = True
                 stopped = stopped or msg.get("stopped", False)
@@ -377,12 +302,10 @@ class Server:
                 self.reporter.epoch(msg["record"])
                 self._post_ctrl(w)
         for r in self.grad_reqs:                   # the receive each worker's last reply posted
-            if r != MPI.REQUEST_NULL:
-                r.Cancel()
-                r.Wait()
+            r.cancel()
         for w in range(n):                         # the final shard
             self.reply(w, more=False, count=False)
-        MPI.Request.Waitall([r for rs in self.sends for r in rs])
+        self.world.waitall([r for rs in self.sends for r in rs])
         step = self.start[0] + self.gclock
         if stopped and step not in self.points:    # a stop for SIGTERM between the planned checkpoints
             self.points[step] = position(self.spe, self.start, step)
@@ -393,11 +316,11 @@ class Server:
         return f"workers {behind} have not pushed step {self.start[0] + self.gclock + 1}"
 
     def _post_ctrl(self, w):
-        self.ctrl_reqs[w] = self.mpi.Irecv(self.ctrl_in[w], source=self.workers[w], tag=TAG_CTRL)
+        self.ctrl_reqs[w] = self.world.irecv(self.ctrl_in[w], self.workers[w], TAG_CTRL)
 
     def reply(self, w: int, more: bool = True, count: bool = True) -> None:
         """Send worker w the current shard and meta; `more`: repost the receive of its next push."""
-        self.MPI.Request.Waitall(self.sends[w])
+        self.world.waitall(self.sends[w])
         if self.out is None:
             buf = self.params
         else:
@@ -408,9 +331,8 @@ class Server:
         self.released[w] = g
         dest = self.workers[w]
         if more:
-            self.grad_reqs[w] = self.mpi.Irecv(self.grad_in[w], source=dest, tag=TAG_GRAD)
-        self.sends[w] = [self.mpi.Isend(buf, dest=dest, tag=TAG_PARAMS),
-                         self.mpi.Isend(self.meta_out[w], dest=dest, tag=TAG_META)]
+            self.grad_reqs[w] = self.world.irecv(self.grad_in[w], dest, TAG_GRAD)
+        self.sends[w] = [self.world.isend(buf, dest, TAG_PARAMS), self.world.isend(self.meta_out[w], dest, TAG_META)]
         if count:
             self.bytes_sent += buf.nbytes + self.meta_out[w].nbytes
 
@@ -427,7 +349,7 @@ class Server:
     def on_grad(self, w: int) -> None:
         before = self.gclock
         self.clock[w] += 1
-        WATCHDOG.step = self.start[0] + self.gclock
+        self.world.at_step(self.start[0] + self.gclock)
         if w == 0:
             self._tick()
         if self.sync:
@@ -439,7 +361,7 @@ class Server:
             g[...] = self.grad_in[0]
             for x in self.grad_in[1:]:
                 g += x
-            self.MPI.Request.Waitall([r for rs in self.sends for r in rs])   # they read self.params
+            self.world.waitall([r for rs in self.sends for r in rs])   # they read self.params
             self.apply()
             self.stopping = self.stopping or got_sigterm()    # once per step: every worker gets the same
             for u in range(len(self.workers)):
@@ -470,19 +392,15 @@ class Server:
         state to rank 0 and write one full checkpoint in allreduce mode's format."""
         if step not in self.points:
             return
-        MPI, root = self.MPI, self.scomm.Get_rank() == 0
+        root = self.scomm.rank == 0
         counts = [b - a for a, b in self.bounds]
-        displs = [a for a, _ in self.bounds]
-        full = self.model.params                   # rank 0's own shard is already in place
-        with WATCHDOG.watch("the servers' checkpoint Gatherv"), self.tracer.span("checkpoint"):
-            self.scomm.Gatherv(MPI.IN_PLACE if root else self.params,
-                               [full, (counts, displs)] if root else None, root=0)
+        with self.tracer.span("checkpoint"):
+            self.scomm.gatherv(self.params, self.model.params if root else None, counts)
             state = {}
             for name in self.opt.state_names:
                 mine = getattr(self.opt, name)
-                whole = np.empty(full.size, mine.dtype) if root else None
-                self.scomm.Gatherv(mine, [whole, (counts, displs)] if root else None, root=0)
-                state[name] = whole
+                state[name] = np.empty(self.model.num_params, mine.dtype) if root else None
+                self.scomm.gatherv(mine, state[name], counts)
         if root and self.reporter.active:
             state["t"] = np.array(self.opt.t, np.int64)
             epoch, batch = self.points[step]
@@ -502,17 +420,12 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     cfg.validate()
     check_ps(cfg, comm)
     comm.set_timeout(cfg.timeout)
-    world = comm.inner if isinstance(comm, DebugComm) else comm
     S, P = cfg.servers, comm.size
     is_server = comm.rank < S
     sync = is_sync(cfg)
     s, ckpt = start_run(dataclasses.replace(cfg, device="cpu") if is_server else cfg, comm, raw)
     model = s.model
-    sig = (model.arch, model.input_shape, model.loss_name, model.dtype.name, model.num_params)
-    sigs = comm.allgather_obj(sig)
-    for r, other in enumerate(sigs):
-        if other != sigs[0]:
-            raise RuntimeError(f"rank {r} built model {other}, but rank 0 built {sigs[0]}")
+    verify_model(model, comm)
     if S > model.num_params:
         raise UsageError(f"--servers {S} is more than the model's {model.num_params} parameters")
     bounds = shard_bounds(model.num_params, S)
@@ -524,7 +437,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         start = (int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]))
         if is_finished(cfg, start[0], start[1]):
             return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
-    part = world.comm.Split(0 if is_server else 1, comm.rank)   # the servers; the workers
+    part = comm.split(0 if is_server else 1, comm.rank)   # the servers; the workers
 
     optimizer = None
     if is_server:
@@ -533,8 +446,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         # it); async servers take one optimizer step per worker step.
         updates = 1 if sync else n_workers
         optimizer = make_optimizer_for(cfg, model.params[a:b], model.grads[a:b], cfg.epochs * spe * updates)
-        with WATCHDOG.watch("bcast"):
-            part.Bcast(model.params, root=0)       # rank 0's initial weights, not equal seeds
+        part.bcast(model.params, root=0)           # rank 0's initial weights, not equal seeds
     if ckpt is not None:                           # each server loads its slice; every rank agrees it worked
         agree(comm, lambda: restore(ckpt, model, optimizer, cfg.resume, (a, b)) if is_server else None)
     points, _ = checkpoint_points(cfg, spe, *start)
@@ -559,25 +471,24 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         tracer.start(comm)
     try:
         if is_server:
-            server = Server(s, world, part, optimizer, bounds, list(range(S, P)), sync=sync,
+            server = Server(s, comm, part, optimizer, bounds, list(range(S, P)), sync=sync,
                             staleness=None if cfg.consistency == "async" else cfg.staleness,
                             start=start, spe=spe, points=points, reporter=reporter)
             server.serve()
             result, traffic = None, (server.bytes_sent, server.bytes_received)
         else:
-            wcomm = MPIComm(part)
-            result, traffic = _work(cfg, s, world, DebugComm(wcomm) if cfg.debug else wcomm, bounds, start,
-                                    sync, on_step)
+            result, traffic = _work(cfg, s, comm, DebugComm(part) if cfg.debug else part, bounds, start,
+                                    sync, reporter, on_step)
     finally:
         reporter.close()
     summary = comm.bcast_obj(result, root=S)       # the first worker's summary, to every rank
     traffic = comm.allgather_obj(traffic)
-    part.Free()
+    part.free()
     if "error" in summary:
         raise TrainingError(summary["error"])
     if "stopped_at" in summary:                    # the servers saved the checkpoint at that step
         raise Stopped.at(summary["stopped_at"], os.path.join(cfg.out, CHECKPOINT), reporter.active)
-    world.bcast(model.params, root=S)              # the final weights, so every rank returns the same model
+    comm.bcast(model.params, root=S)              # the final weights, so every rank returns the same model
     summary.update({"mode": "ps", "servers": S, "workers": n_workers, "consistency": cfg.consistency,
                     "staleness_bound": cfg.staleness if cfg.consistency == "ssp" else None,
                     "model_bytes": model.params.nbytes,

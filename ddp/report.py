@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 
-from .checkpoint import BEST, CHECKPOINT
+from .checkpoint import BEST, CHECKPOINT, write_error, write_file
 from .config import Config, to_toml
+from .lock import unlock
 
 RISE = 2.0                       # a final validation loss this many times the first one earns a warning
 
@@ -63,16 +64,14 @@ class Reporter:
         self.history = []                  # every rank's records, for the estimators' loss_curve_
         if self.active:
             os.makedirs(cfg.out, exist_ok=True)
-            with open(os.path.join(cfg.out, "config.toml"), "w") as fh:
-                fh.write(to_toml(cfg))
+            write_file(os.path.join(cfg.out, "config.toml"), lambda fh: fh.write(to_toml(cfg).encode()))
             self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
             kept = self._kept_records(resume_step) if resume_step is not None else []
             for rec in kept:
                 self._consider_best(rec)
-            self.metrics = open(self.metrics_path, "w")
-            for rec in kept:
-                self.metrics.write(json.dumps(rec) + "\n")
-            self.metrics.flush()
+            write_file(self.metrics_path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+            # Appended to, never through a symlink; each record is fsynced before its line is printed.
+            self.metrics = os.fdopen(os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "a")
             self.logger = Logger(cfg.logger, cfg.out, kept)
         if active and cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -119,8 +118,12 @@ class Reporter:
         if record.get("val_loss") is not None and not record.get("partial"):
             self.val_losses.append((record["epoch"], record["val_loss"]))
         if self.active:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            try:
+                self.metrics.write(json.dumps(record) + "\n")
+                self.metrics.flush()
+                os.fsync(self.metrics.fileno())
+            except OSError as e:
+                raise write_error(self.metrics_path, e) from None
             self.logger.log(record)
             if not record.get("partial") and self._consider_best(record) and self.saved_step == record["step"]:
                 self._copy_best()
@@ -145,10 +148,8 @@ class Reporter:
             self._copy_best()
 
     def _copy_best(self):
-        src, dst = os.path.join(self.cfg.out, CHECKPOINT), os.path.join(self.cfg.out, BEST)
-        tmp = dst + ".tmp.npz"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with open(os.path.join(self.cfg.out, CHECKPOINT), "rb") as src:
+            write_file(os.path.join(self.cfg.out, BEST), lambda fh: shutil.copyfileobj(src, fh))
 
     def close(self):
         if self.bar is not None:
@@ -182,9 +183,13 @@ class Reporter:
             if last > RISE * first:
                 self.print(f"ddp: warning: validation loss rose from {first:.4g} (epoch {e0}) to {last:.4g} "
                            f"(epoch {e1}): the learning rate may be too high, or the model overfits")
+        if summary.get("healthy") is False:
+            self.print("ddp: warning: the final validation metric is no better than predicting the majority class "
+                       "(or the mean): the model has not learned; check --lr and the data")
         if self.active:
-            with open(os.path.join(self.cfg.out, "summary.json"), "w") as fh:
-                json.dump(summary, fh, indent=1)
+            write_file(os.path.join(self.cfg.out, "summary.json"),
+                       lambda fh: fh.write(json.dumps(summary, indent=1).encode()))
+            unlock(self.cfg.out)
         metric = next((k for k in ("test_accuracy", "test_r2") if summary.get(k) is not None), None)
         tail = f", {metric} {summary[metric]:.4f}" if metric else ""
         where = f", outputs in {self.cfg.out}" if self.active else ""
@@ -222,12 +227,13 @@ class Logger:
     def log(self, record):
         if self.kind == "csv":
             import csv
+            import io
             self.rows.append(scalars(record))
-            with open(self.path + ".tmp", "w", newline="") as fh:
-                w = csv.DictWriter(fh, list(dict.fromkeys(k for r in self.rows for k in r)), lineterminator="\n")
-                w.writeheader()
-                w.writerows(self.rows)
-            os.replace(self.path + ".tmp", self.path)
+            text = io.StringIO()
+            w = csv.DictWriter(text, list(dict.fromkeys(k for r in self.rows for k in r)), lineterminator="\n")
+            w.writeheader()
+            w.writerows(self.rows)
+            write_file(self.path, lambda fh: fh.write(text.getvalue().encode()))
         elif self.kind == "tensorboard":
             from tensorboard.compat.proto.event_pb2 import Event
             from tensorboard.compat.proto.summary_pb2 import Summary

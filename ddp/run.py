@@ -9,7 +9,8 @@ Everything a run writes lives in its folder (--out): config.toml, metrics.jsonl,
 summary.json. A checkpoint is self-contained: weights, optimizer state, position in the data, the resolved
 configuration, and the preprocessing (input standardization, target standardization, the class labels as
 they appeared in the data), so `ddp.load` can use the model on raw rows. It loads with allow_pickle=False.
-Only rank 0 writes. A folder that holds a run is never overwritten unless asked (--resume, --overwrite).
+Only rank 0 writes. A folder that holds any run file is a run: never overwritten unless asked (--resume,
+--overwrite). A run holds its folder's lock (lock.py) until it ends.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .checkpoint import BEST, CHECKPOINT, check_resume, load_checkpoint, saved_c
 from .comm import Communicator
 from .config import Config, merge_for_resume
 from .errors import UsageError
+from .lock import LOCK, lock
 from .report import restart_count
 from .setup import agree, build
 
@@ -67,11 +69,18 @@ def resolve_config(given: dict) -> Config:
     return Config(**values).validate()
 
 
+RUN_FILES = (CHECKPOINT, BEST, "metrics.jsonl", "summary.json", "config.toml")
+
+
+def run_files(out: str) -> list[str]:
+    return [os.path.join(out, n) for n in RUN_FILES if os.path.lexists(os.path.join(out, n))]
+
+
 def auto_out(cfg: Config) -> str:
     """runs/DATASET, or the first runs/DATASET-N that holds no run yet."""
     base = os.path.join("runs", cfg.dataset)
     n, path = 1, base
-    while os.path.exists(os.path.join(path, CHECKPOINT)):
+    while run_files(path):
         n += 1
         path = f"{base}-{n}"
     return path
@@ -92,22 +101,26 @@ def prepare_out(cfg: Config) -> None:
     out = cfg.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file, not a folder")
-    ckpt = os.path.join(out, CHECKPOINT)
-    if os.path.exists(ckpt) and not cfg.resume and not cfg.overwrite:
-        raise UsageError(f"{out} already holds a run ({ckpt}); continue it with --resume {ckpt}, replace it "
-                         "with --overwrite, or choose another --out")
+    if cfg.trace:
+        refuse_run_file(cfg.trace, "--trace")
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".ddp-write-test-{os.getpid()}")
-        with open(probe, "w") as fh:
-            fh.write("x")
-        os.remove(probe)
+        lock(out)                                  # also the proof that the folder is writable
     except OSError as e:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    held, ckpt = run_files(out), os.path.join(out, CHECKPOINT)
+    if held and not cfg.resume and not cfg.overwrite:
+        raise UsageError(f"{out} already holds a run ({held[0]}); continue it with --resume {ckpt}, replace it "
+                         "with --overwrite, or choose another --out")
     if cfg.overwrite and not cfg.resume:
-        for name in (CHECKPOINT, BEST, "metrics.jsonl", "summary.json"):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
+        for path in held:
+            os.remove(path)
+
+
+def refuse_run_file(path: str, flag: str) -> None:
+    """An output path of a command must not replace a model or a run's file."""
+    if os.path.basename(path) in RUN_FILES + (LOCK,) or (path.endswith(".npz") and os.path.lexists(path)):
+        raise UsageError(f"{flag} {path} would overwrite a run's file or a model; choose another path")
 
 
 def finished_summary(cfg: Config, step: int, epoch: int, reporter_active: bool) -> dict:

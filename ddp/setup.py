@@ -153,3 +153,31 @@ def total_steps(cfg: Config, n: int, batch_size: int) -> int:
 
 def is_finished(cfg: Config, step: int, epoch: int) -> bool:
     return epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
+
+
+def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) -> tuple[dict, int]:
+    """The checkpoint schedule, computed once for every mode: the steps after which the loop (loop.py) writes a
+    checkpoint, starting from (step, epoch, batch): {step: (epoch, batch_in_epoch) as saved}, and the last step.
+    The ps servers checkpoint at exactly these steps without being told."""
+    points = {}
+    every = cfg.checkpoint_every
+    while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
+        n = spe - batch
+        if cfg.max_steps:
+            n = min(n, cfg.max_steps - step)
+        if every:                             # --checkpoint-every inside the epoch (its end is saved anyway)
+            for k in range(step // every + 1, (step + n - 1) // every + 1):
+                points[k * every] = (epoch, batch + k * every - step)
+        step, batch = step + n, batch + n
+        if batch < spe:                       # stopped by --max-steps inside the epoch
+            points[step] = (epoch, batch)
+            break
+        epoch, batch = epoch + 1, 0
+        points[step] = (epoch, 0)
+    return points, step
+
+
+def position(spe: int, start: tuple, step: int) -> tuple[int, int]:
+    """(epoch, batch in epoch) as saved at `step`, for a run that started at start = (step, epoch, batch)."""
+    done = step - start[0] + start[2]
+    return start[1] + done // spe, done % spe

@@ -18,6 +18,8 @@ import json
 import os
 import time
 
+from .checkpoint import write_file
+
 
 class _Nothing:
     __slots__ = ()
@@ -102,8 +104,5 @@ class Tracer:
         if comm.rank != 0:
             return
         events = [e for text in every for e in json.loads(text)]
-        tmp = path + ".tmp"
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w") as fh:
-            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, fh)
-        os.replace(tmp, path)
+        write_file(path, lambda fh: fh.write(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}).encode()))

@@ -14,26 +14,24 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import numpy as np
 
 from . import backend
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
-from .comm import Communicator, DebugComm, SerialComm, run_simulated
+from .comm import Communicator, DebugComm, SerialComm
+from .comm_simulated import run_simulated
 from .config import Config
-from .data import epoch_batches, micro_batches, shard
 from .errors import Stopped, TrainingError, UsageError
-from .evaluate import epoch_record, final_metrics
+from .evaluate import final_metrics
 from .model import Network
 from .parallel import DataParallel, check_replicas
-from .report import Reporter, reporter_key
+from .report import Reporter
 from .run import finished_summary, start_run
-from .setup import Setup, agree, is_finished, make_optimizer_for, steps_per_epoch, total_steps
-from .stop import EarlyStopping, stop_requested
+from .loop import train_loop
+from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_for, steps_per_epoch, total_steps
+from .stop import stop_requested
 from .trace import NULL, Tracer
-
-# --------------------------------------------------------------------------- the loop
 
 def check_finite(model: Network, loss, step: int) -> tuple[float, float]:
     """Raise if the gradients hold NaN or Inf; return the step's loss and gradient norm as Python floats.
@@ -52,6 +50,60 @@ def check_finite(model: Network, loss, step: int) -> tuple[float, float]:
     return loss, math.sqrt(sqnorm)
 
 
+class Allreduce:
+    """Allreduce mode's side of the loop (see loop.py): gradients summed in buckets during backward, then
+    the same finite check and optimizer step on every rank; rank 0 writes records and checkpoints."""
+
+    identical = True
+
+    def __init__(self, s: Setup, comm: Communicator, optimizer, dp: DataParallel, reporter: Reporter):
+        self.s, self.comm, self.world, self.optimizer, self.dp, self.reporter = s, comm, comm, optimizer, dp, reporter
+        self.span = s.model.tracer.span
+        self.path = os.path.join(s.cfg.out, CHECKPOINT)
+        self.norm_sum = 0.0                # this epoch's gradient norms, for its record
+
+    def denom(self, global_rows: int, my_rows: int) -> int:
+        return global_rows                 # a share of the global-batch mean: the allreduce sums the shares
+
+    def backward(self, X, y, denom, accumulate, last, rows, step):
+        return self.dp.forward_backward(X, y, denom=denom, accumulate=accumulate, sync=last, rows=rows, step=step)
+
+    def apply(self, loss, step):
+        with self.span("finite check"):
+            loss, norm = check_finite(self.s.model, loss, step)
+        with self.span("optimizer"):
+            self.optimizer.step()
+        self.norm_sum += norm
+        return loss, True
+
+    def save(self, step, position):
+        if self.reporter.active:
+            with self.span("checkpoint"):
+                save_checkpoint(self.path, self.s, self.s.model.state_dict(), self.optimizer.state_dict(),
+                                step=step, epoch=position[0], batch=position[1])
+            self.reporter.saved(step)
+
+    def stop(self, step, position) -> bool:
+        with self.span("meet", "wait"):                 # the end of step: see stop.stop_requested
+            stop = stop_requested(self.comm)
+        if stop:
+            self.save(step, position)
+            raise Stopped.at(step, self.path, self.reporter.active)
+        return False
+
+    def epoch_sums(self):
+        return []
+
+    def epoch_extra(self, sums, step, n_steps) -> dict:
+        extra = {"lr": self.optimizer.current_lr(), "grad_norm": self.norm_sum / max(n_steps, 1)}
+        self.norm_sum = 0.0
+        return extra
+
+    def end_epoch(self, record, step, position):
+        self.reporter.epoch(record)
+        self.save(step, position)
+
+
 def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[dict, Setup]:
     """Train with gradient averaging on `comm`; returns (summary, setup) on every rank.
 
@@ -64,16 +116,16 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     s, ckpt = start_run(cfg, comm, raw)
     model, train, B = s.model, s.train, s.batch_size
     model.comm = comm                                # synchronized batch norm sums over it
-    xp = model.xp
     n_total = total_steps(cfg, len(train), B)
+    spe = steps_per_epoch(cfg, len(train), B)
     # The schedule spans the planned epochs: --max-steps stops a run early without
     # reshaping its learning-rate curve, so stopping and resuming changes nothing.
-    optimizer = make_optimizer_for(cfg, model.params, model.grads, cfg.epochs * steps_per_epoch(cfg, len(train), B))
-    start_step, start_epoch, start_batch = 0, 0, 0
+    optimizer = make_optimizer_for(cfg, model.params, model.grads, cfg.epochs * spe)
+    start = (0, 0, 0)
     if ckpt is not None:
-        start_step, start_epoch, start_batch = agree(comm, restore, ckpt, model, optimizer, cfg.resume)
-        if is_finished(cfg, start_step, start_epoch):
-            return finished_summary(cfg, start_step, start_epoch, comm.rank == 0), s
+        start = tuple(agree(comm, restore, ckpt, model, optimizer, cfg.resume))
+        if is_finished(cfg, start[0], start[1]):
+            return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
     tracer = Tracer(comm.rank) if cfg.trace else NULL
     model.tracer = tracer
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and model.device == "gpu")
@@ -91,90 +143,17 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         threads = backend.thread_note or backend.blas_threads()
         print(f"ddp: {model} on {comm.describe()}, {len(train)} training samples, "
               f"global batch {B}, {n_total} steps{gpu}{out}, BLAS threads {threads}", flush=True)
-    early = EarlyStopping(cfg, reporter_key(cfg, s.prep.task))
-    reporter = Reporter(cfg, rank0, n_total, start_step, s.prep.task, start_step if ckpt is not None else None)
-    ckpt_path = os.path.join(cfg.out, CHECKPOINT)
-
-    def save(step, epoch, nb):
-        if reporter.active:
-            with tracer.span("checkpoint"):
-                save_checkpoint(ckpt_path, s, model.state_dict(), optimizer.state_dict(), step=step, epoch=epoch, batch=nb)
-            reporter.saved(step)
-
-    y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
-    step, epoch = start_step, start_epoch
-    span = tracer.span
+    reporter = Reporter(cfg, rank0, n_total, start[0], s.prep.task, start[0] if ckpt is not None else None)
     if cfg.trace:
         tracer.start(comm)
-    t0 = time.perf_counter()
     try:
-        while not is_finished(cfg, step, epoch):
-            batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
-            first = start_batch if epoch == start_epoch else 0
-            loss_sum, n_steps, samples, norms, norm_sum = 0.0, 0, 0, None, 0.0
-            t_epoch = time.perf_counter()
-            nb = first                                       # the next batch of this epoch
-            while nb < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
-                gb = batches[nb]
-                nb += 1
-                comm.at_step(step + 1)
-                local = shard(gb, comm.rank, comm.size)
-                micro = micro_batches(local, cfg.accumulate)
-                loss = 0.0
-                for j, mb in enumerate(micro):
-                    with span("data", rows=len(mb)):
-                        Xb, yb = train.inputs(mb, xp, model.dtype), y_dev[mb]
-                    loss += dp.forward_backward(Xb, yb, denom=len(gb), accumulate=j > 0, sync=j == len(micro) - 1,
-                                                rows=mb, step=step)
-                with span("finite check"):
-                    loss, norm = check_finite(model, loss, step)
-                with span("optimizer"):
-                    optimizer.step()
-                step += 1
-                loss_sum += loss
-                norm_sum += norm
-                n_steps += 1
-                samples += len(gb)
-                if cfg.grad_norms:
-                    gn = np.array(model.grad_norms())
-                    norms = gn if norms is None else norms + gn
-                if cfg.check_every and step % cfg.check_every == 0:
-                    check_replicas(comm, model.params, step)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and nb < len(batches):
-                    save(step, epoch, nb)
-                reporter.tick(loss)
-                if on_step is not None:
-                    on_step(step, model, comm)
-                with span("meet", "wait"):                  # the end of step: see stop.stop_requested
-                    stop = stop_requested(comm)
-                if stop:
-                    save(step, *((epoch + 1, 0) if nb >= len(batches) else (epoch, nb)))
-                    raise Stopped.at(step, ckpt_path, reporter.active)
-            finished_epoch = nb >= len(batches)
-            elapsed_epoch = time.perf_counter() - t_epoch
-            tot = np.array([loss_sum])
-            comm.allreduce_sum(tot)                         # each rank held its share of each loss
-            extra = {"lr": optimizer.current_lr(), "grad_norm": norm_sum / max(n_steps, 1)}
-            if norms is not None:
-                extra["grad_norms"] = (norms / max(n_steps, 1)).tolist()
-            with span("evaluate"):
-                record = epoch_record(model, s.val, comm, epoch=epoch, step=step, loss_sum=tot[0], n_steps=n_steps,
-                                      samples=samples, seconds=elapsed_epoch, t0=t0, finished=finished_epoch,
-                                      **extra)
-            if not math.isfinite(record["train_loss"]):
-                raise TrainingError(f"training loss became {record['train_loss']} in epoch {epoch + 1}")
-            reporter.epoch(record)
-            if finished_epoch:
-                epoch, nb = epoch + 1, 0
-            save(step, epoch, nb)
-            if not finished_epoch or early(record):
-                break
+        step, epoch, t0, _, reason = train_loop(cfg, s, Allreduce(s, comm, optimizer, dp, reporter), start,
+                                        checkpoint_points(cfg, spe, *start)[0], reporter, on_step)
         check_replicas(comm, model.params, step)
     finally:
         reporter.close()
-    with span("evaluate"):
-        summary = final_metrics(s, comm, step=step, epoch=epoch, world_size=comm.size, t0=t0,
-                                stop_reason=early.reason)
+    with tracer.span("evaluate"):
+        summary = final_metrics(s, comm, step=step, epoch=epoch, world_size=comm.size, t0=t0, stop_reason=reason)
     if cfg.trace:
         tracer.merge(comm, cfg.trace)
         summary["trace"] = cfg.trace

@@ -37,7 +37,7 @@ options:
                     ddp resumes from --out's latest checkpoint. Exit codes 0, 2 (bad usage) and 143
                     (stopped by SIGTERM) are final, and so is an interrupt of this script. Relaunch k
                     gets DDP_RESTART=k and DDP_RESTART_REASONS (the reasons so far, ';'-separated)
-  --dry-run         print the command instead of running it
+  --dry-run         print the command instead of running it (setpriv, below, is left out)
   -h, --help        show this help and exit
 
 environment:
@@ -47,6 +47,8 @@ environment:
   DDP_MPI_BANNERS   1: keep Open MPI's banners on abort and non-zero exit (dropped by default:
                     ddp prints its own one line per error)
 
+The job ends with this script, even when it is killed with SIGKILL (setpriv --pdeathsig wraps mpiexec and
+each rank); after a rank's 'ddp: error:' line, mpiexec gets 20 s to end, then it is ended and the exit is 1.
 Open MPI and MPICH are told apart by 'mpiexec --version'. For Open MPI the script sets
 OMPI_MCA_btl=^ofi (unless OMPI_MCA_btl is set, even to ''), allows running as root when run by root, passes
 --oversubscribe and mpi_yield_when_idle=1 when there are more ranks than cores or slots,
@@ -250,7 +252,11 @@ filter_banners() {
         return
     fi
     trap '' INT
-    tr -d '\000' | awk '
+    # Unbuffered: a line must show when it is printed, not when mpiexec exits (it may never exit).
+    # mawk reads its input in blocks unless told -W interactive.
+    local unbuffered=()
+    [[ "$(awk -W version 2>&1 | head -n1)" != mawk* ]] || unbuffered=(-W interactive)
+    stdbuf -o0 tr -d '\000' | awk "${unbuffered[@]}" -v script="$$" '
         function dashes(s) { return length(s) >= 40 && s ~ /^-+[ \t]*$/ }
         BEGIN { inblock = 0; block = ""; skipblank = 0 }
         {
@@ -272,6 +278,7 @@ filter_banners() {
             if ($0 ~ /PMIX ERROR: PMIX_ERR_UNREACH in file .*pmix_server\.c/) next
             skipblank = 0
             print; fflush()
+            if ($0 ~ /^ddp: error:/ && !told) { told = 1; system("kill -USR1 " script " 2>/dev/null") }
         }
         END { if (inblock) printf "%s", block }
     '
@@ -282,13 +289,32 @@ filter_banners() {
 # child would delay the trap until it ended): it is passed on to mpiexec, and ends the restarts.
 child=""
 interrupted=""
+reaper=""
 on_signal() {
     interrupted="$1"
     [[ -z "$child" ]] || kill -s "$1" "$child" 2>/dev/null || true
 }
+# A rank printed its error line (the filter says so): the ranks are ending. mpiexec may still wait for a
+# daemon it cannot reach (a network partition), so it gets GRACE_S seconds, then TERM, then KILL.
+GRACE_S=20
+saw_error=0
+on_error_line() {
+    saw_error=1
+    [[ -z "$child" || -n "$reaper" ]] || {
+        (sleep "$GRACE_S"; kill -TERM "$child"; sleep 5; kill -KILL "$child") >/dev/null 2>&1 &
+        reaper=$!
+    }
+}
 trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
 trap 'on_signal HUP' HUP
+trap on_error_line USR1
+# The job dies with this script, even by SIGKILL (a batch system's or CI's timeout): mpiexec gets SIGTERM
+# when the script dies (ddp's ranks then save a checkpoint), and each rank SIGKILL when its MPI daemon dies.
+if command -v setpriv >/dev/null; then
+    cmd=(setpriv --pdeathsig TERM "${cmd[@]:0:${#cmd[@]}-${#ranks[@]}}" setpriv --pdeathsig KILL "${ranks[@]}")
+    ranks=(setpriv --pdeathsig KILL "${ranks[@]}")
+fi
 
 attempt=0
 reasons=""
@@ -301,6 +327,7 @@ while true; do
                                          "${ranks[@]}")
     fi
     set +e
+    saw_error=0
     "${run[@]}" 2> >(filter_banners >&2) &
     child=$!
     wait "$child"
@@ -312,6 +339,11 @@ while true; do
     done
     set -e
     child=""
+    if [[ -n "$reaper" ]]; then
+        # mpiexec outlived its ranks' error by GRACE_S seconds and was ended: that is a failure, not a signal.
+        kill -0 "$reaper" 2>/dev/null && kill "$reaper" 2>/dev/null || rc=1
+        reaper=""
+    fi
     if [[ "$interrupted" == TERM ]]; then
         # mpiexec forwards SIGTERM to the ranks (then kills them a few seconds later): ddp's ranks stop at the
         # end of the current step and save a checkpoint (allreduce mode), but their own line may not get out
@@ -321,6 +353,12 @@ while true; do
         exit 143
     fi
     if [[ -n "$interrupted" || $rc == 0 || $rc == 2 || $rc == 143 || $attempt -ge $max_restarts ]]; then
+        if [[ $rc != 0 && $rc != 143 && -z "$interrupted" && $flavor == openmpi && "${DDP_MPI_BANNERS:-0}" != 1 ]]; then
+            # A failure always comes with a line: the filter gets 2 s to pass a rank's own on, else it is said
+            # here (mpiexec's teardown can drop a rank's last output).
+            for _ in {1..20}; do [[ $saw_error == 1 ]] && break; sleep 0.1; done
+            [[ $saw_error == 1 ]] || echo "$prog: error: the job ended with exit code $rc and printed no reason" >&2
+        fi
         exit "$rc"
     fi
     attempt=$((attempt + 1))

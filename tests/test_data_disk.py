@@ -8,7 +8,8 @@ from helpers import run_cli, run_launcher
 from test_data import write_idx
 from test_run import ok, one_line_error
 
-from ddp.comm import SerialComm, run_simulated
+from ddp.comm import SerialComm
+from ddp.comm_simulated import run_simulated
 from ddp.config import Config
 from ddp.data import Dataset, fit_scale, load_dataset, split
 from ddp.train import run_with_setup

@@ -11,7 +11,8 @@ from ddp.comm import Communicator, SerialComm
 from ddp.config import Config
 from ddp.data import epoch_batches, shard
 from ddp.errors import UsageError
-from ddp.ps import check_ps, checkpoint_points, shard_bounds, train_ps
+from ddp.ps import check_ps, shard_bounds, train_ps
+from ddp.setup import checkpoint_points
 from ddp.train import run
 
 
@@ -67,12 +68,12 @@ class FakeWorld(Communicator):
 
 
 @pytest.mark.parametrize("size, kw, message", [
-    (1, {}, "ps mode needs at least 2 ranks: 1 server(s) and at least one worker; launch with mpiexec -n 2"),
+    (1, {}, "ps mode needs at least 2 ranks: 1 server(s) and at least one worker; launch with mpiexec -n 2 or "
+            "more (or --simulate-ranks 2)"),
     (3, dict(servers=3), "--servers 3 leaves no worker among 3 ranks"),
     (3, dict(servers=5), "--servers 5 leaves no worker among 3 ranks"),
     (4, dict(servers=0), "--servers 0 must be >= 1"),
     (4, dict(staleness=-1), "--staleness -1 must be >= 0"),
-    (1, dict(simulate_ranks=2), "--simulate-ranks does not support --mode ps"),
 ])
 def test_check_ps_names_the_problem(size, kw, message):
     with pytest.raises(UsageError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
@@ -82,13 +83,13 @@ def test_check_ps_names_the_problem(size, kw, message):
 def test_train_ps_in_one_process_says_how_to_launch():
     with pytest.raises(UsageError, match="mpiexec -n 3"):
         train_ps(Config(mode="ps", servers=2), SerialComm())
-    with pytest.raises(UsageError, match="simulate-ranks"):
-        run(Config(mode="ps", simulate_ranks=3))
+    with pytest.raises(UsageError, match="--servers 3 leaves no worker among 3 ranks"):
+        run(Config(mode="ps", servers=3, simulate_ranks=3))
 
 
 @pytest.mark.parametrize("args, message", [
     ([], "ps mode needs at least 2 ranks"),
-    (["--simulate-ranks", "2"], "--simulate-ranks does not support --mode ps"),
+    (["--simulate-ranks", "2", "--servers", "2"], "--servers 2 leaves no worker among 2 ranks"),
     (["--servers", "0"], "servers 0 must be >= 1"),
     (["--consistency", "ssp", "--staleness", "-1"], "staleness -1 must be >= 0"),
 ])
@@ -97,6 +98,47 @@ def test_cli_usage_errors_are_one_line(tmp_path, args, message):
                   "--out", str(tmp_path), "--no-progress", *args)
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("ddp: error:") and res.stderr.count("\n") == 1 and message in res.stderr
+
+
+# ---------------------------------------------------------------- simulated ranks
+
+SIM = dict(dataset="synthetic_classification", n_samples=300, hidden="16", batch_size=32, lr=0.1, momentum=0.9,
+           dtype="float64", progress=False, quiet=True, val_fraction=0.1, test_fraction=0.1, max_steps=30, epochs=10)
+
+
+@pytest.mark.parametrize("servers, workers, consistency", [(1, 1, "sync"), (1, 2, "sync"), (2, 2, "sync"),
+                                                           (1, 3, "ssp")])
+def test_simulated_ranks_run_ps_mode_as_one_process_trains(tmp_path, servers, workers, consistency):
+    """ps mode over simulated ranks (the communicator's messages, no MPI): sync, and ssp with staleness 0,
+    leave every worker with one process's weights and write one process's checkpoint."""
+    from helpers import rel_diff
+
+    from ddp.backend import to_numpy
+    from ddp.checkpoint import load_checkpoint
+    last = {}
+
+    def on_step(step, model, comm):
+        last[comm.rank] = to_numpy(model.params).copy()
+    run(Config(out=str(tmp_path / "ref"), **SIM), on_step=on_step)
+    ref = last.pop(0)
+    summary = run(Config(out=str(tmp_path / "ps"), mode="ps", servers=servers, consistency=consistency,
+                         staleness=0, simulate_ranks=servers + workers, **SIM), on_step=on_step)
+    assert summary["mode"] == "ps" and summary["steps"] == 30 and summary["max_staleness"] == 0
+    assert sorted(last) == list(range(workers))         # the workers' communicator numbers them from 0
+    assert max(rel_diff(p, ref) for p in last.values()) <= 1e-12
+    a = load_checkpoint(str(tmp_path / "ps" / "checkpoint.npz"))
+    b = load_checkpoint(str(tmp_path / "ref" / "checkpoint.npz"))
+    floats = [k for k, v in b.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+    assert set(a) == set(b) and len(floats) > 4 and max(rel_diff(a[k], b[k]) for k in floats) <= 1e-12
+
+
+@pytest.mark.parametrize("consistency, staleness", [("async", 0), ("ssp", 2)])
+def test_simulated_async_and_ssp_ps_learn_digits(tmp_path, consistency, staleness):
+    summary = run(Config(dataset="digits", hidden="64", lr=0.05, momentum=0.5, batch_size=32, epochs=12,
+                         progress=False, quiet=True, out=str(tmp_path), mode="ps", consistency=consistency,
+                         staleness=staleness, simulate_ranks=3))
+    assert summary["workers"] == 2 and summary["test_accuracy"] >= 0.95
+    assert consistency == "async" or summary["max_staleness"] <= staleness
 
 
 # ---------------------------------------------------------------- under mpiexec

@@ -81,4 +81,4 @@ def test_simulated_ranks_and_one_process(tmp_path):
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["trace"] == str(tmp_path / "s.json")
     res = run_cli(*RUN, "--out", str(tmp_path / "n"))
-    assert res.returncode == 0 and not list(tmp_path.glob("n/*.json.tmp"))
+    assert res.returncode == 0 and not list(tmp_path.glob("n/.*.tmp"))

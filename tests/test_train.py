@@ -109,10 +109,31 @@ def test_simulated_ranks_equal_one_rank(tmp_path, extra):
     assert rel_diff(sim, ref) <= 1e-12
 
 
+@pytest.mark.parametrize("extra", [{}, dict(mode="ps", servers=1), dict(mode="ps", servers=2)])
+def test_simulated_ranks_write_one_process_records(tmp_path, extra):
+    """Each epoch's record is reduced over the ranks: 4 simulated ranks (allreduce, or ps sync with 1 or 2 of
+    them servers) write one process's train loss and validation figures, to 1e-12."""
+    import json
+    base = dict(dataset="synthetic_classification", n_samples=300, hidden="16", batch_size=50, epochs=3,
+                lr=0.1, momentum=0.9, dtype="float64", progress=False, quiet=True, val_fraction=0.1,
+                test_fraction=0.1)
+    run(Config(out=str(tmp_path / "one"), **base))
+    run(Config(out=str(tmp_path / "sim"), simulate_ranks=4, **base, **extra))
+
+    def records(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    one, sim = records("one"), records("sim")
+    assert len(one) == len(sim) == 3
+    for a, b in zip(one, sim):
+        assert a["step"] == b["step"]
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            assert abs(a[key] - b[key]) <= 1e-12 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
 def test_ranks_meet_after_every_step_in_library_use(tmp_path, monkeypatch):
     """Without the CLI's SIGTERM handler too, every rank joins a 1-number allreduce right after each step
     (it drains the links before the next step's gradients: see stop.stop_requested)."""
-    from ddp.comm import SimulatedComm
+    from ddp.comm_simulated import SimulatedComm
     events = {0: [], 1: []}
     original = SimulatedComm.iallreduce_sum
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from helpers import all_ranks, rel_diff
 
-from ddp.comm import SerialComm, run_simulated
+from ddp.comm import SerialComm
+from ddp.comm_simulated import run_simulated
 from ddp.config import Config
 from ddp.parallel import DataParallel, params_hash
 from ddp.train import run

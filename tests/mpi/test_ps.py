@@ -14,7 +14,7 @@ import pytest
 from helpers import all_ranks, rel_diff
 
 import ddp.backend
-import ddp.ps
+import ddp.comm
 from ddp.comm import SerialComm
 from ddp.config import Config
 from ddp.errors import UsageError
@@ -96,9 +96,12 @@ def test_sync_equals_allreduce(comm, shared_tmp, variant):
 def test_staged_buffers_as_on_a_gpu(comm, shared_tmp, monkeypatch, device):
     """The workers' GPU path: every message goes through a pinned host copy. On CuPy for real; on
     NumPy with the backend's copies done by NumPy, so CI without a GPU tests the bookkeeping too."""
-    if device == "cpu":
-        monkeypatch.setattr(ddp.ps, "backend", SimpleNamespace(
-            is_gpu_array=lambda x: True, synchronize=lambda x=None: None,
+    if device == "cpu":       # the MPI communicator stages every array as if it lived on a GPU
+        class Staged(SimpleNamespace):
+            def __getattr__(self, name):
+                return getattr(ddp.backend, name)
+        monkeypatch.setattr(ddp.comm, "backend", Staged(
+            is_gpu_array=lambda x: True, synchronize=lambda x=None: None, pointer=lambda x: x.ctypes.data,
             pinned_empty=lambda shape, dtype: np.full(shape, np.nan, dtype),
             copy_to_host=lambda src, dst: np.copyto(dst, src), copy_to_device=lambda src, dst: np.copyto(dst, src)))
     kw = {**BASE, "device": device, "max_steps": 20}
