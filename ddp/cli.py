@@ -235,19 +235,26 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    import os
+
     import numpy as np
 
+    from .checkpoint import WriteError, write_file
     from .data import infer_format
     from .formats import read_csv, read_idx_pair, read_npz
     if not args.output.endswith(".npz"):
         raise UsageError(f"the output {args.output} must be an .npz file")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise UsageError(f"the folder of {args.output} does not exist")
     fmt = infer_format(args.input)
     print(f"ddp: reading {args.input} ({fmt})", file=sys.stderr, flush=True)
     X, y = {"npz": read_npz, "csv": read_csv, "idx": read_idx_pair}[fmt](args.input)[:2]
+    # uncompressed (np.savez stores each array as it is, so the ranks can map it); atomic and durable
     try:
-        np.savez(args.output, X=X, y=y)             # uncompressed: np.savez stores each array as it is
-    except OSError as e:
-        raise UsageError(f"cannot write {args.output}: {e.strerror or e}") from None
+        write_file(args.output, lambda fh: np.savez(fh, X=X, y=y))
+    except WriteError as e:
+        raise WriteError(str(e).split("; ")[0]) from None       # a conversion has no checkpoint to name
     print(f"ddp: wrote {args.output}: X {X.shape} {X.dtype}, y {y.shape} {y.dtype}", file=sys.stderr)
     return 0
 

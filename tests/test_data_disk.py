@@ -145,6 +145,8 @@ def test_convert_writes_an_npz_that_loads_memory_mapped_as_the_csv_loads(tmp_pat
     assert isinstance(b.data, np.memmap) and np.array_equal(a.X, b.X) and np.array_equal(a.y, b.y)
     assert b.classes.tolist() == ["007", "b"]
     one_line_error(run_cli("convert", str(tmp_path / "d.csv"), str(tmp_path / "d.npy")), ".npz")
+    one_line_error(run_cli("convert", str(tmp_path / "d.csv"), str(tmp_path / "no" / "d.npz")), "does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "d.npz"]         # no temporary file left
 
 
 def test_fit_takes_memory_mapped_arrays(tmp_path):
