@@ -48,7 +48,7 @@ environment:
                     ddp prints its own one line per error)
 
 The job ends with this script, even when it is killed with SIGKILL (setpriv --pdeathsig wraps mpiexec and
-each rank); after a rank's 'ddp: error:' line, mpiexec gets 20 s to end, then it is ended and the exit is 1.
+each rank); after a rank's 'ddp: error:' line, mpiexec gets 10 s to end, then it is ended and the exit is 1.
 Open MPI and MPICH are told apart by 'mpiexec --version'. For Open MPI the script sets
 OMPI_MCA_btl=^ofi (unless OMPI_MCA_btl is set, even to ''), allows running as root when run by root, passes
 --oversubscribe and mpi_yield_when_idle=1 when there are more ranks than cores or slots,
@@ -276,6 +276,9 @@ filter_banners() {
             if (skipblank && $0 ~ /^[ \t]*$/) next
             # PRRTE tearing the job down while a rank is still in MPI_Finalize: noise after a clean exit
             if ($0 ~ /PMIX ERROR: PMIX_ERR_UNREACH in file .*pmix_server\.c/) next
+            # the count of aborting ranks behind the MPI_ABORT block removed above
+            if ($0 ~ /more process(es)? ha(s|ve) sent help message help-mpi-api\.txt \/ mpi-abort/) next
+            if ($0 ~ /Set MCA parameter "orte_base_help_aggregate" to 0/) next
             skipblank = 0
             print; fflush()
             if ($0 ~ /^ddp: error:/ && !told) { told = 1; system("kill -USR1 " script " 2>/dev/null") }
@@ -288,6 +291,7 @@ filter_banners() {
 # The job runs in the background so that a signal to this script is seen at once (a foreground
 # child would delay the trap until it ended): it is passed on to mpiexec, and ends the restarts.
 child=""
+filter=""
 interrupted=""
 reaper=""
 on_signal() {
@@ -296,14 +300,22 @@ on_signal() {
 }
 # A rank printed its error line (the filter says so): the ranks are ending. mpiexec may still wait for a
 # daemon it cannot reach (a network partition), so it gets GRACE_S seconds, then TERM, then KILL.
-GRACE_S=20
+GRACE_S=10
 saw_error=0
 on_error_line() {
     saw_error=1
     [[ -z "$child" || -n "$reaper" ]] || {
-        (sleep "$GRACE_S"; kill -TERM "$child"; sleep 5; kill -KILL "$child") >/dev/null 2>&1 &
+        (sleep "$GRACE_S"; kill -TERM "$child"; sleep 2; kill -KILL "$child") >/dev/null 2>&1 &
         reaper=$!
     }
+}
+# The filter ends when every writer of mpiexec's stderr has closed it. In a partition, the agent that started
+# the daemon on the host that was cut off can hold it open for as long as the partition lasts (and a caller
+# reading this script's stderr would wait as long): the filter gets 1 s to pass on the last lines, then it ends.
+end_filter() {
+    local _
+    for _ in {1..10}; do kill -0 "$filter" 2>/dev/null || return 0; sleep 0.1; done
+    pkill -P "$filter" 2>/dev/null || true
 }
 trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
@@ -328,17 +340,21 @@ while true; do
     fi
     set +e
     saw_error=0
-    "${run[@]}" 2> >(filter_banners >&2) &
+    exec {errfd}> >(filter_banners >&2)
+    filter=$!
+    "${run[@]}" 2>&"$errfd" &
     child=$!
-    wait "$child"
+    exec {errfd}>&-
+    wait "$child" 2>/dev/null          # not bash's "Killed" line when the reaper below had to end it
     rc=$?
     # A trapped signal ends 'wait' early: wait again until the job itself has ended.
     while kill -0 "$child" 2>/dev/null; do
-        wait "$child"
+        wait "$child" 2>/dev/null
         rc=$?
     done
     set -e
     child=""
+    end_filter
     if [[ -n "$reaper" ]]; then
         # mpiexec outlived its ranks' error by GRACE_S seconds and was ended: that is a failure, not a signal.
         kill -0 "$reaper" 2>/dev/null && kill "$reaper" 2>/dev/null || rc=1

@@ -1,5 +1,6 @@
 """Issue 20's trials: the launcher killed with SIGKILL, a job that hangs after its error line, two runs into one
-folder, a failure's line on an oversubscribed machine, and a file system aborted mid-run (ext4 on a loop device; needs root).
+folder, a failure's line on an oversubscribed machine, a file system aborted mid-run (ext4 on a loop device) and a
+network partition between emulated hosts (network namespaces); the last two need root.
 
     python tests/run_trials.py --trials 10          # the figures in benchmarks/RESULTS.md (a few minutes)
 
@@ -130,17 +131,74 @@ def aborted_disk(tmp):
         subprocess.run(["umount", mnt])
 
 
+def partition(tmp, hosts_env=None):
+    """Two emulated hosts (network namespaces, tests/cluster/netns.sh), one rank each; the link of h1 is cut
+    mid-run. The watchdog (--timeout 5) names rank 1 in one line and the launcher exits 1 within --timeout + 20 s
+    of the cut. Then the link comes back, and within 30 s nothing of the job runs on either host (the daemon on the
+    cut host cannot hear the job end until it can reach its launcher again)."""
+    env = hosts_env or _netns_hosts(tmp)
+    prefix, out, timeout = env["DDP_NETNS_PREFIX"], os.path.join(tmp, "run"), 5
+    try:
+        proc = subprocess.Popen([os.path.join(HERE, "cluster", "ns_exec.sh"), "h0", LAUNCHER, "--host",
+                                 "h0:1,h1:1", "--iface", "eth0", "--", *LONG, "--quiet", "--timeout",
+                                 str(timeout), "--out", out], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        while not os.path.exists(os.path.join(out, "metrics.jsonl")) and proc.poll() is None:
+            time.sleep(0.1)
+        subprocess.run(["ip", "-n", f"{prefix}-br", "link", "set", "h1", "down"], check=True)
+        t0 = time.monotonic()
+        try:
+            err = proc.communicate(timeout=timeout + 40)[1]
+        except subprocess.TimeoutExpired:           # the launcher, or its stderr, outlived the bound: a hang
+            proc.kill()
+            err = "(the launcher or its stderr still open after the bound)"
+        took = time.monotonic() - t0
+        subprocess.run(["ip", "-n", f"{prefix}-br", "link", "set", "h1", "up"], check=True)
+        left = _netns_pids(prefix, 30)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        good = (proc.returncode == 1 and len(lines) == 1 and "ranks [1] have not arrived" in lines[0]
+                and took <= timeout + 20 and not left)
+        if not good:
+            print(f"    rc {proc.returncode}, {took:.1f} s, left {left}, stderr {err[-400:]!r}")
+        return good, took
+    finally:
+        if hosts_env is None:
+            subprocess.run([os.path.join(HERE, "cluster", "netns.sh"), "down", prefix], capture_output=True)
+
+
+def _netns_hosts(tmp):
+    """Set up two emulated hosts for one trial; returns the environment ns_exec.sh and ns_agent.sh need."""
+    prefix, hosts = f"ddpr{os.getpid() % 10000}{int(time.time()) % 1000}", os.path.join(tmp, "hosts")
+    subprocess.run([os.path.join(HERE, "cluster", "netns.sh"), "up", prefix, "2", hosts], check=True)
+    return {**ENV, "DDP_NETNS_PREFIX": prefix, "DDP_NETNS_HOSTS": hosts,
+            "PRTE_MCA_plm_ssh_agent": os.path.join(HERE, "cluster", "ns_agent.sh"), "OMPI_MCA_btl": "tcp,self",
+            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def _netns_pids(prefix, wait_s):
+    """The processes still in the hosts' namespaces after up to wait_s seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [p for h in ("h0", "h1") for p in subprocess.run(
+            ["ip", "netns", "pids", f"{prefix}-{h}"], capture_output=True, text=True).stdout.split()]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--tmp", default="/tmp/ddp-run-trials")
-    p.add_argument("--only", help="run one kind: kill, hang, lock, line, disk")
+    p.add_argument("--only", help="run one kind: kill, hang, lock, line, disk, partition")
     a = p.parse_args()
     cases = [("kill", "SIGKILL of launch/mpirun.sh: every rank gone within 10 s", kill_launcher),
              ("hang", "ranks hang after their error line: launcher exit 1 within 30 s", hang_after_error),
              ("lock", "two runs into one fresh --out: one exit 0, one refused (exit 2)", two_runs),
              ("line", "a bad flag on 4 ranks, 2 cores: exit 2 with one error line", failure_line),
-             ("disk", "ext4 aborted mid-run: exit 1, one line, disk holds what was reported", aborted_disk)]
+             ("disk", "ext4 aborted mid-run: exit 1, one line, disk holds what was reported", aborted_disk),
+             ("partition", "a host cut off mid-run (2 emulated hosts, --timeout 5): exit 1 with one line "
+              "within 25 s, nothing left on either host", partition)]
     for key, name, fn in cases:
         if a.only and key != a.only:
             continue

@@ -127,6 +127,15 @@ def test_training_across_emulated_hosts_equals_one_process(hosts, tmp_path):
          str(tmp_path / "single"), "--rtol", "1e-12", "--world-size", "3"])
 
 
+def test_a_host_cut_off_mid_run_ends_the_job_with_one_line(hosts, tmp_path):
+    """Issue 20: h1's link is cut while 2 ranks train on h0 and h1. The watchdog names rank 1 in one line; the
+    launcher exits 1 within --timeout + 20 s (mpiexec waits for the lost daemon: the launcher ends it, and does
+    not wait for the pipe that daemon's agent still holds); once the link is back nothing of the job is left."""
+    from run_trials import partition
+    good, took = partition(str(tmp_path), hosts)
+    assert good, f"see the line printed above ({took:.1f} s)"
+
+
 SINK = """
 import socket, sys
 s = socket.create_server(("0.0.0.0", int(sys.argv[1])))
