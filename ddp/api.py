@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 
 import numpy as np
 
@@ -40,6 +41,8 @@ class Model:
 
     def save(self, path: str) -> None:
         """Write the model as a checkpoint that ddp.load, `ddp predict` and `ddp export` read."""
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"cannot write {path}: its folder does not exist")
         write_npz(path, self._arrays())
 
     def _arrays(self) -> dict:

@@ -262,10 +262,12 @@ def coerce(name, value, where="config"):
     typ = {"str": str, "int": int, "float": float, "bool": bool}[f.type]
     if name in ("hidden", "arch") and isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
+    if name == "hidden" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)                           # hidden=64 from Python: one hidden layer
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise UsageError(f"{where} key {name!r} must be a {f.type}, got {value!r}")
+        raise UsageError(f"{where} key {name!r} must be {'an' if f.type == 'int' else 'a'} {f.type}, got {value!r}")
     return value
 
 

@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, regular_file
 
 
 def pread_rows(mm: np.memmap, rows: np.ndarray) -> np.ndarray:
@@ -70,6 +70,7 @@ def load_bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _open(path: str):
     """The file for reading, gunzipped if it is gzip (detected by its magic bytes, not its name)."""
+    regular_file(path, "data file")
     if not os.path.isfile(path):
         raise UsageError(f"file not found: {path}")
     with open(path, "rb") as f:
@@ -78,6 +79,7 @@ def _open(path: str):
 
 
 def read_npz_arrays(path: str, required=("X", "y")) -> dict:
+    regular_file(path, "data file")
     if not os.path.isfile(path):
         raise UsageError(f"file not found: {path}")
     try:

@@ -56,7 +56,7 @@ class Preprocess:
         idx = np.minimum(idx, len(self.classes) - 1)
         unknown = self.classes[idx] != y
         if unknown.any():
-            raise UsageError(f"label {y[unknown][0]!r} was not among the training classes "
+            raise UsageError(f"label {y[unknown][0].item()!r} was not among the training classes "
                              f"{self.classes.tolist()[:10]}")
         return idx.astype(np.int64)
 

@@ -90,10 +90,25 @@ def test_bad_inputs_to_a_model(tmp_path):
     model = ddp.load(str(out / "checkpoint.npz"))
     with pytest.raises(ddp.UsageError, match="64"):
         model.predict(np.zeros((2, 5)))
-    with pytest.raises(ddp.UsageError, match="not among the training classes"):
+    with pytest.raises(ddp.UsageError, match=r"^label 11 was not among the training classes"):
         model.score(np.zeros((2, 64)), np.array([3, 11]))
+    with pytest.raises(ddp.UsageError, match="its folder does not exist"):
+        model.save(str(tmp_path / "no" / "m.npz"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
     res = run_cli("evaluate", "--checkpoint", str(out / "nope.npz"), "--dataset", "digits")
     assert res.returncode == 2 and res.stderr.startswith("ddp: error:") and "not found" in res.stderr
+
+
+def test_fit_takes_hidden_as_python_values():
+    """hidden=16, (16,) and "16" are the same network; a wrong type is one line naming the key."""
+    X = np.random.default_rng(0).normal(size=(120, 3))
+    y = (X[:, 0] > 0).astype(int)
+    kw = dict(epochs=1, batch_size=30, dtype="float64", seed=0)
+    ref = ddp.fit(X, y, hidden="16", **kw).mlp.params
+    for hidden in (16, (16,), [16]):
+        assert np.array_equal(ddp.fit(X, y, hidden=hidden, **kw).mlp.params, ref)
+    with pytest.raises(ddp.UsageError, match="'epochs' must be an int"):
+        ddp.fit(X, y, hidden=16, epochs="2")
 
 
 def test_fit_on_wine_is_in_scikit_learns_league():

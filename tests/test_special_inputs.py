@@ -40,6 +40,12 @@ def test_a_fifo_or_device_as_the_model_is_refused(fifo):
                  "not a regular file")
 
 
+@pytest.mark.parametrize("dataset", ["csv", "npz"])
+def test_a_fifo_as_the_data_is_named_as_such(fifo, dataset):
+    one_line(run_cli("train", "--dataset", dataset, "--data-path", fifo, timeout=LIVENESS_S),
+             "data file", "not a regular file")
+
+
 def test_a_fifo_under_the_launcher_is_one_line(fifo):
     res = run_launcher("-n", "2", "--", *TRAIN, "--config", fifo, timeout=LIVENESS_S * 3)
     one_line(res, "not a regular file")
