@@ -40,6 +40,10 @@ def files(tmp_path):
     np.savez(f["x.npz"], X=X, y=y)
     f["a-file"] = tmp_path / "a-file"
     f["a-file"].write_text("not a folder")
+    f["deep.toml"] = tmp_path / "deep.toml"
+    f["deep.toml"].write_text("epochs = " + "[" * 20000 + "]" * 20000 + "\n")
+    f["a-folder"] = tmp_path / "a-folder"
+    f["a-folder"].mkdir(exist_ok=True)
     return f
 
 
@@ -139,6 +143,12 @@ CASES = [  # (arguments, words the one line must contain); {name} is a file from
     (["--mode", "ps"], ["ps mode needs at least 2 ranks"]),
     (["--mode", "ps", "--servers", "0"], ["servers 0"]),
     (["--mode", "ps", "--staleness", "-1"], ["staleness -1"]),
+    (["--epoch", "3"], ["--epoch"]),
+    (["--config", "{deep.toml}"], ["nested too deeply"]),
+    (["--config", "{a-folder}"], ["not a regular file"]),
+    (["--dataset", "synthetic_classification", "--n-samples", "100000000", "--n-features", "100000"],
+     ["needs more than this machine's memory"]),
+    (["--trace", "{good}"], ["would overwrite a run's file or a model"]),
 ]
 
 
@@ -216,6 +226,12 @@ MPI_CASES = [  # the same contract under launch/mpirun.sh -n 2: at most 3 lines 
     (["--resume", "{good}", "--seed", "4"], ["--seed 4 differs"]),
     (["--out", "{a-file}"], ["is a file"]),
     (["--mode", "ps", "--servers", "2"], ["--servers 2 leaves no worker among 2 ranks"]),
+    (["--epoch", "3"], ["--epoch"]),
+    (["--config", "{deep.toml}"], ["nested too deeply"]),
+    (["--config", "{a-folder}"], ["not a regular file"]),
+    (["--dataset", "synthetic_classification", "--n-samples", "100000000", "--n-features", "100000"],
+     ["needs more than this machine's memory"]),
+    (["--trace", "{good}"], ["would overwrite a run's file or a model"]),
 ]
 
 
