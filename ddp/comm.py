@@ -251,7 +251,7 @@ class MPIComm(Communicator):
         req = self.comm.Iallreduce(self.MPI.IN_PLACE, spec, op)
 
         def wait():
-            with WATCHDOG.watch("allreduce"):
+            with WATCHDOG.watch("allreduce", count=host.size):
                 req.Wait()
             if copy_back:
                 copy_back()
@@ -262,14 +262,14 @@ class MPIComm(Communicator):
             return _compressed_sum(buf, compress, self.iallreduce_sum, self._halves).wait()
         host, copy_back = self._host_view(buf)
         spec, op = self._spec(host)
-        with WATCHDOG.watch("allreduce"):
+        with WATCHDOG.watch("allreduce", count=host.size):
             self.comm.Allreduce(self.MPI.IN_PLACE, spec, op)
         if copy_back:
             copy_back()
 
     def bcast(self, buf, root=0):
         host, copy_back = self._host_view(buf)
-        with WATCHDOG.watch("bcast"):
+        with WATCHDOG.watch("bcast", count=host.size):
             self.comm.Bcast(host, root=root)
         if copy_back:
             copy_back()

@@ -49,6 +49,12 @@ def message(e: BaseException) -> str | None:
         return e.code if isinstance(e.code, str) else ""
     if isinstance(e, KeyboardInterrupt):
         return "interrupted (SIGINT)"
+    if type(e).__module__ == "mpi4py.MPI" and "MPI_ERR_TRUNCATE" in str(e):
+        from .watchdog import WATCHDOG
+        w = WATCHDOG.failed_in
+        where = f"{w[0]}{f' of {w[3]} elements' if w[3] >= 0 else ''}" if w else "a collective"
+        return (f"{e} in {where} at step {WATCHDOG.step}: the ranks passed buffers of different sizes "
+                f"(--debug names the rank and the call)")
     if is_bug(e):
         return f"unexpected {type(e).__name__}: {e}\n{''.join(traceback.format_exception(e)).rstrip()}"
     return str(e)

@@ -267,6 +267,21 @@ filter_banners() {
                 inblock = 0
                 if (block ~ /MPI_ABORT was invoked|has exited due to process rank|exited with non-zero status/) {
                     skipblank = 1
+                } else if (block ~ /noticed that process rank [0-9]+ with PID [0-9]+ on node/) {
+                    # a rank died (a signal, the OOM killer): one line with the rank, its process and host
+                    b = block; gsub(/[ \t\n]+/, " ", b)
+                    match(b, /process rank [0-9]+ with PID [0-9]+ on node [^ ]+ exited on signal [0-9]+/)
+                    n = split(substr(b, RSTART, RLENGTH), w, " ")
+                    why = substr(b, RSTART + RLENGTH)
+                    why = match(why, /^ *\([^)]*\)/) ? substr(why, RSTART, RLENGTH) : ""
+                    if (n >= 13) {
+                        print "ddp: error: rank " w[3] " died: its process " w[6] " on " w[9] \
+                              " was ended by signal " w[13] why " (killed, or crashed)"; fflush()
+                        if (!told) { told = 1; system("kill -USR1 " script " 2>/dev/null") }
+                    } else {
+                        printf "%s", block; fflush()
+                    }
+                    skipblank = 1
                 } else {
                     printf "%s", block; fflush()
                 }

@@ -156,7 +156,7 @@ def partition(tmp, hosts_env=None):
         subprocess.run(["ip", "-n", f"{prefix}-br", "link", "set", "h1", "up"], check=True)
         left = _netns_pids(prefix, 30)
         lines = [ln for ln in err.splitlines() if ln.strip()]
-        good = (proc.returncode == 1 and len(lines) == 1 and "ranks [1] have not arrived" in lines[0]
+        good = (proc.returncode == 1 and len(lines) == 1 and "ranks [1] have not arrived (rank 1: host h1 unreachable)" in lines[0]
                 and took <= timeout + 20 and not left)
         if not good:
             print(f"    rc {proc.returncode}, {took:.1f} s, left {left}, stderr {err[-400:]!r}")

@@ -110,9 +110,9 @@ def test_a_saved_model_is_a_checkpoint_the_cli_reads(tmp_path):
 
 
 @pytest.mark.parametrize("bad, msg", [
-    ({"epochs": "10"}, "config key 'epochs' must be a int, got '10'"),
+    ({"epochs": "10"}, "config key 'epochs' must be an int, got '10'"),
     ({"lr": "0.1"}, "config key 'lr' must be a float, got '0.1'"),
-    ({"epochs": True}, "config key 'epochs' must be a int, got True"),
+    ({"epochs": True}, "config key 'epochs' must be an int, got True"),
 ])
 def test_fit_settings_are_checked_as_toml_values_are(bad, msg):
     X, y = load_iris(return_X_y=True)

@@ -62,7 +62,56 @@ def test_diverging_run_prints_no_runtime_warning(tmp_path):
     assert len(res.stderr.splitlines()) == 1, res.stderr
 
 
+def test_the_watchdog_tells_why_a_rank_is_missing():
+    """Issue 19: the line names what each other rank does, from its answer or, without one, from its process
+    (same host) or its host's network."""
+    from ddp.watchdog import OPS, Watchdog, reachable
+    stopped = subprocess.Popen(["sleep", "60"])
+    alive = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        stopped.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)
+        wd = Watchdog()
+        wd.rank, wd.size, wd.step = 0, 9, 7
+        wd.pids = [1, gone.pid, stopped.pid, alive.pid, 5, 6, 7, 8, 9]
+        wd.hosts = ["a", "a", "a", "a", "a", "a", "a", "a", "no-such-host.invalid"]
+        ar = OPS.index("allreduce")
+        wd._peers = {4: (wd.BUSY, 7, -1, -1), 5: (wd.WAITING, 7, OPS.index("bcast"), 10),
+                     6: (wd.WAITING, 6, ar, 10), 7: (wd.WAITING, 7, ar, 99),
+                     8: (wd.WAITING, 7, ar, 10)}         # rank 8 waits in the same call as rank 0: not named
+        text = wd.diagnosis(ar, 10)
+        assert text.startswith("; ranks [1, 2, 3, 4] have not arrived (rank 1: dead (its process "), text
+        assert f"rank 2: stopped (process {stopped.pid}, state T)" in text
+        assert f"rank 3: stalled (process {alive.pid} is alive and does not answer)" in text
+        assert "rank 4: stalled (alive, busy outside MPI at step 7)" in text
+        assert "; rank 5 waits in bcast at step 7: a different collective" in text
+        assert "; rank 6 waits in allreduce at step 6: a different step" in text
+        assert "; rank 7 waits in allreduce of 99 elements: a different buffer size" in text
+        assert "rank 8" not in text
+        wd._peers = {r: (wd.WAITING, 7, ar, 10) for r in range(1, 9)}
+        assert wd.diagnosis(ar, 10) == ""
+    finally:
+        for p in (stopped, alive):
+            p.kill()
+            p.wait()
+    assert reachable("127.0.0.1") is True              # port 9 refused: the host answered
+    assert reachable("no-such-host.invalid") is None
+    # an unreachable host (False) is the partition trial's (tests/run_trials.py, test_cluster.py)
+
+
 # --------------------------------------------------------------------------- the watchdog under MPI
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["dead", "stopped", "busy", "collective", "size"])
+def test_a_hangs_cause_is_named_in_one_line(kind):
+    """Issue 19: each fault on rank 1 at step 3 (tests/hang_kinds.py) ends the job under the launcher with a
+    line that names it, within --timeout (3 s) and a few seconds."""
+    from hang_kinds import trial
+    good, code, took, err = trial(kind)
+    assert good, (code, err[-2000:])
+    assert took < 3 + LIVENESS_S
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("trial", TRIALS)
@@ -75,7 +124,7 @@ def test_stopped_rank_ends_the_job(tmp_path, mode, trial):
     assert lines and all("no progress for 10 s at step" in ln for ln in lines), err[-3000:]
     live = 1 - stopped
     assert lines == [ln for ln in lines if ln.startswith(f"ddp: error: rank {live}:")]
-    assert lines[0].endswith(f"; ranks [{stopped}] have not arrived"), lines
+    assert f"; ranks [{stopped}] have not arrived (rank {stopped}: stopped (process " in lines[0], lines
 
 
 # --------------------------------------------------------------------------- plain mpiexec, every exit path
