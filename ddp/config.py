@@ -78,6 +78,8 @@ class Config:
     warmup_steps: int = opt(0, "linear learning-rate warmup steps", group="optimizer")
     step_size: int = opt(1000, "steps between decays of the step schedule", group="optimizer")
     gamma: float = opt(0.1, "decay factor of the step schedule", group="optimizer")
+    clip_grad_norm: float = opt(0.0, "MAX: scale the averaged gradient down to this global L2 norm when it is "
+                                "larger, as torch.nn.utils.clip_grad_norm_ (0: off)", group="optimizer")
     # training
     batch_mode: str = opt("minibatch", "sgd (batch 1), minibatch (--batch-size) or full (whole training set)",
                           ["sgd", "minibatch", "full"])
@@ -166,6 +168,9 @@ class Config:
                                                          f"{self.beta1}, {self.beta2}"),
             (self.eps > 0, f"Adam eps must be positive, got {self.eps}"),
             (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
+            (self.clip_grad_norm >= 0, f"clip grad norm must be >= 0 (0: off), got {self.clip_grad_norm}"),
+            (not self.clip_grad_norm or self.mode == "allreduce", "--clip-grad-norm needs --mode allreduce: the "
+                                                                  "ps servers each hold a part of the gradient"),
             (self.step_size >= 1, f"step size {self.step_size} must be >= 1"),
             (self.warmup_steps >= 0, f"warmup steps {self.warmup_steps} must be >= 0"),
             (0 <= self.seed <= MAX_SEED, f"seed {self.seed} must be in 0..2**63-1"),

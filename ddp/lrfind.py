@@ -20,6 +20,7 @@ from .comm_simulated import run_simulated
 from .config import Config
 from .data import epoch_batches, shard
 from .errors import UsageError
+from .optim import clip_grad_norm
 from .parallel import DataParallel
 from .setup import agree, build, make_optimizer_for
 
@@ -62,6 +63,8 @@ def _find(comm, cfg, steps, lr_min, lr_max):
         smoothed.append(avg / (1 - BETA ** len(lrs)))
         if not math.isfinite(smoothed[-1]) or smoothed[-1] > EXPLODE * min(smoothed) or len(lrs) == steps:
             break
+        if cfg.clip_grad_norm:                     # the range test steps as training will
+            clip_grad_norm(model.grads, math.sqrt(float(xp.vdot(model.grads, model.grads))), cfg.clip_grad_norm)
         opt.step()
     return {"lr": lrs, "loss": losses, "smoothed": smoothed, "suggestion": suggest(lrs, smoothed),
             "exploded": len(lrs) < steps or not math.isfinite(smoothed[-1])}

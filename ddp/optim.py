@@ -16,6 +16,16 @@ from .backend import axpy, get_array_module, to_numpy
 from .errors import UsageError
 
 
+def clip_grad_norm(grads, norm: float, max_norm: float) -> bool:
+    """Scale grads in place by max_norm / (norm + 1e-6) when that is < 1, as torch.nn.utils.clip_grad_norm_;
+    `norm` is the L2 norm of the whole AVERAGED gradient (the same on every rank). Returns whether it clipped."""
+    scale = max_norm / (norm + 1e-6)
+    if not max_norm or scale >= 1:
+        return False
+    grads *= scale
+    return True
+
+
 class Optimizer:
     state_names: tuple[str, ...] = ()
 

@@ -25,6 +25,7 @@ from .config import Config
 from .errors import Stopped, TrainingError, UsageError
 from .evaluate import final_metrics
 from .model import Network
+from .optim import clip_grad_norm
 from .parallel import DataParallel, check_replicas
 from .report import Reporter
 from .run import finished_summary, start_run
@@ -61,6 +62,7 @@ class Allreduce:
         self.span = s.model.tracer.span
         self.path = os.path.join(s.cfg.out, CHECKPOINT)
         self.norm_sum = 0.0                # this epoch's gradient norms, for its record
+        self.clipped = 0                   # and the steps whose gradient --clip-grad-norm scaled down
 
     def denom(self, global_rows: int, my_rows: int) -> int:
         return global_rows                 # a share of the global-batch mean: the allreduce sums the shares
@@ -71,9 +73,11 @@ class Allreduce:
     def apply(self, loss, step):
         with self.span("finite check"):
             loss, norm = check_finite(self.s.model, loss, step)
+        # By the norm of the averaged gradient, the same on every rank, so replicas stay identical.
+        self.clipped += clip_grad_norm(self.s.model.grads, norm, self.s.cfg.clip_grad_norm)
         with self.span("optimizer"):
             self.optimizer.step()
-        self.norm_sum += norm
+        self.norm_sum += norm              # before clipping
         return loss, True
 
     def save(self, step, position):
@@ -96,7 +100,9 @@ class Allreduce:
 
     def epoch_extra(self, sums, step, n_steps) -> dict:
         extra = {"lr": self.optimizer.current_lr(), "grad_norm": self.norm_sum / max(n_steps, 1)}
-        self.norm_sum = 0.0
+        if self.s.cfg.clip_grad_norm:
+            extra["clipped_steps"] = self.clipped
+        self.norm_sum, self.clipped = 0.0, 0
         return extra
 
     def end_epoch(self, record, step, position):

@@ -98,6 +98,45 @@ def test_full_batch_step_is_one_gradient_descent_step_on_the_whole_set(tmp_path)
     np.testing.assert_allclose(p, ref.params - 0.1 * ref.grads, rtol=1e-12, atol=1e-15)
 
 
+def test_clip_grad_norm_is_a_float64_reference_of_clipped_momentum_sgd(tmp_path):
+    """Issue 16: full-batch steps, each gradient scaled by min(1, MAX / (|g| + 1e-6)) before momentum SGD,
+    written here in NumPy; some steps clip and some do not, and the epoch records count them."""
+    from ddp.model import MLP
+    MAX, LR, MU, EPOCHS = 1.5, 0.1, 0.9, 12
+    cfg = cfg_for(tmp_path, dataset="synthetic_regression", n_samples=50, hidden="4", batch_mode="full",
+                  epochs=EPOCHS, lr=LR, momentum=MU, dtype="float64", val_fraction=0.0, test_fraction=0.0,
+                  clip_grad_norm=MAX)
+    p = final_params(cfg)
+    train, _, _, _ = load_data(cfg)
+    ref = MLP([train.X.shape[1], 4, 1], loss="mse", dtype="float64", seed=0)
+    v, clipped = np.zeros_like(ref.params), []
+    for _ in range(EPOCHS):
+        ref.forward_backward(train.X, train.y)
+        g = ref.grads.copy()
+        norm = np.sqrt(g @ g)
+        clipped.append(MAX / (norm + 1e-6) < 1)
+        g *= min(1.0, MAX / (norm + 1e-6))
+        v = MU * v + g
+        ref.params[...] -= LR * v
+    assert 0 < sum(clipped) < EPOCHS, clipped                  # both branches are exercised
+    np.testing.assert_allclose(p, ref.params, rtol=1e-12, atol=1e-15)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["clipped_steps"] for r in records] == [int(c) for c in clipped]
+
+
+def test_clipping_on_simulated_ranks_equals_one_rank(tmp_path):
+    """The norm is the averaged gradient's, the same on every rank: N ranks clip what one rank clips."""
+    base = dict(dataset="synthetic_classification", n_samples=300, hidden="16", batch_size=50, epochs=2,
+                lr=0.1, momentum=0.9, dtype="float64", progress=False, val_fraction=0.1, test_fraction=0.1,
+                clip_grad_norm=0.3)
+    ref = final_params(Config(out=str(tmp_path / "one"), **base))
+    sim = final_params(Config(out=str(tmp_path / "sim"), simulate_ranks=3, accumulate=2, overlap="on", **base))
+    assert rel_diff(sim, ref) <= 1e-12
+    clipped = [json.loads(line)["clipped_steps"] for line in open(tmp_path / "one" / "metrics.jsonl")]
+    assert 0 < sum(clipped) < 2 * 6, clipped
+    assert rel_diff(final_params(Config(out=str(tmp_path / "off"), **{**base, "clip_grad_norm": 0.0})), ref) > 1e-3
+
+
 @pytest.mark.parametrize("extra", [dict(), dict(overlap="off"), dict(accumulate=3, overlap="on"),
                                    dict(bucket_mb=0.0, overlap="on")])
 def test_simulated_ranks_equal_one_rank(tmp_path, extra):

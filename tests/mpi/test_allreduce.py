@@ -42,6 +42,7 @@ VARIANTS = {
     "uneven-last-batch": dict(batch_size=37, n_samples=250, max_steps=0, epochs=3),
     "drop-last": dict(batch_size=37, n_samples=250, max_steps=0, epochs=3, drop_last=True),
     "adam-cosine": dict(optimizer="adam", momentum=0.0, lr=0.01, schedule="cosine", warmup_steps=5),
+    "clip-accumulate": dict(clip_grad_norm=0.3, accumulate=2, overlap="on", bucket_mb=0.0),
     # synchronized batch norm and dropout keyed by global rows make a CNN as exact as an MLP
     "cnn": dict(n_features=36, input_shape="1,6,6", overlap="on", bucket_mb=0.0, max_steps=20,
                 arch="conv:3:3:1:1,relu,maxpool:2,conv:4:2,batchnorm,relu,flatten,dense:8,dropout:0.3,dense:3"),
