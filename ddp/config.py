@@ -118,6 +118,9 @@ class Config:
     accumulate: int = opt(1, "split each rank's batch into k micro-batches; communicate once per step",
                           group="distributed")
     compress: str = opt("none", "gradient compression for the allreduce", ["none", "fp16"], group="distributed")
+    noise_scale: bool = opt(False, "report the gradient noise scale B_simple (the critical batch size) each "
+                            "epoch, from each rank's gradient before the allreduce and the averaged one after it; "
+                            "needs 2 or more ranks", group="distributed")
     drop_last: bool = opt(False, "drop the last partial batch of each epoch", group="distributed")
     check_every: int = opt(100, "compare a hash of the parameters across ranks every N steps (0: only at "
                            "the end)", group="distributed")
@@ -171,6 +174,8 @@ class Config:
             (self.clip_grad_norm >= 0, f"clip grad norm must be >= 0 (0: off), got {self.clip_grad_norm}"),
             (not self.clip_grad_norm or self.mode == "allreduce", "--clip-grad-norm needs --mode allreduce: the "
                                                                   "ps servers each hold a part of the gradient"),
+            (not self.noise_scale or self.mode == "allreduce", "--noise-scale needs --mode allreduce: ps workers "
+                                                               "never see the averaged gradient"),
             (self.step_size >= 1, f"step size {self.step_size} must be >= 1"),
             (self.warmup_steps >= 0, f"warmup steps {self.warmup_steps} must be >= 0"),
             (0 <= self.seed <= MAX_SEED, f"seed {self.seed} must be in 0..2**63-1"),
@@ -231,7 +236,7 @@ MAX_SIMULATED = 64               # each simulated rank is a thread; hundreds onl
 RUN_SETTINGS = frozenset({
     "epochs", "max_steps", "out", "resume", "overwrite", "checkpoint_every", "progress", "quiet", "grad_norms",
     "check_every", "debug", "timeout", "trace", "device", "simulate_ranks", "bucket_mb", "overlap",
-    "accumulate", "mode", "servers", "logger", "early_stopping", "min_delta", "monitor",
+    "accumulate", "mode", "servers", "logger", "early_stopping", "min_delta", "monitor", "noise_scale",
 })
 
 

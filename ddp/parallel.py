@@ -63,12 +63,19 @@ class DataParallel:
         self.tracer = model.tracer
         self._by_layer = {i: b for b in self.buckets for i in b.layers}
         self._requests = []
+        self.measure_local = False     # --noise-scale: keep |this rank's gradient|^2 from before the allreduce
+        self.local_sq = 0.0
+
+    def _local(self, view):
+        if self.measure_local:
+            self.local_sq += self.model.xp.vdot(view, view)     # on the device: no wait for it here
 
     def _layer_done(self, i):
         b = self._by_layer[i]
         b.pending -= 1
         if b.pending:
             return
+        self._local(b.view)
         if b is self.buckets[-1]:
             # The bucket holding layer 0 is ready only when backward is over:
             # nothing is left to overlap, and a blocking Allreduce is faster
@@ -91,6 +98,7 @@ class DataParallel:
         if not (sync and self.overlap):
             loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, **kw)
             if sync:
+                self._local(self.model.grads)
                 with self.tracer.span("allreduce", "allreduce", bytes=self.model.grads.nbytes, blocking=True):
                     self.comm.allreduce_sum(self.model.grads, self.compress)
             return loss

@@ -139,6 +139,8 @@ class Reporter:
         if key in r:
             parts.append(f"{key.replace('_', ' ')} {_fmt(r[key])}")
         parts.append(f"{r.get('samples_per_s') or 0:,.0f} samples/s")
+        if r.get("noise_scale") is not None:
+            parts.append(f"noise scale {r['noise_scale']:,.0f}")
         return "ddp: " + ", ".join(parts)
 
     def saved(self, step: int):

@@ -25,6 +25,7 @@ from .config import Config
 from .errors import Stopped, TrainingError, UsageError
 from .evaluate import final_metrics
 from .model import Network
+from .noise import WARN_FACTOR, NoiseScale, b_simple
 from .optim import clip_grad_norm
 from .parallel import DataParallel, check_replicas
 from .report import Reporter
@@ -34,21 +35,23 @@ from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_
 from .stop import stop_requested
 from .trace import NULL, Tracer
 
-def check_finite(model: Network, loss, step: int) -> tuple[float, float]:
-    """Raise if the gradients hold NaN or Inf; return the step's loss and gradient norm as Python floats.
+def check_finite(model: Network, loss, step: int, local_sq=0.0) -> tuple[float, float, float]:
+    """Raise if the gradients hold NaN or Inf; return the step's loss, gradient norm and `local_sq` (the
+    squared norm before the allreduce, for --noise-scale) as Python floats.
 
-    The loss and the gradients' squared norm come to the host together, in ONE
-    transfer: the step's only wait for the GPU. After the allreduce every rank holds
-    the same gradients, so every rank reaches the same verdict without communicating."""
+    They come to the host together, in ONE transfer: the step's only wait for the GPU. After the
+    allreduce every rank holds the same gradients, so every rank reaches the same verdict without
+    communicating."""
     xp = model.xp
-    pair = xp.empty(2, np.float64)
-    pair[0] = loss
-    pair[1] = xp.vdot(model.grads, model.grads)
-    loss, sqnorm = (float(v) for v in backend.to_numpy(pair))
+    trio = xp.empty(3, np.float64)
+    trio[0] = loss
+    trio[1] = xp.vdot(model.grads, model.grads)
+    trio[2] = local_sq
+    loss, sqnorm, local_sq = (float(v) for v in backend.to_numpy(trio))
     if not backend.all_finite(model.grads, sqnorm):
         raise TrainingError(f"gradients became NaN or Inf at step {step + 1}; "
                             f"the loss is {loss:.4g}; try a lower learning rate")
-    return loss, math.sqrt(sqnorm)
+    return loss, math.sqrt(sqnorm), local_sq
 
 
 class Allreduce:
@@ -63,8 +66,12 @@ class Allreduce:
         self.path = os.path.join(s.cfg.out, CHECKPOINT)
         self.norm_sum = 0.0                # this epoch's gradient norms, for its record
         self.clipped = 0                   # and the steps whose gradient --clip-grad-norm scaled down
+        self.noise = NoiseScale() if s.cfg.noise_scale else None
+        dp.measure_local = self.noise is not None
+        self.rows, self.warned = (0, 0), False
 
     def denom(self, global_rows: int, my_rows: int) -> int:
+        self.rows = (global_rows, my_rows)
         return global_rows                 # a share of the global-batch mean: the allreduce sums the shares
 
     def backward(self, X, y, denom, accumulate, last, rows, step):
@@ -72,7 +79,10 @@ class Allreduce:
 
     def apply(self, loss, step):
         with self.span("finite check"):
-            loss, norm = check_finite(self.s.model, loss, step)
+            loss, norm, local_sq = check_finite(self.s.model, loss, step, self.dp.local_sq)
+        self.dp.local_sq = 0.0
+        if self.noise is not None:
+            self.noise.add(local_sq, norm * norm, self.rows[1], self.rows[0])
         # By the norm of the averaged gradient, the same on every rank, so replicas stay identical.
         self.clipped += clip_grad_norm(self.s.model.grads, norm, self.s.cfg.clip_grad_norm)
         with self.span("optimizer"):
@@ -96,10 +106,12 @@ class Allreduce:
         return False
 
     def epoch_sums(self):
-        return []
+        return self.noise.take() if self.noise is not None else []
 
     def epoch_extra(self, sums, step, n_steps) -> dict:
         extra = {"lr": self.optimizer.current_lr(), "grad_norm": self.norm_sum / max(n_steps, 1)}
+        if self.noise is not None:
+            extra["noise_scale"] = b_simple(sums)
         if self.s.cfg.clip_grad_norm:
             extra["clipped_steps"] = self.clipped
         self.norm_sum, self.clipped = 0.0, 0
@@ -107,6 +119,12 @@ class Allreduce:
 
     def end_epoch(self, record, step, position):
         self.reporter.epoch(record)
+        ns = record.get("noise_scale")
+        if ns and self.s.batch_size > WARN_FACTOR * ns and self.reporter.active and not self.warned:
+            self.warned = True
+            print(f"ddp: warning: --batch-size {self.s.batch_size} is more than {WARN_FACTOR}x the gradient noise "
+                  f"scale ({ns:.0f}): beyond about that size a larger batch barely cuts the steps needed, so most "
+                  f"of each step's extra samples are wasted", flush=True)
         self.save(step, position)
 
 

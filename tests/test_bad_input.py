@@ -145,6 +145,7 @@ CASES = [  # (arguments, words the one line must contain); {name} is a file from
     (["--mode", "ps", "--staleness", "-1"], ["staleness -1"]),
     (["--clip-grad-norm", "-1"], ["clip grad norm must be >= 0"]),
     (["--mode", "ps", "--clip-grad-norm", "1"], ["--clip-grad-norm needs --mode allreduce"]),
+    (["--mode", "ps", "--noise-scale"], ["--noise-scale needs --mode allreduce"]),
     (["--epoch", "3"], ["--epoch"]),
     (["--config", "{deep.toml}"], ["nested too deeply"]),
     (["--config", "{a-folder}"], ["not a regular file"]),

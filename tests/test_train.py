@@ -137,6 +137,31 @@ def test_clipping_on_simulated_ranks_equals_one_rank(tmp_path):
     assert rel_diff(final_params(Config(out=str(tmp_path / "off"), **{**base, "clip_grad_norm": 0.0})), ref) > 1e-3
 
 
+@pytest.mark.parametrize("extra", [dict(overlap="off"), dict(overlap="on", bucket_mb=0.0, accumulate=2)])
+def test_noise_scale_is_mccandlishs_estimator_on_the_ranks_gradients(tmp_path, extra):
+    """Issue 19: one step of 30 rows on 3 simulated ranks (10 each). The reference, in float64 here: each
+    shard's mean gradient |G_b|^2 (b = 10) and the batch's |G_B|^2 (B = 30), combined as in appendix A.1."""
+    from ddp.data import epoch_batches, shard
+    from ddp.model import MLP
+    cfg = cfg_for(tmp_path, dataset="synthetic_classification", n_samples=30, hidden="8", batch_size=30,
+                  epochs=1, dtype="float64", val_fraction=0.0, test_fraction=0.0, simulate_ranks=3,
+                  noise_scale=True, **extra)
+    run(cfg)
+    got = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["noise_scale"]
+    train, _, _, _ = load_data(cfg)
+    gb = epoch_batches(len(train), 30, seed=cfg.seed, epoch=0)[0]
+    ref = MLP([train.X.shape[1], 8, int(train.y.max()) + 1], dtype="float64", seed=0)
+
+    def sq(rows):
+        ref.forward_backward(train.X[rows], train.y[rows])
+        return float(ref.grads @ ref.grads)
+    big, b, B = sq(gb), 10, 30
+    smalls = [sq(shard(gb, r, 3)) for r in range(3)]
+    g2 = sum((B * big - b * s) / (B - b) for s in smalls)
+    trace = sum((s - big) / (1 / b - 1 / B) for s in smalls)
+    assert got == pytest.approx(trace / g2, rel=1e-10)
+
+
 @pytest.mark.parametrize("extra", [dict(), dict(overlap="off"), dict(accumulate=3, overlap="on"),
                                    dict(bucket_mb=0.0, overlap="on")])
 def test_simulated_ranks_equal_one_rank(tmp_path, extra):

@@ -71,6 +71,23 @@ def test_simulated_ranks_equal_real_ranks(comm, shared_tmp):
     all_ranks(comm, d <= 1e-12, f"simulated vs real: {d:.3e}")
 
 
+def test_noise_scale_on_real_ranks_equals_simulated_ranks(comm, shared_tmp):
+    """Issue 19: the gradient noise scale of every epoch, from N MPI ranks and from N simulated ranks."""
+    if comm.size == 1:
+        pytest.skip("the noise scale needs 2 or more ranks")
+    import json
+    kw = {**BASE, **VARIANTS["uneven-last-batch"], "noise_scale": True, "overlap": "on", "bucket_mb": 0.0}
+
+    def scales(out):
+        return [json.loads(line)["noise_scale"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    run(Config(out=os.path.join(shared_tmp, "ns-real"), **kw), comm)
+    out = os.path.join(shared_tmp, f"ns-sim-{comm.rank}")
+    run_simulated(comm.size, lambda c: run(Config(out=out, **kw), c))
+    real, sim = scales(os.path.join(shared_tmp, "ns-real")), scales(out)
+    all_ranks(comm, len(real) == 3 and all(r is not None and abs(r - s) <= 1e-9 * abs(s) for r, s in zip(real, sim)),
+              f"noise scales {real} vs {sim}")
+
+
 def test_chainermn_style_rank_average(comm):
     """Each rank sets its gradient to its rank: the average is (size - 1) / 2 everywhere."""
     from ddp import MLP
