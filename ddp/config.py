@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -117,7 +118,10 @@ class Config:
                        ["auto", "on", "off"], group="distributed")
     accumulate: int = opt(1, "split each rank's batch into k micro-batches; communicate once per step",
                           group="distributed")
-    compress: str = opt("none", "gradient compression for the allreduce", ["none", "fp16"], group="distributed")
+    compress: str = opt("none", "gradient compression for the allreduce: none, fp16 (half the bytes), or "
+                        "powersgd:R (rank-R PowerSGD on each weight matrix, with error feedback)", group="distributed")
+    error_feedback: bool = opt(True, "PowerSGD: add what compression lost to the next step's gradient "
+                               "(--no-error-feedback is for experiments: training then stalls)", group="distributed")
     noise_scale: bool = opt(False, "report the gradient noise scale B_simple (the critical batch size) each "
                             "epoch, from each rank's gradient before the allreduce and the averaged one after it; "
                             "needs 2 or more ranks", group="distributed")
@@ -171,6 +175,10 @@ class Config:
                                                          f"{self.beta1}, {self.beta2}"),
             (self.eps > 0, f"Adam eps must be positive, got {self.eps}"),
             (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
+            (self.compress in ("none", "fp16") or re.fullmatch(r"powersgd:[1-9][0-9]{0,3}", self.compress),
+             f"unknown compress {self.compress!r}: expected none, fp16 or powersgd:R (R a rank, e.g. powersgd:2)"),
+            (not self.compress.startswith("powersgd") or self.mode == "allreduce",
+             "--compress powersgd needs --mode allreduce"),
             (self.clip_grad_norm >= 0, f"clip grad norm must be >= 0 (0: off), got {self.clip_grad_norm}"),
             (not self.clip_grad_norm or self.mode == "allreduce", "--clip-grad-norm needs --mode allreduce: the "
                                                                   "ps servers each hold a part of the gradient"),

@@ -21,6 +21,7 @@ import hashlib
 
 from . import backend
 from .comm import Communicator
+from .powersgd import PowerSGD
 
 
 class Bucket:
@@ -54,12 +55,17 @@ def make_buckets(model, bucket_bytes: int) -> list[Bucket]:
 
 class DataParallel:
     def __init__(self, model, comm: Communicator, bucket_bytes: int = 1 << 20, overlap: bool = True,
-                 compress: str | None = None):
+                 compress: str | None = None, seed: int = 0, error_feedback: bool = True):
         self.model, self.comm = model, comm
-        self.overlap, self.compress = overlap, compress
+        self.overlap, self.compress, self.psgd = overlap, compress, None
+        if compress and compress.startswith("powersgd:"):   # its two allreduces follow backward: no buckets
+            self.psgd = PowerSGD(model, comm, int(compress.split(":")[1]), seed, error_feedback)
+            self.overlap, self.compress = False, None
+        self.bytes_per_step = (self.psgd.bytes_per_step if self.psgd else
+                               model.grads.nbytes // (2 if compress == "fp16" else 1))
         verify_model(model, comm)
         comm.bcast(model.params, root=0)
-        self.buckets = make_buckets(model, bucket_bytes) if overlap else []
+        self.buckets = make_buckets(model, bucket_bytes) if self.overlap else []
         self.tracer = model.tracer
         self._by_layer = {i: b for b in self.buckets for i in b.layers}
         self._requests = []
@@ -99,6 +105,9 @@ class DataParallel:
             loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, **kw)
             if sync:
                 self._local(self.model.grads)
+                if self.psgd is not None:
+                    self.psgd.reduce(self.model.grads, self.tracer.span)
+                    return loss
                 with self.tracer.span("allreduce", "allreduce", bytes=self.model.grads.nbytes, blocking=True):
                     self.comm.allreduce_sum(self.model.grads, self.compress)
             return loss

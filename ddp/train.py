@@ -154,7 +154,8 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     model.tracer = tracer
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and model.device == "gpu")
     dp = DataParallel(model, comm, bucket_bytes=int(cfg.bucket_mb * (1 << 20)), overlap=overlap,
-                      compress=None if cfg.compress == "none" else cfg.compress)
+                      compress=None if cfg.compress == "none" else cfg.compress, seed=cfg.seed,
+                      error_feedback=cfg.error_feedback)
     # Rank 0's optimizer state is broadcast with the parameters: replicas start identical.
     for name in optimizer.state_names:
         comm.bcast(getattr(optimizer, name), root=0)
@@ -178,6 +179,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         reporter.close()
     with tracer.span("evaluate"):
         summary = final_metrics(s, comm, step=step, epoch=epoch, world_size=comm.size, t0=t0, stop_reason=reason)
+    summary["allreduce_bytes_per_step"] = dp.bytes_per_step           # what each rank sends into the reductions
     if cfg.trace:
         tracer.merge(comm, cfg.trace)
         summary["trace"] = cfg.trace

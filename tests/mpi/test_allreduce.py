@@ -88,6 +88,17 @@ def test_noise_scale_on_real_ranks_equals_simulated_ranks(comm, shared_tmp):
               f"noise scales {real} vs {sim}")
 
 
+def test_powersgd_on_real_ranks_equals_simulated_ranks(comm, shared_tmp):
+    """Issue 19: --compress powersgd:2 on N MPI ranks = N simulated ranks, over 50 steps (against one process only
+    the first steps agree to 1e-12: see tests/test_powersgd.py)."""
+    kw = {**BASE, "compress": "powersgd:2", "hidden": "16,16"}
+    real, _ = trace(Config(out=os.path.join(shared_tmp, "psgd-real"), **kw), comm)
+    cfg = Config(out=os.path.join(shared_tmp, f"psgd-sim-{comm.rank}"), **kw)
+    sim = run_simulated(comm.size, lambda c: trace(cfg, c))[0][0]
+    d = rel_diff(real, sim)
+    all_ranks(comm, d <= 1e-12, f"powersgd: MPI vs simulated ranks {d:.3e}")
+
+
 def test_chainermn_style_rank_average(comm):
     """Each rank sets its gradient to its rank: the average is (size - 1) / 2 everywhere."""
     from ddp import MLP
