@@ -31,6 +31,7 @@ from .parallel import check_replicas
 from .report import reporter_key
 from .setup import Setup, is_finished
 from .stop import EarlyStopping
+from .straggler import PHASES, PhaseClock, find
 
 
 def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter, on_step=None) -> tuple:
@@ -42,12 +43,15 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
     y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
     step, epoch, first = start
     stopped, early = False, EarlyStopping(cfg, reporter_key(cfg, s.prep.task))
+    clock = PhaseClock()                                     # straggler.py: seconds per phase on this rank
+    take_wait = getattr(sync, "take_wait", lambda: 0.0)      # ps workers do not tell their waits apart
     t0 = time.perf_counter()
     while not is_finished(cfg, step, epoch):
         batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
         nb = first if epoch == start[1] else 0               # the next batch of this epoch
         loss_sum, n_steps, samples, norms, failed = 0.0, 0, 0, None, False
         t_epoch = time.perf_counter()
+        clock.mark()
         while nb < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
             gb = batches[nb]
             nb += 1
@@ -59,8 +63,11 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
             for j, mb in enumerate(micro):
                 with span("data", rows=len(mb)):
                     Xb, yb = train.inputs(mb, xp, model.dtype), y_dev[mb]
+                clock.lap("data")
                 loss += sync.backward(Xb, yb, denom, j > 0, j == len(micro) - 1, mb, step)
+                clock.lap("compute", take_wait())
             loss, ok = sync.apply(loss, step)
+            clock.lap("optimizer")
             step += 1
             loss_sum += loss
             n_steps += 1
@@ -79,15 +86,21 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
             reporter.tick(loss)
             if on_step is not None:
                 on_step(step, model, comm)
+            clock.mark()
             if sync.stop(step, here):
                 stopped = True
                 break
+            clock.lap("wait")
         finished = nb >= len(batches)
         seconds = time.perf_counter() - t_epoch
         # Every rank of comm reaches this point, failed or not, so the verdicts below are collective.
-        tot = np.array([loss_sum, float(failed), *sync.epoch_sums()])
+        sums = sync.epoch_sums()
+        tot = np.concatenate([[loss_sum, float(failed), *sums], clock.row(comm.rank, comm.size)])
         comm.allreduce_sum(tot)                              # each rank held its share of each loss
-        extra = sync.epoch_extra(tot[2:], step, n_steps)
+        extra = sync.epoch_extra(tot[2:2 + len(sums)], step, n_steps)
+        if comm.size > 1 and sync.identical and not cfg.simulate_ranks:     # threads of one process share a GIL
+            table = tot[2 + len(sums):].reshape(comm.size, len(PHASES))
+            extra["straggler"], extra["phase_s"] = find(table), np.round(table, 4).tolist()
         if tot[1]:
             raise TrainingError(f"gradients became NaN or Inf by step {extra.pop('last_step', step)}; lower the "
                                 f"learning rate (now {cfg.lr:g}, {model.dtype.name})")

@@ -18,6 +18,7 @@ batch was split. No mean of means, and no counts to communicate.
 from __future__ import annotations
 
 import hashlib
+import time
 
 from . import backend
 from .comm import Communicator
@@ -70,6 +71,7 @@ class DataParallel:
         self._by_layer = {i: b for b in self.buckets for i in b.layers}
         self._requests = []
         self.measure_local = False     # --noise-scale: keep |this rank's gradient|^2 from before the allreduce
+        self.wait_s = 0.0              # seconds in blocking collectives, for straggler.py
         self.local_sq = 0.0
 
     def _local(self, view):
@@ -86,8 +88,10 @@ class DataParallel:
             # The bucket holding layer 0 is ready only when backward is over:
             # nothing is left to overlap, and a blocking Allreduce is faster
             # than Iallreduce + Wait in Open MPI (benchmarks/RESULTS.md).
+            t = time.perf_counter()
             with self.tracer.span(f"allreduce bucket {b.index}", "allreduce", bytes=b.view.nbytes, blocking=True):
                 self.comm.allreduce_sum(b.view, self.compress)
+            self.wait_s += time.perf_counter() - t
             return
         with self.tracer.span(f"allreduce bucket {b.index}", "allreduce", bytes=b.view.nbytes, blocking=False):
             self._requests.append(self.comm.iallreduce_sum(b.view, self.compress))
@@ -105,19 +109,23 @@ class DataParallel:
             loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, **kw)
             if sync:
                 self._local(self.model.grads)
+                t = time.perf_counter()
                 if self.psgd is not None:
                     self.psgd.reduce(self.model.grads, self.tracer.span)
-                    return loss
-                with self.tracer.span("allreduce", "allreduce", bytes=self.model.grads.nbytes, blocking=True):
-                    self.comm.allreduce_sum(self.model.grads, self.compress)
+                else:
+                    with self.tracer.span("allreduce", "allreduce", bytes=self.model.grads.nbytes, blocking=True):
+                        self.comm.allreduce_sum(self.model.grads, self.compress)
+                self.wait_s += time.perf_counter() - t
             return loss
         for b in self.buckets:
             b.pending = len(b.layers)
         self._requests = []
         loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, on_grad=self._layer_done, **kw)
+        t = time.perf_counter()
         with self.tracer.span("wait", "wait", buckets=len(self._requests)):
             for r in self._requests:
                 r.wait()
+        self.wait_s += time.perf_counter() - t
         self._requests = []
         return loss
 

@@ -77,6 +77,11 @@ class Allreduce:
     def backward(self, X, y, denom, accumulate, last, rows, step):
         return self.dp.forward_backward(X, y, denom=denom, accumulate=accumulate, sync=last, rows=rows, step=step)
 
+    def take_wait(self) -> float:
+        """Seconds spent in the gradient collectives since the last call (straggler.py)."""
+        wait, self.dp.wait_s = self.dp.wait_s, 0.0
+        return wait
+
     def apply(self, loss, step):
         with self.span("finite check"):
             loss, norm, local_sq = check_finite(self.s.model, loss, step, self.dp.local_sq)
