@@ -88,15 +88,17 @@ def test_noise_scale_on_real_ranks_equals_simulated_ranks(comm, shared_tmp):
               f"noise scales {real} vs {sim}")
 
 
-def test_powersgd_on_real_ranks_equals_simulated_ranks(comm, shared_tmp):
-    """Issue 19: --compress powersgd:2 on N MPI ranks = N simulated ranks, over 50 steps (against one process only
-    the first steps agree to 1e-12: see tests/test_powersgd.py)."""
-    kw = {**BASE, "compress": "powersgd:2", "hidden": "16,16"}
+def test_powersgd_on_real_ranks_equals_simulated_ranks_and_one_process(comm, shared_tmp):
+    """Issue 19: --compress powersgd:2 on N MPI ranks = N simulated ranks = one process, over the first 8 steps:
+    later, normalizing the warm start's nearly parallel columns magnifies the rounding of sums taken in another
+    order (MPI's reduction tree at 4 ranks is one) about 10x per step (see tests/test_powersgd.py)."""
+    kw = {**BASE, "compress": "powersgd:2", "hidden": "16,16", "max_steps": 8}
     real, _ = trace(Config(out=os.path.join(shared_tmp, "psgd-real"), **kw), comm)
     cfg = Config(out=os.path.join(shared_tmp, f"psgd-sim-{comm.rank}"), **kw)
     sim = run_simulated(comm.size, lambda c: trace(cfg, c))[0][0]
-    d = rel_diff(real, sim)
-    all_ranks(comm, d <= 1e-12, f"powersgd: MPI vs simulated ranks {d:.3e}")
+    one, _ = trace(Config(out=os.path.join(shared_tmp, f"psgd-one-{comm.rank}"), **kw), SerialComm())
+    d_sim, d_one = rel_diff(real, sim), rel_diff(real, one)
+    all_ranks(comm, d_sim <= 1e-12 and d_one <= 1e-12, f"powersgd: vs simulated {d_sim:.3e}, vs one {d_one:.3e}")
 
 
 def test_chainermn_style_rank_average(comm):
