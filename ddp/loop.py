@@ -43,7 +43,7 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
     y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
     step, epoch, first = start
     stopped, early = False, EarlyStopping(cfg, reporter_key(cfg, s.prep.task))
-    clock = PhaseClock()                                     # straggler.py: seconds per phase on this rank
+    clock, so_far = PhaseClock(), None                       # straggler.py: seconds per phase on this rank
     take_wait = getattr(sync, "take_wait", lambda: 0.0)      # ps workers do not tell their waits apart
     t0 = time.perf_counter()
     while not is_finished(cfg, step, epoch):
@@ -100,7 +100,8 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
         extra = sync.epoch_extra(tot[2:2 + len(sums)], step, n_steps)
         if comm.size > 1 and sync.identical and not cfg.simulate_ranks:     # threads of one process share a GIL
             table = tot[2 + len(sums):].reshape(comm.size, len(PHASES))
-            extra["straggler"], extra["phase_s"] = find(table), np.round(table, 4).tolist()
+            so_far = table if so_far is None else so_far + table     # chronic: judged on every epoch so far
+            extra["straggler"], extra["phase_s"] = find(so_far), np.round(table, 4).tolist()
         if tot[1]:
             raise TrainingError(f"gradients became NaN or Inf by step {extra.pop('last_step', step)}; lower the "
                                 f"learning rate (now {cfg.lr:g}, {model.dtype.name})")
