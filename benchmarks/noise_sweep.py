@@ -68,7 +68,7 @@ def main():
             if all(g is not None for g in got) and (best is None or np.mean(got) < best[0]):
                 best = (float(np.mean(got)), lr)
         rows.append((B, *(best or (None, None))))
-        print(f"B {B:5d}: steps to {a.target:.0%} {best[0] if best else 'not reached':>8} (lr {best and best[1]})",
+        print(f"B {B:5d}: steps to {a.target:.0%} " + (f"{best[0]:8.1f} (lr {best[1]:g})" if best else "not reached"),
               flush=True)
     ok = [(B, S) for B, S, _ in rows if S is not None]
     inv, S = np.array([1 / B for B, _ in ok]), np.array([S for _, S in ok])
