@@ -13,6 +13,7 @@ small synchronization object, `sync` (train.Allreduce, ps.Worker):
     stop(step, position) -> bool  end of step: stop here? (SIGTERM)
     epoch_sums() / epoch_extra(sums, step, n_steps)                 mode figures of an epoch's record
     end_epoch(record, step, position)                               the record written, the epoch's checkpoint
+    take_wait() -> seconds in collectives since the last call       optional: the straggler table's "wait"
 
 The checkpoint schedule is setup.checkpoint_points, computed once: the servers save at exactly those steps.
 """
