@@ -332,6 +332,11 @@ end_filter() {
     for _ in {1..10}; do kill -0 "$filter" 2>/dev/null || return 0; sleep 0.1; done
     pkill -P "$filter" 2>/dev/null || true
 }
+# mpiexec's session directory (PMIx sockets, shared memory) goes in a folder of this launch's own, removed at
+# the end: an mpiexec ended by the grace above cannot clean up, and its /tmp/ompi.PID, left behind, made a later
+# job whose mpiexec got the same PID fail at start ("The PMIx server's listener thread failed to start").
+session_tmp=$(mktemp -d "${TMPDIR:-/tmp}/ddp-mpirun.XXXXXX")
+trap 'rm -rf "$session_tmp"' EXIT
 trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
 trap 'on_signal HUP' HUP
@@ -357,7 +362,7 @@ while true; do
     saw_error=0
     exec {errfd}> >(filter_banners >&2)
     filter=$!
-    "${run[@]}" 2>&"$errfd" &
+    TMPDIR="$session_tmp" "${run[@]}" 2>&"$errfd" &
     child=$!
     exec {errfd}>&-
     wait "$child" 2>/dev/null          # not bash's "Killed" line when the reaper below had to end it
