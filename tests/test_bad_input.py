@@ -71,6 +71,17 @@ def bad_checkpoints(tmp_path, good):
     return out
 
 
+# Issue 20's kinds of bad input, each once in one process (CASES) and once under the launcher (MPI_CASES).
+ISSUE_20_KINDS = [
+    (["--epoch", "3"], ["--epoch"]),
+    (["--config", "{deep.toml}"], ["nested too deeply"]),
+    (["--config", "{a-folder}"], ["not a regular file"]),
+    (["--dataset", "synthetic_classification", "--n-samples", "100000000", "--n-features", "100000"],
+     ["needs more than this machine's memory"]),
+    (["--trace", "{good}"], ["would overwrite a run's file or a model"]),
+
+]
+
 CASES = [  # (arguments, words the one line must contain); {name} is a file from files()/bad_checkpoints()
     (["--activation", "swish"], ["swish"]),
     (["--loss", "hinge"], ["hinge"]),
@@ -146,12 +157,7 @@ CASES = [  # (arguments, words the one line must contain); {name} is a file from
     (["--clip-grad-norm", "-1"], ["clip grad norm must be >= 0"]),
     (["--mode", "ps", "--clip-grad-norm", "1"], ["--clip-grad-norm needs --mode allreduce"]),
     (["--mode", "ps", "--noise-scale"], ["--noise-scale needs --mode allreduce"]),
-    (["--epoch", "3"], ["--epoch"]),
-    (["--config", "{deep.toml}"], ["nested too deeply"]),
-    (["--config", "{a-folder}"], ["not a regular file"]),
-    (["--dataset", "synthetic_classification", "--n-samples", "100000000", "--n-features", "100000"],
-     ["needs more than this machine's memory"]),
-    (["--trace", "{good}"], ["would overwrite a run's file or a model"]),
+    *ISSUE_20_KINDS,
 ]
 
 
@@ -229,12 +235,7 @@ MPI_CASES = [  # the same contract under launch/mpirun.sh -n 2: at most 3 lines 
     (["--resume", "{good}", "--seed", "4"], ["--seed 4 differs"]),
     (["--out", "{a-file}"], ["is a file"]),
     (["--mode", "ps", "--servers", "2"], ["--servers 2 leaves no worker among 2 ranks"]),
-    (["--epoch", "3"], ["--epoch"]),
-    (["--config", "{deep.toml}"], ["nested too deeply"]),
-    (["--config", "{a-folder}"], ["not a regular file"]),
-    (["--dataset", "synthetic_classification", "--n-samples", "100000000", "--n-features", "100000"],
-     ["needs more than this machine's memory"]),
-    (["--trace", "{good}"], ["would overwrite a run's file or a model"]),
+    *ISSUE_20_KINDS,
 ]
 
 
