@@ -125,6 +125,11 @@ class Config:
     noise_scale: bool = opt(False, "report the gradient noise scale B_simple (the critical batch size) each "
                             "epoch, from each rank's gradient before the allreduce and the averaged one after it; "
                             "needs 2 or more ranks", group="distributed")
+    deterministic: bool = opt(False, "bitwise-identical results for any world size: each global batch is cut "
+                              "into --chunks fixed chunks whose gradients are added in fixed point (README)",
+                              group="distributed")
+    chunks: int = opt(8, "--deterministic: chunks per global batch (a rank computes its chunks one by one; "
+                      "more ranks than chunks leaves some idle)", group="distributed")
     drop_last: bool = opt(False, "drop the last partial batch of each epoch", group="distributed")
     check_every: int = opt(100, "compare a hash of the parameters across ranks every N steps (0: only at "
                            "the end)", group="distributed")
@@ -184,6 +189,12 @@ class Config:
                                                                   "ps servers each hold a part of the gradient"),
             (not self.noise_scale or self.mode == "allreduce", "--noise-scale needs --mode allreduce: ps workers "
                                                                "never see the averaged gradient"),
+            (1 <= self.chunks <= MAX_COUNT, f"chunks {self.chunks} must be >= 1"),
+            (not self.deterministic or self.mode == "allreduce", "--deterministic needs --mode allreduce"),
+            (not self.deterministic or self.compress == "none", "--deterministic cannot be combined with "
+                                                                "--compress: compression is not exact"),
+            (not self.deterministic or not self.noise_scale, "--noise-scale needs each rank's own gradient, which "
+                                                             "--deterministic does not form: use one of them"),
             (self.step_size >= 1, f"step size {self.step_size} must be >= 1"),
             (self.warmup_steps >= 0, f"warmup steps {self.warmup_steps} must be >= 0"),
             (0 <= self.seed <= MAX_SEED, f"seed {self.seed} must be in 0..2**63-1"),
@@ -217,8 +228,12 @@ class Config:
             if not ok:
                 raise UsageError(msg)
         self.hidden_sizes()
-        if self.arch and self.mode == "ps" and "batchnorm" in self.arch.replace(" ", "").lower().split(","):
+        batchnorm = self.arch and "batchnorm" in self.arch.replace(" ", "").lower().split(",")
+        if batchnorm and self.mode == "ps":
             raise UsageError("--arch with batchnorm needs --mode allreduce: ps workers do not share batch statistics")
+        if batchnorm and self.deterministic:
+            raise UsageError("--deterministic cannot train batchnorm: its statistics span the whole batch, but "
+                             "each chunk is computed alone (layernorm works)")
         return self
 
     def to_dict(self) -> dict:

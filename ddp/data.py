@@ -420,6 +420,14 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
+def chunk_shard(indices: np.ndarray, rank: int, world: int, k: int) -> list[np.ndarray]:
+    """--deterministic: this rank's whole chunks of a global batch cut into k chunks as np.array_split cuts it.
+    The cut depends on the batch alone, never on the world size (exact.py). A rank with no chunk (world > k)
+    gets one empty chunk, so that it still joins the step's collectives."""
+    start, stop = shard_range(k, rank, world)
+    return np.array_split(indices, k)[start:stop] or [indices[:0]]
+
+
 def micro_batches(indices: np.ndarray, k: int) -> list[np.ndarray]:
     """Split a rank's batch into k consecutive micro-batches (some empty if k > len) for
     gradient accumulation."""

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from .config import Config
-from .data import epoch_batches, micro_batches, shard
+from .data import chunk_shard, epoch_batches, micro_batches, shard
 from .errors import TrainingError
 from .evaluate import epoch_record
 from .parallel import check_replicas
@@ -57,9 +57,11 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
             gb = batches[nb]
             nb += 1
             sync.world.at_step(step + 1)
-            local = shard(gb, comm.rank, comm.size)
-            denom = sync.denom(len(gb), len(local))
-            micro = micro_batches(local, cfg.accumulate)
+            if cfg.deterministic:              # fixed chunks, whatever the world size: exact.py
+                micro = chunk_shard(gb, comm.rank, comm.size, cfg.chunks)
+            else:
+                micro = micro_batches(shard(gb, comm.rank, comm.size), cfg.accumulate)
+            denom = sync.denom(len(gb), sum(map(len, micro)))
             loss = 0.0
             for j, mb in enumerate(micro):
                 with span("data", rows=len(mb)):

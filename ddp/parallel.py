@@ -22,6 +22,7 @@ import time
 
 from . import backend
 from .comm import Communicator
+from .exact import ExactSum
 from .powersgd import PowerSGD
 
 
@@ -56,13 +57,17 @@ def make_buckets(model, bucket_bytes: int) -> list[Bucket]:
 
 class DataParallel:
     def __init__(self, model, comm: Communicator, bucket_bytes: int = 1 << 20, overlap: bool = True,
-                 compress: str | None = None, seed: int = 0, error_feedback: bool = True):
+                 compress: str | None = None, seed: int = 0, error_feedback: bool = True, chunks: int = 0):
         self.model, self.comm = model, comm
         self.overlap, self.compress, self.psgd = overlap, compress, None
+        # --deterministic: chunks added in fixed point after backward (exact.py): nothing to overlap
+        self.exact = ExactSum(comm, model.grads, chunks) if chunks else None
+        if self.exact is not None:
+            self.overlap = False
         if compress and compress.startswith("powersgd:"):   # its two allreduces follow backward: no buckets
             self.psgd = PowerSGD(model, comm, int(compress.split(":")[1]), seed, error_feedback)
             self.overlap, self.compress = False, None
-        self.bytes_per_step = (self.psgd.bytes_per_step if self.psgd else
+        self.bytes_per_step = (self.psgd.bytes_per_step if self.psgd else model.grads.size * 8 if chunks else
                                model.grads.nbytes // (2 if compress == "fp16" else 1))
         verify_model(model, comm)
         comm.bcast(model.params, root=0)
@@ -105,6 +110,15 @@ class DataParallel:
         sync=True, model.grads holds the global gradient on every rank.
         sync=False only accumulates locally (the no_sync of gradient accumulation).
         kw (rows, step) go to the model's forward_backward."""
+        if self.exact is not None:            # one chunk: its own gradient, kept until the step's last chunk
+            loss = self.model.forward_backward(X, y, denom=denom, **kw)
+            self.exact.add(self.model.grads, loss)
+            if sync:
+                t = time.perf_counter()
+                with self.tracer.span("exact sum", "allreduce", bytes=self.bytes_per_step, blocking=True):
+                    self.exact.finish(self.model.grads)
+                self.wait_s += time.perf_counter() - t
+            return loss
         if not (sync and self.overlap):
             loss = self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, **kw)
             if sync:

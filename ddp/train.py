@@ -86,6 +86,8 @@ class Allreduce:
         with self.span("finite check"):
             loss, norm, local_sq = check_finite(self.s.model, loss, step, self.dp.local_sq)
         self.dp.local_sq = 0.0
+        if self.dp.exact is not None:      # the sum of every chunk's loss, on rank 0: the epoch sum stays exact
+            loss = self.dp.exact.loss if self.comm.rank == 0 else 0.0
         if self.noise is not None:
             self.noise.add(local_sq, norm * norm, self.rows[1], self.rows[0])
         # By the norm of the averaged gradient, the same on every rank, so replicas stay identical.
@@ -160,7 +162,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and model.device == "gpu")
     dp = DataParallel(model, comm, bucket_bytes=int(cfg.bucket_mb * (1 << 20)), overlap=overlap,
                       compress=None if cfg.compress == "none" else cfg.compress, seed=cfg.seed,
-                      error_feedback=cfg.error_feedback)
+                      error_feedback=cfg.error_feedback, chunks=cfg.chunks if cfg.deterministic else 0)
     # Rank 0's optimizer state is broadcast with the parameters: replicas start identical.
     for name in optimizer.state_names:
         comm.bcast(getattr(optimizer, name), root=0)

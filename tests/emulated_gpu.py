@@ -442,7 +442,8 @@ def _ufunc(fn):
 
 for _name in ("add", "subtract", "multiply", "divide", "true_divide", "maximum", "minimum", "tanh", "exp", "log",
               "log1p", "sqrt", "abs", "absolute", "negative", "square", "isfinite", "isnan", "sign", "matmul",
-              "where", "sum", "argmax", "ascontiguousarray", "max", "min", "mean", "dot", "clip", "equal", "greater", "less"):
+              "where", "sum", "argmax", "ascontiguousarray", "max", "min", "mean", "dot", "clip", "equal", "greater", "less",
+              "rint"):
     globals()[_name] = _ufunc(getattr(np, _name))
 
 

@@ -143,6 +143,15 @@ def test_data_parallel_over_two_simulated_ranks(device, tmp_path, kw):
     assert rel_diff(got, ref) <= (1e-12 if "compress" not in kw else 1e-6)
 
 
+def test_deterministic_on_the_device_is_bitwise_for_any_world_size(device, tmp_path):
+    """--deterministic in float32 on the device: 1 and 3 simulated ranks end in the same bits (GPU kernels
+    other than the BLAS's may differ from NumPy's, so the reference is the device itself)."""
+    kw = {**BASE, "dtype": "float32", "deterministic": True, "device": device}
+    one, _ = final_params(Config(out=str(tmp_path / "one"), **kw))
+    three, _ = final_params(Config(out=str(tmp_path / "three"), simulate_ranks=3, **kw))
+    assert one.dtype == np.float32 and one.tobytes() == three.tobytes()
+
+
 def test_simulated_ranks_on_two_devices(gpu, emulated, monkeypatch, tmp_path):
     """Simulated rank r takes device r: every sum must be done on one device, from explicit copies."""
     if emulated is not None:

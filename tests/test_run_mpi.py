@@ -143,3 +143,22 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_bitwise(tmp_path, n, to,
     assert f"stopped by SIGTERM at step {step}" in err or to == "launcher", err
     ok(run_launcher("-n", str(n), "--", "train", "--resume", str(b / "checkpoint.npz"), timeout=600))
     assert_same_arrays(arrays(a / "checkpoint.npz"), arrays(b / "checkpoint.npz"))
+
+
+DIGITS = ["--dataset", "digits", "--hidden", "32,16", "--lr", "0.02", "--momentum", "0.9", "--batch-size", "32",
+          "--epochs", "2", "--deterministic", "--quiet"]
+
+
+def test_deterministic_float32_on_3_ranks_is_bitwise_one_process_and_resumes_on_2(tmp_path):
+    """Issue 16's done-when at 3 real ranks (1, 2 and 4: tests/mpi): every checkpoint array but the configuration
+    has the bits of one process's, and 3 ranks stopped at step 30 resume on 2 to the same bits."""
+    one, three, split = tmp_path / "one", tmp_path / "three", tmp_path / "split"
+    ok(run_launcher("-n", "1", "--", "train", *DIGITS, "--out", str(one)))
+    ok(run_launcher("-n", "3", "--", "train", *DIGITS, "--out", str(three)))
+    ok(run_launcher("-n", "3", "--", "train", *DIGITS, "--max-steps", "30", "--out", str(split)))
+    ok(run_launcher("-n", "2", "--", "train", "--resume", str(split / "checkpoint.npz")))
+    ref = {k: v for k, v in np.load(one / "checkpoint.npz").items() if k != "config"}
+    for run in (three, split):
+        got = {k: v for k, v in np.load(run / "checkpoint.npz").items() if k != "config"}
+        assert got.keys() == ref.keys()
+        assert [k for k in ref if got[k].tobytes() != ref[k].tobytes()] == [], run.name

@@ -101,6 +101,32 @@ def test_powersgd_on_real_ranks_equals_simulated_ranks_and_one_process(comm, sha
     all_ranks(comm, d_sim <= 1e-12 and d_one <= 1e-12, f"powersgd: vs simulated {d_sim:.3e}, vs one {d_one:.3e}")
 
 
+DETERMINISTIC = {
+    "sgd-overlap-buckets": dict(overlap="on", bucket_mb=0.0),
+    "adam-cosine-clip-accumulate": dict(optimizer="adam", momentum=0.0, lr=0.01, schedule="cosine", warmup_steps=5,
+                                        clip_grad_norm=0.3, accumulate=3),
+    "uneven-last-batch": dict(batch_size=37, n_samples=250, max_steps=0, epochs=3),
+}
+
+
+@pytest.mark.parametrize("variant", list(DETERMINISTIC))
+def test_deterministic_float32_is_bitwise_one_process(comm, shared_tmp, variant):
+    """Issue 16: with --deterministic, float32 parameters and every epoch's metrics on N ranks have one process's
+    bits (without it they differ by about 3e-7, tests/test_exact.py)."""
+    import json
+    kw = {**BASE, "dtype": "float32", "deterministic": True, **DETERMINISTIC[variant]}
+    out, ref_out = os.path.join(shared_tmp, f"det-{variant}"), os.path.join(shared_tmp, f"det-{variant}-{comm.rank}")
+    mine, hashes = trace(Config(out=out, **kw), comm)
+    ref, _ = trace(Config(out=ref_out, **{**kw, "overlap": "off", "accumulate": 1}), SerialComm())
+
+    def figures(path):
+        return [{k: v for k, v in json.loads(x).items() if k not in ("samples_per_s", "elapsed_s", "phase_s",
+                                                                      "straggler")} for x in open(path)]
+    same = mine.tobytes() == ref.tobytes() and figures(os.path.join(out, "metrics.jsonl")) == \
+        figures(os.path.join(ref_out, "metrics.jsonl"))
+    all_ranks(comm, same, f"{variant}: differs from one process, by {rel_diff(mine, ref):.3e}")
+
+
 def test_chainermn_style_rank_average(comm):
     """Each rank sets its gradient to its rank: the average is (size - 1) / 2 everywhere."""
     from ddp import MLP
