@@ -72,6 +72,15 @@ class Communicator:
     def bcast(self, buf, root=0):
         raise NotImplementedError
 
+    def reduce_scatter_sum(self, buf, counts) -> None:
+        """In place: buf is cut into len(counts) consecutive parts; on return this rank's part holds the sum of
+        that part over the ranks (the rest of buf is left as it was). --shard-optimizer (zero.py)."""
+        raise NotImplementedError
+
+    def allgather(self, buf, counts) -> None:
+        """In place: every rank's part of buf (cut as in reduce_scatter_sum) is copied to every rank."""
+        raise NotImplementedError
+
     def barrier(self):
         raise NotImplementedError
 
@@ -137,6 +146,12 @@ class SerialComm(Communicator):
     def bcast(self, buf, root=0):
         pass
 
+    def reduce_scatter_sum(self, buf, counts):
+        pass
+
+    def allgather(self, buf, counts):
+        pass
+
     def barrier(self):
         pass
 
@@ -182,6 +197,9 @@ def cuda_aware_mpi() -> bool:
     return False
 
 
+
+
+RING_TAG = 0x5253          # MPIComm.reduce_scatter_sum's messages, apart from any other's
 
 
 class MPIComm(Communicator):
@@ -271,6 +289,35 @@ class MPIComm(Communicator):
         host, copy_back = self._host_view(buf)
         with WATCHDOG.watch("bcast", count=host.size):
             self.comm.Bcast(host, root=root)
+        if copy_back:
+            copy_back()
+
+    def reduce_scatter_sum(self, buf, counts):
+        # A ring of sends, not MPI_Reduce_scatter: Open MPI's took 3x an Allreduce's time and twice the buffer in
+        # scratch memory (21M floats on 2 ranks: 133 ms and +161 MB, against 17 ms and +41 MB for this ring).
+        # Step s: send the part accumulated so far to the right, add the one from the left; after size - 1 steps
+        # rank r holds part r summed over every rank.
+        host, copy_back = self._host_view(buf)
+        n, r = self.size, self.rank
+        starts = np.cumsum([0, *counts]).tolist()
+        recv = np.empty(max(counts), host.dtype)
+        right, left = (r + 1) % n, (r - 1) % n
+        for s in range(n - 1):
+            out, into = (r - 1 - s) % n, (r - 2 - s) % n
+            got = recv[:counts[into]]
+            reqs = [self.comm.Irecv(got, source=left, tag=RING_TAG),
+                    self.comm.Isend(host[starts[out]:starts[out + 1]], dest=right, tag=RING_TAG)]
+            with WATCHDOG.watch("reduce_scatter", count=host.size):
+                self.MPI.Request.Waitall(reqs)
+            host[starts[into]:starts[into + 1]] += got
+        if copy_back:
+            copy_back()
+
+    def allgather(self, buf, counts):
+        host, copy_back = self._host_view(buf)
+        displs = np.cumsum([0, *counts[:-1]]).tolist()
+        with WATCHDOG.watch("allgather", count=host.size):
+            self.comm.Allgatherv(self.MPI.IN_PLACE, [host, (list(counts), displs)])
         if copy_back:
             copy_back()
 
@@ -381,6 +428,14 @@ class DebugComm(Communicator):
     def bcast(self, buf, root=0):
         self._check("bcast", buf)
         return self.inner.bcast(buf, root)
+
+    def reduce_scatter_sum(self, buf, counts):
+        self._check("reduce_scatter", buf)
+        return self.inner.reduce_scatter_sum(buf, counts)
+
+    def allgather(self, buf, counts):
+        self._check("allgather", buf)
+        return self.inner.allgather(buf, counts)
 
     def barrier(self):
         self._check("barrier")

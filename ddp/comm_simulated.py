@@ -104,6 +104,22 @@ class SimulatedComm(Communicator):
         src = self._exchange(buf.copy() if self.rank == root else None, "bcast")[root]
         buf[...] = backend.to_device_of(src, buf)
 
+    def reduce_scatter_sum(self, buf, counts):
+        start = sum(counts[:self.rank])
+        part = slice(start, start + counts[self.rank])
+        peers = self._exchange(buf.copy(), "reduce_scatter")
+        total = backend.to_device_of(peers[0][part], buf).copy()
+        for p in peers[1:]:
+            total += backend.to_device_of(p[part], buf)
+        buf[part] = total
+
+    def allgather(self, buf, counts):
+        starts = np.cumsum([0, *counts]).tolist()
+        peers = self._exchange(buf.copy(), "allgather")
+        for r, p in enumerate(peers):
+            if r != self.rank:
+                buf[starts[r]:starts[r + 1]] = backend.to_device_of(p[starts[r]:starts[r + 1]], buf)
+
     def gatherv(self, buf, out, counts, root=0):
         parts = self._exchange(buf.copy(), "gatherv")
         if self.rank == root:

@@ -130,6 +130,9 @@ class Config:
                               group="distributed")
     chunks: int = opt(8, "--deterministic: chunks per global batch (a rank computes its chunks one by one; "
                       "more ranks than chunks leaves some idle)", group="distributed")
+    shard_optimizer: bool = opt(False, "ZeRO stage 1: each rank keeps the optimizer state of 1/N of the parameters "
+                                "(a reduce-scatter of the gradients, the update of its part, an allgather of the "
+                                "parameters); checkpoints hold the whole state", group="distributed")
     drop_last: bool = opt(False, "drop the last partial batch of each epoch", group="distributed")
     check_every: int = opt(100, "compare a hash of the parameters across ranks every N steps (0: only at "
                            "the end)", group="distributed")
@@ -195,6 +198,12 @@ class Config:
                                                                 "--compress: compression is not exact"),
             (not self.deterministic or not self.noise_scale, "--noise-scale needs each rank's own gradient, which "
                                                              "--deterministic does not form: use one of them"),
+            (not self.shard_optimizer or self.mode == "allreduce", "--shard-optimizer needs --mode allreduce: "
+                                                                   "ps servers hold shards of the state already"),
+            (not self.shard_optimizer or self.compress == "none", "--shard-optimizer cannot be combined with "
+                                                                  "--compress: the reduce-scatter is uncompressed"),
+            (not self.shard_optimizer or not self.grad_norms, "--grad-norms needs the whole gradient on every rank: "
+                                                              "drop it or --shard-optimizer"),
             (self.step_size >= 1, f"step size {self.step_size} must be >= 1"),
             (self.warmup_steps >= 0, f"warmup steps {self.warmup_steps} must be >= 0"),
             (0 <= self.seed <= MAX_SEED, f"seed {self.seed} must be in 0..2**63-1"),
@@ -260,6 +269,7 @@ RUN_SETTINGS = frozenset({
     "epochs", "max_steps", "out", "resume", "overwrite", "checkpoint_every", "progress", "quiet", "grad_norms",
     "check_every", "debug", "timeout", "trace", "device", "simulate_ranks", "bucket_mb", "overlap",
     "accumulate", "mode", "servers", "logger", "early_stopping", "min_delta", "monitor", "noise_scale",
+    "shard_optimizer",
 })
 
 

@@ -314,8 +314,8 @@ def row_chunks(X, nbytes: int = 1 << 24) -> list[slice]:
 
 def fit_scale(ds: Dataset, how: str, comm) -> Standardizer:
     """The input scaling `how` (SCALES) of the training set `ds`, in one pass over its rows: each rank reads
-    its shard of them in chunks, and the float64 sums (exact for integer data such as pixels) are combined
-    with one allreduce, so every rank gets the same statistics whatever it read.
+    its blocks of them, and the float64 sums are combined with one allreduce, so every rank gets the same
+    statistics whatever it read, and the same for any number of ranks.
 
     auto: uint8 inputs (images) are divided by 255, anything else is standardized. standard warns once,
     naming them, about features whose training range spans more than 50 stds (a pixel almost always 0): a
@@ -329,24 +329,32 @@ def fit_scale(ds: Dataset, how: str, comm) -> Standardizer:
         return Standardizer.from_stats(np.zeros(d), np.full(d, 255.0 if how == "uint8" else 1.0))
     if ds.rows is not None:                              # in file order: long runs of consecutive rows to read
         ds = dataclasses.replace(ds, rows=np.sort(ds.rows))
-    start, stop = shard_range(len(ds), comm.rank, comm.size)
-    if len(ds) * d * ds.data.itemsize > 1 << 28 and comm.rank == 0:
-        print(f"ddp: scaling statistics: one pass over {len(ds):,} training rows, {comm.size} rank(s) sharing it",
+    n = len(ds)
+    if n * d * ds.data.itemsize > 1 << 28 and comm.rank == 0:
+        print(f"ddp: scaling statistics: one pass over {n:,} training rows, {comm.size} rank(s) sharing it",
               flush=True)
     shift = ds.take([0])[0].astype(np.float64)          # sums of x - shift: no cancellation when |mean| >> std
-    # rows 0, 1: sums of x - shift and of its square; 2 + 2r, 3 + 2r: rank r's per-feature min and max
-    acc = np.zeros((2 + 2 * comm.size, d))
-    lo, hi = acc[2 + 2 * comm.rank], acc[3 + 2 * comm.rank]
+    # The rows are cut into at most 256 blocks; each rank sums whole blocks, each block into its own rows of the
+    # table (0..2B-1: sums of x - shift and of its square per block), and every rank adds the blocks in order:
+    # the same statistics, to the bit, for any world size. Rows 2B + 2r, 2B + 2r + 1: rank r's min and max.
+    block = max(1, -(-n // 256))
+    blocks = -(-n // block)
+    acc = np.zeros((2 * blocks + 2 * comm.size, d))
+    lo, hi = acc[2 * blocks + 2 * comm.rank], acc[2 * blocks + 2 * comm.rank + 1]
     lo[:], hi[:] = np.inf, -np.inf
-    step = max(1, (1 << 21) // d)                        # rows per chunk: 16 MB of float64
-    for s in range(start, stop, step):
-        X = ds.take(slice(s, min(s + step, stop))).astype(np.float64)
-        np.minimum(lo, X.min(axis=0), out=lo)
-        np.maximum(hi, X.max(axis=0), out=hi)
-        X -= shift
-        acc[0] += X.sum(axis=0)
-        acc[1] += (X * X).sum(axis=0)
+    step = max(1, (1 << 21) // d)                        # rows per read: 16 MB of float64
+    first, last = shard_range(blocks, comm.rank, comm.size)
+    for b in range(first, last):
+        for s in range(b * block, min((b + 1) * block, n), step):
+            X = ds.take(slice(s, min(s + step, (b + 1) * block, n))).astype(np.float64)
+            np.minimum(lo, X.min(axis=0), out=lo)
+            np.maximum(hi, X.max(axis=0), out=hi)
+            X -= shift
+            acc[2 * b] += X.sum(axis=0)
+            acc[2 * b + 1] += (X * X).sum(axis=0)
     comm.allreduce_sum(acc)
+    sums = acc[:2 * blocks].reshape(blocks, 2, d).sum(axis=0)        # in block order, on every rank
+    acc = np.concatenate([sums, acc[2 * blocks:]])
     lo, hi = acc[2::2].min(axis=0), acc[3::2].max(axis=0)
     if how == "minmax":
         return Standardizer.from_stats(np.full(d, lo.min()), np.full(d, hi.max() - lo.min()))

@@ -30,6 +30,10 @@ class Optimizer:
     state_names: tuple[str, ...] = ()
 
     def __init__(self, params, grads, lr, weight_decay=0.0, schedule=None):
+        # BLAS axpy (one pass) rounds an element by where it falls in the vector: fused multiply-adds in the
+        # SIMD body, not in the tail. --deterministic (exact=True below) takes NumPy's two passes instead, the
+        # same rounding for every element, so a shard of the arena (--shard-optimizer) updates bit for bit alike.
+        self.axpy = axpy
         if not lr > 0:
             raise UsageError(f"learning rate must be positive, got {lr}")
         if weight_decay < 0:
@@ -54,7 +58,7 @@ class Optimizer:
     def _l2(self, g):
         """g + wd * p, kept apart from the gradient buffer, which holds what was communicated."""
         self._decayed[...] = g
-        axpy(self.weight_decay, self.params, self._decayed)
+        self.axpy(self.weight_decay, self.params, self._decayed)
         return self._decayed
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -95,14 +99,14 @@ class SGD(Optimizer):
         if self.momentum:
             v = self.momentum_buffer
             v *= self.momentum
-            axpy(1.0, g, v)
+            self.axpy(1.0, g, v)
             if self.nesterov:                  # p -= lr * (g + momentum * v)
-                axpy(-lr, g, p)
-                axpy(-lr * self.momentum, v, p)
+                self.axpy(-lr, g, p)
+                self.axpy(-lr * self.momentum, v, p)
             else:
-                axpy(-lr, v, p)
+                self.axpy(-lr, v, p)
         else:
-            axpy(-lr, g, p)
+            self.axpy(-lr, g, p)
 
 
 class Adam(Optimizer):
@@ -128,17 +132,17 @@ class Adam(Optimizer):
         elif self.weight_decay:
             g = self._l2(g)
         m *= b1
-        axpy(1 - b1, g, m)
+        self.axpy(1 - b1, g, m)
         v *= b2
         xp.multiply(g, g, out=tmp)
-        axpy(1 - b2, tmp, v)
+        self.axpy(1 - b2, tmp, v)
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         # p -= lr * (m / bc1) / (sqrt(v / bc2) + eps), with the scalars folded
         xp.sqrt(v, out=tmp)
         tmp *= 1 / math.sqrt(bc2)
         tmp += self.eps
         xp.divide(m, tmp, out=tmp)
-        axpy(-lr / bc1, tmp, p)
+        self.axpy(-lr / bc1, tmp, p)
 
 
 class AdamW(Adam):
@@ -182,10 +186,20 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def make_optimizer(name, params, grads, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
-                   betas=(0.9, 0.999), eps=1e-8, schedule=None):
+                   betas=(0.9, 0.999), eps=1e-8, schedule=None, exact=False):
     if name == "sgd":
-        return SGD(params, grads, lr, momentum, nesterov, weight_decay, schedule)
-    if name in ("adam", "adamw"):
+        opt = SGD(params, grads, lr, momentum, nesterov, weight_decay, schedule)
+    elif name in ("adam", "adamw"):
         cls = Adam if name == "adam" else AdamW
-        return cls(params, grads, lr, betas, eps, weight_decay, schedule)
-    raise UsageError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
+        opt = cls(params, grads, lr, betas, eps, weight_decay, schedule)
+    else:
+        raise UsageError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if exact:
+        opt.axpy = exact_axpy
+    return opt
+
+
+def exact_axpy(a: float, x, y) -> None:
+    """y += a * x as two roundings, the same for every element wherever it sits (see Optimizer.__init__)."""
+    y += a * x
+

@@ -57,8 +57,13 @@ def make_buckets(model, bucket_bytes: int) -> list[Bucket]:
 
 class DataParallel:
     def __init__(self, model, comm: Communicator, bucket_bytes: int = 1 << 20, overlap: bool = True,
-                 compress: str | None = None, seed: int = 0, error_feedback: bool = True, chunks: int = 0):
+                 compress: str | None = None, seed: int = 0, error_feedback: bool = True, chunks: int = 0,
+                 scatter=None):
         self.model, self.comm = model, comm
+        # --shard-optimizer (zero.py): one reduce-scatter after backward, in parts of these sizes
+        self.scatter = scatter
+        if scatter is not None:
+            overlap = False
         self.overlap, self.compress, self.psgd = overlap, compress, None
         # --deterministic: chunks added in fixed point after backward (exact.py): nothing to overlap
         self.exact = ExactSum(comm, model.grads, chunks) if chunks else None
@@ -126,6 +131,9 @@ class DataParallel:
                 t = time.perf_counter()
                 if self.psgd is not None:
                     self.psgd.reduce(self.model.grads, self.tracer.span)
+                elif self.scatter is not None:
+                    with self.tracer.span("reduce-scatter", "allreduce", bytes=self.model.grads.nbytes, blocking=True):
+                        self.comm.reduce_scatter_sum(self.model.grads, self.scatter)
                 else:
                     with self.tracer.span("allreduce", "allreduce", bytes=self.model.grads.nbytes, blocking=True):
                         self.comm.allreduce_sum(self.model.grads, self.compress)

@@ -139,7 +139,7 @@ def make_optimizer_for(cfg: Config, params, grads, total_steps: int):
                      step_size=cfg.step_size, gamma=cfg.gamma)
     return make_optimizer(cfg.optimizer, params, grads, lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, schedule=sched)
+                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, schedule=sched, exact=cfg.deterministic)
 
 
 def steps_per_epoch(cfg: Config, n: int, batch_size: int) -> int:

@@ -34,21 +34,30 @@ from .loop import train_loop
 from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_for, steps_per_epoch, total_steps
 from .stop import stop_requested
 from .trace import NULL, Tracer
+from .zero import ShardedOptimizer
 
-def check_finite(model: Network, loss, step: int, local_sq=0.0) -> tuple[float, float, float]:
+def check_finite(model: Network, loss, step: int, local_sq=0.0, shard=None) -> tuple[float, float, float]:
     """Raise if the gradients hold NaN or Inf; return the step's loss, gradient norm and `local_sq` (the
     squared norm before the allreduce, for --noise-scale) as Python floats.
 
     They come to the host together, in ONE transfer: the step's only wait for the GPU. After the
     allreduce every rank holds the same gradients, so every rank reaches the same verdict without
-    communicating."""
+    communicating. shard=(comm, grads view): each rank holds the sum of its part only (--shard-optimizer), so
+    the squared norms of the parts and their non-finite counts are summed over the ranks: one verdict."""
     xp = model.xp
+    grads = model.grads if shard is None else shard[1]
     trio = xp.empty(3, np.float64)
     trio[0] = loss
-    trio[1] = xp.vdot(model.grads, model.grads)
+    trio[1] = xp.vdot(grads, grads)
     trio[2] = local_sq
     loss, sqnorm, local_sq = (float(v) for v in backend.to_numpy(trio))
-    if not backend.all_finite(model.grads, sqnorm):
+    if shard is None:
+        finite = backend.all_finite(grads, sqnorm)
+    else:
+        both = np.array([sqnorm, 0.0 if backend.all_finite(grads, sqnorm) else 1.0])
+        shard[0].allreduce_sum(both)
+        sqnorm, finite = float(both[0]), not both[1]
+    if not finite:
         raise TrainingError(f"gradients became NaN or Inf at step {step + 1}; "
                             f"the loss is {loss:.4g}; try a lower learning rate")
     return loss, math.sqrt(sqnorm), local_sq
@@ -69,6 +78,8 @@ class Allreduce:
         self.noise = NoiseScale() if s.cfg.noise_scale else None
         dp.measure_local = self.noise is not None
         self.rows, self.warned = (0, 0), False
+        # --shard-optimizer after a reduce-scatter: this rank's part of the gradient is the only summed one
+        self.shard = (comm, optimizer.grads) if isinstance(optimizer, ShardedOptimizer) and dp.scatter else None
 
     def denom(self, global_rows: int, my_rows: int) -> int:
         self.rows = (global_rows, my_rows)
@@ -84,23 +95,26 @@ class Allreduce:
 
     def apply(self, loss, step):
         with self.span("finite check"):
-            loss, norm, local_sq = check_finite(self.s.model, loss, step, self.dp.local_sq)
+            loss, norm, local_sq = check_finite(self.s.model, loss, step, self.dp.local_sq, self.shard)
         self.dp.local_sq = 0.0
         if self.dp.exact is not None:      # the sum of every chunk's loss, on rank 0: the epoch sum stays exact
             loss = self.dp.exact.loss if self.comm.rank == 0 else 0.0
         if self.noise is not None:
             self.noise.add(local_sq, norm * norm, self.rows[1], self.rows[0])
         # By the norm of the averaged gradient, the same on every rank, so replicas stay identical.
-        self.clipped += clip_grad_norm(self.s.model.grads, norm, self.s.cfg.clip_grad_norm)
+        self.clipped += clip_grad_norm(self.s.model.grads if self.shard is None else self.shard[1], norm,
+                                       self.s.cfg.clip_grad_norm)
         with self.span("optimizer"):
             self.optimizer.step()
         self.norm_sum += norm              # before clipping
         return loss, True
 
     def save(self, step, position):
+        sharded = isinstance(self.optimizer, ShardedOptimizer)
+        state = self.optimizer.state_dict() if sharded else None      # every rank sends its shard to rank 0
         if self.reporter.active:
             with self.span("checkpoint"):
-                save_checkpoint(self.path, self.s, self.s.model.state_dict(), self.optimizer.state_dict(),
+                save_checkpoint(self.path, self.s, self.s.model.state_dict(), state or self.optimizer.state_dict(),
                                 step=step, epoch=position[0], batch=position[1])
             self.reporter.saved(step)
 
@@ -151,7 +165,10 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     spe = steps_per_epoch(cfg, len(train), B)
     # The schedule spans the planned epochs: --max-steps stops a run early without
     # reshaping its learning-rate curve, so stopping and resuming changes nothing.
-    optimizer = make_optimizer_for(cfg, model.params, model.grads, cfg.epochs * spe)
+    def make(params, grads):
+        return make_optimizer_for(cfg, params, grads, cfg.epochs * spe)
+    optimizer = ShardedOptimizer(make, model.params, model.grads, comm) if cfg.shard_optimizer else \
+        make(model.params, model.grads)
     start = (0, 0, 0)
     if ckpt is not None:
         start = tuple(agree(comm, restore, ckpt, model, optimizer, cfg.resume))
@@ -162,9 +179,11 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and model.device == "gpu")
     dp = DataParallel(model, comm, bucket_bytes=int(cfg.bucket_mb * (1 << 20)), overlap=overlap,
                       compress=None if cfg.compress == "none" else cfg.compress, seed=cfg.seed,
-                      error_feedback=cfg.error_feedback, chunks=cfg.chunks if cfg.deterministic else 0)
-    # Rank 0's optimizer state is broadcast with the parameters: replicas start identical.
-    for name in optimizer.state_names:
+                      error_feedback=cfg.error_feedback, chunks=cfg.chunks if cfg.deterministic else 0,
+                      scatter=optimizer.counts if cfg.shard_optimizer and not cfg.deterministic else None)
+    # Rank 0's optimizer state is broadcast with the parameters: replicas start identical (sharded: each
+    # rank's part of the state came from the same checkpoint, or starts at zero).
+    for name in optimizer.state_names if not cfg.shard_optimizer else ():
         comm.bcast(getattr(optimizer, name), root=0)
 
     rank0 = comm.rank == 0

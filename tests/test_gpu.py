@@ -133,11 +133,13 @@ def test_training_run(device, tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(overlap="on", bucket_mb=0.0005), dict(overlap="off", accumulate=2),
-                                dict(overlap="on", compress="fp16")], ids=["overlap", "accumulate", "fp16"])
+                                dict(overlap="on", compress="fp16"),
+                                dict(shard_optimizer=True, optimizer="adamw")],
+                         ids=["overlap", "accumulate", "fp16", "shard-optimizer"])
 def test_data_parallel_over_two_simulated_ranks(device, tmp_path, kw):
     """Two simulated ranks on the device compute what one NumPy process computes (fp16: what
     two simulated NumPy ranks compute, the rounding to float16 being the same)."""
-    ref_kw = dict(kw, simulate_ranks=2) if "compress" in kw else {}
+    ref_kw = dict(kw, simulate_ranks=2) if "compress" in kw else {k: v for k, v in kw.items() if k == "optimizer"}
     ref, _ = final_params(Config(out=str(tmp_path / "cpu"), device="cpu", **BASE, **ref_kw))
     got, _ = final_params(Config(out=str(tmp_path / "dev"), device=device, simulate_ranks=2, **BASE, **kw))
     assert rel_diff(got, ref) <= (1e-12 if "compress" not in kw else 1e-6)

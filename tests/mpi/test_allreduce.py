@@ -43,6 +43,9 @@ VARIANTS = {
     "drop-last": dict(batch_size=37, n_samples=250, max_steps=0, epochs=3, drop_last=True),
     "adam-cosine": dict(optimizer="adam", momentum=0.0, lr=0.01, schedule="cosine", warmup_steps=5),
     "clip-accumulate": dict(clip_grad_norm=0.3, accumulate=2, overlap="on", bucket_mb=0.0),
+    # --shard-optimizer: a reduce-scatter, each rank's part of Adam, an allgather (issue 16)
+    "zero-adam-clip": dict(shard_optimizer=True, optimizer="adam", momentum=0.0, lr=0.01, clip_grad_norm=0.3),
+    "zero-uneven": dict(shard_optimizer=True, batch_size=37, n_samples=250, max_steps=0, epochs=3),
     # synchronized batch norm and dropout keyed by global rows make a CNN as exact as an MLP
     "cnn": dict(n_features=36, input_shape="1,6,6", overlap="on", bucket_mb=0.0, max_steps=20,
                 arch="conv:3:3:1:1,relu,maxpool:2,conv:4:2,batchnorm,relu,flatten,dense:8,dropout:0.3,dense:3"),
@@ -53,7 +56,8 @@ VARIANTS = {
 def test_n_ranks_equal_one_rank(comm, shared_tmp, variant):
     kw = {**BASE, **VARIANTS[variant]}
     mine, hashes = trace(Config(out=os.path.join(shared_tmp, variant), **kw), comm)
-    ref, _ = trace(Config(out=os.path.join(shared_tmp, f"{variant}-ref-{comm.rank}"), **kw), SerialComm())
+    ref, _ = trace(Config(out=os.path.join(shared_tmp, f"{variant}-ref-{comm.rank}"),
+                          **{**kw, "shard_optimizer": False}), SerialComm())
     d = rel_diff(mine, ref)
     all_ranks(comm, d <= 1e-12, f"relative difference {d:.3e}")
     # identical replicas: every rank saw bitwise the same parameters after every step
@@ -106,6 +110,7 @@ DETERMINISTIC = {
     "adam-cosine-clip-accumulate": dict(optimizer="adam", momentum=0.0, lr=0.01, schedule="cosine", warmup_steps=5,
                                         clip_grad_norm=0.3, accumulate=3),
     "uneven-last-batch": dict(batch_size=37, n_samples=250, max_steps=0, epochs=3),
+    "sharded-adamw": dict(shard_optimizer=True, optimizer="adamw", momentum=0.0, lr=0.01, clip_grad_norm=0.3),
 }
 
 
@@ -117,7 +122,8 @@ def test_deterministic_float32_is_bitwise_one_process(comm, shared_tmp, variant)
     kw = {**BASE, "dtype": "float32", "deterministic": True, **DETERMINISTIC[variant]}
     out, ref_out = os.path.join(shared_tmp, f"det-{variant}"), os.path.join(shared_tmp, f"det-{variant}-{comm.rank}")
     mine, hashes = trace(Config(out=out, **kw), comm)
-    ref, _ = trace(Config(out=ref_out, **{**kw, "overlap": "off", "accumulate": 1}), SerialComm())
+    ref, _ = trace(Config(out=ref_out, **{**kw, "overlap": "off", "accumulate": 1, "shard_optimizer": False}),
+                   SerialComm())
 
     def figures(path):
         return [{k: v for k, v in json.loads(x).items() if k not in ("samples_per_s", "elapsed_s", "phase_s",
