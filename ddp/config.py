@@ -188,8 +188,9 @@ class Config:
             (not self.compress.startswith("powersgd") or self.mode == "allreduce",
              "--compress powersgd needs --mode allreduce"),
             (self.clip_grad_norm >= 0, f"clip grad norm must be >= 0 (0: off), got {self.clip_grad_norm}"),
-            (not self.clip_grad_norm or self.mode == "allreduce", "--clip-grad-norm needs --mode allreduce: the "
-                                                                  "ps servers each hold a part of the gradient"),
+            (not self.clip_grad_norm or self.mode == "allreduce" or self.consistency == "sync" or (
+                self.consistency == "ssp" and not self.staleness), "--clip-grad-norm in ps mode needs --consistency "
+                                                                   "sync: async servers apply gradients one by one"),
             (not self.noise_scale or self.mode == "allreduce", "--noise-scale needs --mode allreduce: ps workers "
                                                                "never see the averaged gradient"),
             (1 <= self.chunks <= MAX_COUNT, f"chunks {self.chunks} must be >= 1"),

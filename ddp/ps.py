@@ -2,50 +2,40 @@
 
     launch/mpirun.sh -n 3 -- train --mode ps --dataset digits                    # 1 server, 2 workers
     launch/mpirun.sh -n 6 -- train --mode ps --servers 2 --consistency ssp --staleness 2
-    mpiexec -n 4 python -m ddp train --mode ps --servers 2 --consistency async
 
-Roles. Ranks 0..S-1 are servers, ranks S..P-1 workers. The flat parameter arena is cut into S contiguous
-shards of balanced size; server s owns shard s and that shard's optimizer state. The optimizers are
-elementwise, so the S shard optimizers together ARE allreduce mode's optimizer over the whole arena. Servers
-compute on the host (NumPy); workers use --device. Workers keep a full replica, have a communicator of their
-own, and take their shard of every global batch exactly as allreduce mode does. Each step a worker pushes
-gradient shard s to server s and pulls parameter shard s back. A shard is pushed during backward, as soon as
-the layers it covers are done (backward produces the end of the arena first).
+Roles. Ranks 0..S-1 are servers, ranks S..P-1 workers. The flat arena is cut into S contiguous shards of
+balanced size; server s owns shard s and its optimizer state. The optimizers are elementwise, so the S shard
+optimizers together ARE allreduce mode's optimizer. Servers compute on the host; workers use --device, keep a
+full replica, and take their shard of every global batch as allreduce mode does. Each step a worker pushes
+gradient shard s to server s as soon as backward has finished its layers, and pulls parameter shard s back.
 
-Messages are the communicator's non-blocking buffer sends of contiguous arrays (the MPI one stages GPU
-arrays through pinned host memory; simulated ranks run ps mode too). Nothing is pickled except a few bytes
-of JSON for control:
+Messages are non-blocking buffer sends of contiguous arrays; nothing is pickled but a few bytes of JSON:
 
     worker -> server  TAG_GRAD    gradient shard, model dtype
-    worker -> server  TAG_CTRL    JSON bytes: {"kind": "epoch", "record": {...}} (to rank 0), {"kind": "done"}
+    worker -> server  TAG_CTRL    JSON: {"kind": "epoch", "record": {...}} (to rank 0), "done", "stop" (SIGTERM)
     server -> worker  TAG_PARAMS  parameter shard
-    server -> worker  TAG_META    int64 [server clock, staleness of the gradient just applied, status]
-    worker -> server  TAG_CTRL    {"kind": "stop"}: this worker got SIGTERM (sync); "done" says "stopped"
+    server -> worker  TAG_META    int64 [server clock, staleness of the gradient just applied, status, the
+                                  global gradient norm before --clip-grad-norm as float64 bits (sync)]
 
 Consistency (--consistency):
     sync   bulk synchronous. Workers scale their loss by the GLOBAL batch size, so the server's sum of the
-           workers' gradient shards is the global-batch mean gradient; it takes one optimizer step and returns
-           the same new shard to every worker. The weights equal allreduce mode's (1e-12 in float64).
-    async  each gradient (a mean over the worker's own batch) is applied as it arrives, and the worker gets
-           the fresh shard back at once. No worker ever waits for another.
-    ssp    async, but a server holds back its reply to a worker that is more than --staleness k steps ahead
-           of the slowest worker. With k = 0 that is bulk synchronous, so ssp 0 runs the sync protocol.
+           workers' shards is the global-batch mean gradient; one optimizer step, the same new shard to every
+           worker: allreduce mode's weights (1e-12 in float64). --clip-grad-norm: the servers sum their shards'
+           squared norms, so each clips by the global norm.
+    async  each gradient (a mean over the worker's own batch) is applied as it arrives and answered at once.
+    ssp    async, but a server holds back its reply to a worker more than --staleness k steps ahead of the
+           slowest. ssp 0 runs the sync protocol.
 
-Clocks and staleness. A worker's clock is the number of steps it has pushed. A server's clock is the minimum of
-the workers' clocks: the number of steps whose updates the shard holds from EVERY worker (SSP's global clock).
-The staleness of a gradient is the server's clock when it is applied minus the server's clock when the worker
-received the parameters it was computed on: 0 in sync, at most k under ssp. The replies tell each worker the
-staleness of its pushes; metrics.jsonl records each epoch's max_staleness and mean_staleness.
+Clocks. A worker's clock counts its pushes; a server's is the minimum over the workers (SSP's global clock).
+A gradient's staleness is the server's clock when it is applied minus the clock when the worker received the
+parameters it was computed on (0 in sync, at most k under ssp); metrics.jsonl records max and mean per epoch.
 
-Output. Rank 0 (server 0) alone writes metrics.jsonl, checkpoint.npz and summary.json and shows the progress
-bar; the first worker sends it each epoch's record, reduced over the workers. At the schedule's steps the
-servers gather their shards and optimizer state to rank 0, which writes ONE checkpoint in allreduce mode's
-format (either mode resumes from the other's). Async and ssp servers step once per worker step: the schedule
-and `t` count those updates. NaN in a gradient makes the servers reply FAILED; every rank raises TrainingError.
-
-SIGTERM (sync only). A worker that got it sends the servers "stop"; a server that got it, or "stop", replies
-STOP to every worker for the same step, so all of them stop after that step; the servers save a checkpoint
-there and every rank raises errors.Stopped. Async workers are not in step: the CLI leaves SIGTERM's default.
+Output. Rank 0 (server 0) alone writes metrics.jsonl (the first worker sends it each epoch's record),
+checkpoint.npz and summary.json. At the schedule's steps the servers gather their shards and optimizer state to
+rank 0, which writes ONE checkpoint in allreduce mode's format (either mode resumes the other's). Async and ssp
+servers step once per worker step: the schedule and `t` count those updates. NaN in a gradient makes the
+servers reply FAILED; every rank raises TrainingError. SIGTERM (sync only): the servers reply STOP to every
+worker for the same step, save a checkpoint there, and every rank raises errors.Stopped.
 """
 from __future__ import annotations
 
@@ -57,6 +47,7 @@ import time
 import numpy as np
 
 from .backend import all_finite
+from .optim import clip_grad_norm
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
 from .comm import Communicator, DebugComm
 from .config import Config
@@ -76,8 +67,6 @@ TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
 OK, FAILED, STOP = 0, 1, 2     # STOP: this server got SIGTERM (sync only: stop at the end of this step)
 CTRL_BYTES = 1 << 14          # every control message is padded to this (an epoch record is a few hundred bytes)
 
-
-# --------------------------------------------------------------------------- arithmetic
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     """(start, stop) of `parts` balanced contiguous shards of range(n), cut as data.shard cuts a batch."""
@@ -118,12 +107,13 @@ class Worker:
     """A full replica that pushes gradient shards to the servers and pulls parameter shards back: a ps
     worker's side of the loop (see loop.py)."""
 
-    def __init__(self, world: Communicator, wcomm: Communicator, model, bounds, sync: bool):
+    def __init__(self, world: Communicator, wcomm: Communicator, model, bounds, sync: bool, clip: float = 0.0):
         self.world, self.comm, self.model, self.tracer, self.identical = world, wcomm, model, model.tracer, sync
+        self.clip, self.norms = clip, [0.0, 0]    # --clip-grad-norm: this epoch's norms and clipped steps
         # Contiguous views of the arenas: the messages read and write the model itself.
         self.params = [model.params[a:b] for a, b in bounds]
         self.grads = [model.grads[a:b] for a, b in bounds]
-        self.meta = np.zeros((len(bounds), 3), np.int64)
+        self.meta = np.zeros((len(bounds), 4), np.int64)
         # Shard s is complete once backward has finished the layer holding its first element.
         self.ready = {}
         for s, (a, _) in enumerate(bounds):
@@ -180,6 +170,8 @@ class Worker:
         meta = self.wait()
         st = meta[:, 1]
         self.stale = [max(self.stale[0], int(st.max())), self.stale[1] + int(st.sum()), self.stale[2] + len(st)]
+        norm = float(meta[0, 3:].view(np.float64)[0])
+        self.norms = [self.norms[0] + norm, self.norms[1] + (self.clip / (norm + 1e-6) < 1)]
         return float(loss) * self.share, not (meta[:, 2] == FAILED).any()
 
     def save(self, step, position):
@@ -203,6 +195,9 @@ class Worker:
         peaks = self.comm.allgather_obj((self.stale[0], step))
         extra = {"max_staleness": max(p[0] for p in peaks), "mean_staleness": sums[0] / max(sums[1], 1),
                  "last_step": max(p[1] for p in peaks)}
+        if self.clip:
+            extra.update(grad_norm=self.norms[0] / max(n_steps, 1), clipped_steps=self.norms[1])
+            self.norms = [0.0, 0]
         r = self.run_stale
         self.run_stale = [max(r[0], extra["max_staleness"]), r[1] + sums[0], r[2] + sums[1]]
         self.stale = [0, 0, 0]
@@ -215,7 +210,7 @@ class Worker:
 
 def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, start, sync: bool, reporter, on_step):
     """A worker: the loop, with push/pull in place of the allreduce. Returns (summary or {"error": ...}, traffic)."""
-    worker = Worker(world, wcomm, s.model, bounds, sync)
+    worker = Worker(world, wcomm, s.model, bounds, sync, cfg.clip_grad_norm)
     for srv in range(len(bounds)):                  # the initial shards
         worker.expect(srv, count=False)
     worker.wait()
@@ -262,7 +257,8 @@ class Server:
         self.ctrl_in = [np.empty(CTRL_BYTES, np.uint8) for _ in range(n)]
         # sync sends the shard itself to everyone; async copies it, since it changes before the send is done
         self.out = None if sync else [np.empty(b - a, dt) for _ in range(n)]
-        self.meta_out = np.zeros((n, 3), np.int64)
+        self.meta_out = np.zeros((n, 4), np.int64)
+        self.norm = np.zeros(1)                    # the last step's global gradient norm (--clip-grad-norm)
         self.clock = np.zeros(n, np.int64)         # steps each worker has pushed
         self.released = np.zeros(n, np.int64)      # the server clock when each worker got its shard
         self.staleness = np.zeros(n, np.int64)     # of each worker's last applied gradient
@@ -327,7 +323,8 @@ class Server:
             buf = self.out[w]
             buf[...] = self.params
         g = self.gclock
-        self.meta_out[w] = (g, self.staleness[w], FAILED if self.failed else STOP if self.stopping else OK)
+        self.meta_out[w] = (g, self.staleness[w], FAILED if self.failed else STOP if self.stopping else OK,
+                            self.norm.view(np.int64)[0])
         self.released[w] = g
         dest = self.workers[w]
         if more:
@@ -340,7 +337,13 @@ class Server:
         """One optimizer step with the gradient in self.opt.grads, unless it is not finite."""
         if self.failed:
             return
-        if not all_finite(self.opt.grads):
+        finite = all_finite(self.opt.grads)
+        if self.cfg.clip_grad_norm:                # sync: the shards' squared norms add up to the global one
+            both = np.array([float(self.opt.xp.vdot(self.opt.grads, self.opt.grads)), float(not finite)])
+            self.scomm.allreduce_sum(both)
+            self.norm[0], finite = np.sqrt(both[0]), not both[1]
+            clip_grad_norm(self.opt.grads, self.norm[0], self.cfg.clip_grad_norm)
+        if not finite:
             self.failed = True                     # from now on every reply says FAILED
             return
         with self.tracer.span("apply", "optimizer", bytes=self.params.nbytes):
@@ -350,8 +353,8 @@ class Server:
         before = self.gclock
         self.clock[w] += 1
         self.world.at_step(self.start[0] + self.gclock)
-        if w == 0:
-            self._tick()
+        if w == 0 and self.reporter.bar is not None:
+            self.reporter.bar.update(1)
         if self.sync:
             self.arrived += 1
             if self.arrived < len(self.workers):
@@ -382,10 +385,6 @@ class Server:
                     self.reply(u)
         if self.gclock > before:
             self.checkpoint(self.start[0] + self.gclock)
-
-    def _tick(self):
-        if self.reporter.bar is not None:
-            self.reporter.bar.update(1)
 
     def checkpoint(self, step: int) -> None:
         """At the steps where allreduce mode checkpoints, gather every shard and its optimizer

@@ -155,7 +155,7 @@ CASES = [  # (arguments, words the one line must contain); {name} is a file from
     (["--mode", "ps", "--servers", "0"], ["servers 0"]),
     (["--mode", "ps", "--staleness", "-1"], ["staleness -1"]),
     (["--clip-grad-norm", "-1"], ["clip grad norm must be >= 0"]),
-    (["--mode", "ps", "--clip-grad-norm", "1"], ["--clip-grad-norm needs --mode allreduce"]),
+    (["--mode", "ps", "--consistency", "async", "--clip-grad-norm", "1"], ["--clip-grad-norm in ps mode needs --consistency sync"]),
     (["--mode", "ps", "--noise-scale"], ["--noise-scale needs --mode allreduce"]),
     *ISSUE_20_KINDS,
 ]

@@ -61,9 +61,16 @@ VARIANTS = {
                               warmup_steps=5),
     "accumulate-2": dict(accumulate=2),
     "ssp-staleness-0": dict(consistency="ssp", staleness=0),
+    # the servers clip by the global norm: their parts' squared norms summed over the servers (issue 16)
+    "adam-clip": dict(optimizer="adam", momentum=0.0, lr=0.01, clip_grad_norm=0.3),
     "cnn-dropout-layernorm": dict(n_features=36, input_shape="1,6,6",
                                   arch="conv:3:3:1:1,relu,maxpool:2,flatten,layernorm,dense:8,dropout:0.3,dense:3"),
 }
+
+
+def metrics(path):
+    import json
+    return [(r["grad_norm"], r["clipped_steps"]) for r in map(json.loads, open(path))]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -85,12 +92,16 @@ def test_sync_equals_allreduce(comm, shared_tmp, variant):
             worst, odd = compare_checkpoints(os.path.join(out, "checkpoint.npz"),
                                              os.path.join(ref_out, "checkpoint.npz"))
             verdict = (worst <= 1e-12 and not odd, f"S={S}: checkpoint differs by {worst:.3e}, keys {odd}")
+            if kw.get("clip_grad_norm"):           # the norm before clipping, and the steps clipped, per epoch
+                got, want = (metrics(os.path.join(o, "metrics.jsonl")) for o in (out, ref_out))
+                verdict = (verdict[0] and len(got) == len(want) > 0 and all(
+                    g[1] == w[1] and abs(g[0] - w[0]) <= 1e-12 * w[0] for g, w in zip(got, want)), (got, want))
         all_ranks(comm, *verdict)
         # Traffic: each worker step pushes one model's worth of gradients and pulls one of parameters.
         M, W = summary["model_bytes"], comm.size - S
         sent, recv = summary["step_bytes_sent"], summary["step_bytes_received"]
-        all_ranks(comm, all(sent[r] == 50 * M and recv[r] == 50 * (M + 24 * S) for r in range(S, comm.size))
-                  and sum(recv[:S]) == W * 50 * M and sum(sent[:S]) == W * 50 * (M + 24 * S), (sent, recv))
+        all_ranks(comm, all(sent[r] == 50 * M and recv[r] == 50 * (M + 32 * S) for r in range(S, comm.size))
+                  and sum(recv[:S]) == W * 50 * M and sum(sent[:S]) == W * 50 * (M + 32 * S), (sent, recv))
 
 
 def test_staged_buffers_as_on_a_gpu(comm, shared_tmp, monkeypatch, device):
