@@ -63,10 +63,10 @@ def main(argv=None):
                 dp.forward_backward(X[rows], y[rows], denom=n, sync=j == len(parts) - 1)
             opt.step()
         cases[name] = step
-    per_round = max(1, args.iters // args.rounds)
-    times = common.interleave(cases, args.rounds, per_round, barrier=comm.barrier)
-    if comm.rank:
+    got = common.timed_on_ranks(cases, args, comm)
+    if got is None:
         return
+    times, per_round = got
     ratio = common.paired_ratio(times, "deterministic", "plain", per_round)
     print(f"MLP {'-'.join(map(str, sizes))}, float32, batch {args.batch} per rank x {comm.size} ranks, "
           f"{args.chunks} chunks, BLAS {threads}")

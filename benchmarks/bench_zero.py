@@ -63,10 +63,10 @@ def time_steps(args):
             dp.forward_backward(X, y, denom=args.batch * comm.size)
             opt.step()
         cases[name] = step
-    per_round = max(1, args.iters // args.rounds)
-    times = common.interleave(cases, args.rounds, per_round, barrier=comm.barrier)
-    if comm.rank:
+    got = common.timed_on_ranks(cases, args, comm)
+    if got is None:
         return
+    times, per_round = got
     ratio = common.paired_ratio(times, "sharded", "allreduce", per_round)
     print(f"MLP 784-512-512-10, Adam, float32, batch {args.batch} per rank x {comm.size} ranks, BLAS {threads}")
     print(common.table(["case", "step ms (median)"], [[k, common.ms(common.median(v))] for k, v in times.items()]))

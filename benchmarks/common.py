@@ -85,6 +85,14 @@ def interleave(cases: dict, rounds: int, per_round: int, sync=lambda: None, barr
     return times
 
 
+def timed_on_ranks(cases: dict, args, comm) -> tuple[dict, int] | None:
+    """interleave() of the cases over args.iters steps in args.rounds rounds, the ranks lined up before each
+    round; (times, steps per round) on rank 0, None on the others."""
+    per_round = max(1, args.iters // args.rounds)
+    times = interleave(cases, args.rounds, per_round, barrier=comm.barrier)
+    return None if comm.rank else (times, per_round)
+
+
 def median(xs) -> float:
     return statistics.median(xs)
 
