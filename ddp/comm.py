@@ -300,7 +300,7 @@ class MPIComm(Communicator):
         host, copy_back = self._host_view(buf)
         n, r = self.size, self.rank
         starts = np.cumsum([0, *counts]).tolist()
-        recv = np.empty(max(counts), host.dtype)
+        recv = backend.get_array_module(host).empty(max(counts), host.dtype)   # on the device with CUDA-aware MPI
         right, left = (r + 1) % n, (r - 1) % n
         for s in range(n - 1):
             out, into = (r - 1 - s) % n, (r - 2 - s) % n
@@ -310,6 +310,7 @@ class MPIComm(Communicator):
             with WATCHDOG.watch("reduce_scatter", count=host.size):
                 self.MPI.Request.Waitall(reqs)
             host[starts[into]:starts[into + 1]] += got
+            backend.synchronize(host)          # the next send reads it: MPI must not see a kernel still writing
         if copy_back:
             copy_back()
 

@@ -224,7 +224,7 @@ def fresh_comm(comm):
     return MPIComm(comm.comm.Dup())
 
 
-@pytest.mark.parametrize("variant", ["overlap-buckets", "no-overlap", "accumulate-3", "adam-cosine"])
+@pytest.mark.parametrize("variant", ["overlap-buckets", "no-overlap", "accumulate-3", "adam-cosine", "zero-adam-clip"])
 def test_n_ranks_on_the_device_equal_one_rank(comm, shared_tmp, device, emulated, variant):
     from ddp import backend
     kw = {**BASE, **VARIANTS[variant], "device": device}
