@@ -194,7 +194,12 @@ class Config:
             (not self.noise_scale or self.mode == "allreduce", "--noise-scale needs --mode allreduce: ps workers "
                                                                "never see the averaged gradient"),
             (1 <= self.chunks <= MAX_COUNT, f"chunks {self.chunks} must be >= 1"),
-            (not self.deterministic or self.mode == "allreduce", "--deterministic needs --mode allreduce"),
+            (not self.deterministic or self.mode == "allreduce" or self.consistency == "sync" or (
+                self.consistency == "ssp" and not self.staleness), "--deterministic in ps mode needs --consistency "
+                                                                   "sync: async updates depend on arrival order"),
+            (not (self.deterministic and self.clip_grad_norm and self.mode == "ps"), "--clip-grad-norm with "
+             "--deterministic needs --mode allreduce: the ps servers' norm is summed over their parts, in an order "
+             "that depends on --servers"),
             (not self.deterministic or self.compress == "none", "--deterministic cannot be combined with "
                                                                 "--compress: compression is not exact"),
             (not self.deterministic or not self.noise_scale, "--noise-scale needs each rank's own gradient, which "

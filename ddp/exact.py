@@ -12,7 +12,7 @@ chunk's binary exponent (a histogram: sums of counts are exact as well):
     max |g| < 2^E   ->   q = rint(g * 2^S),  S = 52 - ceil(log2 K) - E,   so |sum of K q's| <= 2^52
 
 Every partial sum is an integer below 2^53, which float64 holds exactly: the sum is exact in any order (and MPI's
-float64 sum adds nothing). The quantum 2^-S is 2^-(52 - ceil(log2 K)) of the largest element, far below float32's
+float64 sum or a parameter server's adds nothing). The quantum 2^-S is 2^-(52 - ceil(log2 K)) of the largest element, far below float32's
 own rounding; the result is rounded once more, to the arena's dtype. The same histogram carries each chunk's loss (float64
 bits in the chunk's own slot, zeros elsewhere, so the integer sum IS those bits), and every rank adds the K
 losses in chunk order. Cost: the chunks' gradients are kept until the scale is known (ceil(K/N) copies of the
@@ -46,7 +46,8 @@ class ExactSum:
         self.chunks = self.xp.empty((slots, grads.size), grads.dtype)
         self.stats = self.xp.zeros(2 * slots, np.float64)      # each chunk's max |g|, then its loss
         self.count, self.loss = 0, 0.0
-        self._acc = self._tmp = None
+        self.acc = self.xp.empty(grads.size, np.float64)         # what the ranks add: see local()
+        self._tmp = self.xp.empty((slots, BLOCK), np.float64)
 
     def add(self, grads, loss) -> None:
         """Keep one chunk's gradient (the flat arena) and its loss; in chunk order."""
@@ -61,6 +62,14 @@ class ExactSum:
 
     def finish(self, grads) -> None:
         """grads <- the sum of every rank's chunks, rounded once; self.loss <- the sum of their losses."""
+        acc = self.local()
+        self.comm.allreduce_sum(acc)
+        grads[...] = acc
+
+    def local(self):
+        """This rank's chunks added exactly: a float64 arena of multiples of 2^-S (NaN if any rank's chunk held
+        NaN or Inf). Sums of such arrays from every rank, in any order and any grouping, are exact: allreduce
+        mode adds them with one allreduce, ps servers as the workers' pushes arrive. Sets self.loss."""
         n, xp = len(self.chunks), self.xp
         stats = backend.to_numpy(self.stats)           # the step's one wait for the device
         small = np.zeros(BINS + self.k, np.int64)
@@ -75,26 +84,21 @@ class ExactSum:
         count, self.count = self.count, 0
         self.loss = float(small[BINS:].view(np.float64).sum())      # the same array, in chunk order, everywhere
         self.stats[:] = 0
-        if small[NONFINITE]:
-            grads[...] = np.nan                        # the finite check that follows names the step
-            return
-        used = np.flatnonzero(small[:NONFINITE])
-        if not len(used):
-            grads[...] = 0
-            return
+        acc, used = self.acc, np.flatnonzero(small[:NONFINITE])
+        if small[NONFINITE] or not len(used):
+            acc[...] = np.nan if small[NONFINITE] else 0.0          # NaN: the finite check names the step
+            return acc
         S = 52 - math.ceil(math.log2(self.k)) - (int(used[-1]) - OFFSET)
-        if self._acc is None:
-            self._acc, self._tmp = xp.empty(grads.size, np.float64), xp.empty((n, BLOCK), np.float64)
-        acc, scale = self._acc, 2.0 ** S
+        scale = 2.0 ** S
         # In column blocks that stay in cache, so each chunk is read once from memory. q = rint(g * 2^S) is an
         # integer below 2^(52 - ceil(log2 K)) (g * 2^S is exact: a power of two), so every partial sum of K of
-        # them is an integer below 2^52: exact in float64, in any order, here and in MPI's sum.
-        for a in range(0, grads.size, BLOCK):
-            width = min(BLOCK, grads.size - a)
+        # them is an integer below 2^52: exact in float64, in any order. Scaled back by 2^-S (exact too), the
+        # sums stay exact: integers in units of 2^-S.
+        for a in range(0, acc.size, BLOCK):
+            width = min(BLOCK, acc.size - a)
             q = self._tmp[:count, :width]
             xp.multiply(self.chunks[:count, a:a + width], scale, out=q, dtype=np.float64)
             xp.rint(q, out=q)
             xp.sum(q, axis=0, out=acc[a:a + width])
-        self.comm.allreduce_sum(acc)
-        acc *= 2.0 ** -S
-        grads[...] = acc
+        acc *= 1.0 / scale
+        return acc

@@ -2,7 +2,7 @@
 
 Every rank draws the same permutation from (seed, epoch), takes its contiguous shard of each global batch and
 runs forward and backward on it in --accumulate micro-batches. What the modes do differently sits behind a
-small synchronization object, `sync` (train.Allreduce, ps.Worker):
+small synchronization object, `sync` (train.Allreduce, ps_worker.Worker):
 
     comm, world                   the data-parallel ranks (shards, epoch sums, replica checks); the whole job
     identical                     whether every replica holds the same weights after each step

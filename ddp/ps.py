@@ -6,7 +6,7 @@
 Roles. Ranks 0..S-1 are servers, ranks S..P-1 workers. The flat arena is cut into S contiguous shards of
 balanced size; server s owns shard s and its optimizer state. The optimizers are elementwise, so the S shard
 optimizers together ARE allreduce mode's optimizer. Servers compute on the host; workers use --device, keep a
-full replica, and take their shard of every global batch as allreduce mode does. Each step a worker pushes
+full replica (ps_worker.py), and take their shard of every global batch as allreduce mode does. Each step a worker pushes
 gradient shard s to server s as soon as backward has finished its layers, and pulls parameter shard s back.
 
 Messages are non-blocking buffer sends of contiguous arrays; nothing is pickled but a few bytes of JSON:
@@ -21,7 +21,8 @@ Consistency (--consistency):
     sync   bulk synchronous. Workers scale their loss by the GLOBAL batch size, so the server's sum of the
            workers' shards is the global-batch mean gradient; one optimizer step, the same new shard to every
            worker: allreduce mode's weights (1e-12 in float64). --clip-grad-norm: the servers sum their shards'
-           squared norms, so each clips by the global norm.
+           squared norms, so each clips by the global norm. --deterministic: the workers push their exact
+           float64 sums (exact.py), which the servers add in float64: allreduce mode's weights, bitwise.
     async  each gradient (a mean over the worker's own batch) is applied as it arrives and answered at once.
     ssp    async, but a server holds back its reply to a worker more than --staleness k steps ahead of the
            slowest. ssp 0 runs the sync protocol.
@@ -42,30 +43,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 import numpy as np
 
 from .backend import all_finite
-from .optim import clip_grad_norm
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
 from .comm import Communicator, DebugComm
 from .config import Config
 from .data import shard_range
 from .errors import Stopped, TrainingError, UsageError
-from .evaluate import final_metrics
-from .loop import train_loop
-from .parallel import check_replicas, verify_model
+from .optim import clip_grad_norm
+from .parallel import verify_model
+from .ps_worker import CTRL_BYTES, FAILED, OK, STOP, TAG_CTRL, TAG_GRAD, TAG_META, TAG_PARAMS, _work
 from .report import Reporter
 from .run import finished_summary, start_run
 from .setup import (Setup, agree, checkpoint_points, is_finished, make_optimizer_for, position, steps_per_epoch,
                     total_steps)
 from .stop import got_sigterm
 from .trace import NULL, Tracer
-
-TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
-OK, FAILED, STOP = 0, 1, 2     # STOP: this server got SIGTERM (sync only: stop at the end of this step)
-CTRL_BYTES = 1 << 14          # every control message is padded to this (an epoch record is a few hundred bytes)
 
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -76,14 +71,6 @@ def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
 def is_sync(cfg: Config) -> bool:
     """Bulk synchronous: --consistency sync, or ssp with staleness 0."""
     return cfg.consistency == "sync" or (cfg.consistency == "ssp" and cfg.staleness == 0)
-
-
-def _json_bytes(obj) -> np.ndarray:
-    """A control message: JSON text padded with spaces to CTRL_BYTES, so that a receive needs no count."""
-    text = json.dumps(obj).encode()
-    if len(text) > CTRL_BYTES:
-        raise RuntimeError(f"control message of {len(text)} bytes exceeds {CTRL_BYTES}")
-    return np.frombuffer(bytearray(text.ljust(CTRL_BYTES)), np.uint8)
 
 
 def check_ps(cfg: Config, comm: Communicator) -> None:
@@ -99,141 +86,6 @@ def check_ps(cfg: Config, comm: Communicator) -> None:
     if S >= comm.size:
         raise UsageError(f"--servers {S} leaves no worker among {comm.size} ranks: use --servers "
                          f"{comm.size - 1} or fewer, or launch with mpiexec -n {S + 1} or more")
-
-
-# --------------------------------------------------------------------------- worker
-
-class Worker:
-    """A full replica that pushes gradient shards to the servers and pulls parameter shards back: a ps
-    worker's side of the loop (see loop.py)."""
-
-    def __init__(self, world: Communicator, wcomm: Communicator, model, bounds, sync: bool, clip: float = 0.0):
-        self.world, self.comm, self.model, self.tracer, self.identical = world, wcomm, model, model.tracer, sync
-        self.clip, self.norms = clip, [0.0, 0]    # --clip-grad-norm: this epoch's norms and clipped steps
-        # Contiguous views of the arenas: the messages read and write the model itself.
-        self.params = [model.params[a:b] for a, b in bounds]
-        self.grads = [model.grads[a:b] for a, b in bounds]
-        self.meta = np.zeros((len(bounds), 4), np.int64)
-        # Shard s is complete once backward has finished the layer holding its first element.
-        self.ready = {}
-        for s, (a, _) in enumerate(bounds):
-            layer = next(L for L in model.layers if L.start <= a < L.stop)
-            self.ready.setdefault(layer.index, []).append(s)
-        self.reqs, self.keep = [], []
-        self.bytes_sent = self.bytes_received = 0
-        self.pull_bytes = sum(p.nbytes for p in self.params)
-        self.told, self.share = False, 1.0
-        self.stale = [0, 0, 0]                     # this epoch's max, sum and count of the replies' staleness
-        self.run_stale = [0, 0.0, 0.0]             # the run's
-
-    def expect(self, s: int, count: bool = True) -> None:
-        """Post the receives of server s's reply: its parameter shard and its meta."""
-        self.reqs += [self.world.irecv(self.params[s], s, TAG_PARAMS), self.world.irecv(self.meta[s], s, TAG_META)]
-        if count:
-            self.bytes_received += self.params[s].nbytes + self.meta[s].nbytes
-
-    def push(self, s: int) -> None:
-        with self.tracer.span(f"push to server {s}", "push", bytes=self.grads[s].nbytes):
-            # The reply's receives go up before the gradient leaves. Writing the reply into the arena
-            # while backward goes on is safe: backward is done with every layer of shard s.
-            self.expect(s)
-            self.reqs.append(self.world.isend(self.grads[s], s, TAG_GRAD))
-        self.bytes_sent += self.grads[s].nbytes
-
-    def on_grad(self, layer: int) -> None:
-        for s in self.ready.get(layer, ()):
-            self.push(s)
-
-    def send_ctrl(self, dest: int, obj: dict) -> None:
-        data = _json_bytes(obj)
-        self.keep.append(data)                     # alive until its send completes
-        self.reqs.append(self.world.isend(data, dest, TAG_CTRL))
-
-    def wait(self) -> np.ndarray:
-        """Finish every pending message; returns the replies' meta, one [clock, staleness, status] per server."""
-        with self.tracer.span("pull (wait for the servers' replies)", "pull", bytes=self.pull_bytes):
-            self.world.waitall(self.reqs, "the worker's Waitall for the servers' replies")
-        self.reqs, self.keep = [], []
-        return self.meta
-
-    # ---- the loop's side (loop.py)
-    def denom(self, global_rows: int, my_rows: int) -> int:
-        # sync: a share of the global-batch mean, as in allreduce mode; async: this worker's own mean
-        self.share = 1.0 if self.identical else my_rows / global_rows
-        return global_rows if self.identical else max(my_rows, 1)
-
-    def backward(self, X, y, denom, accumulate, last, rows, step):
-        return self.model.forward_backward(X, y, denom=denom, accumulate=accumulate, rows=rows, step=step,
-                                           on_grad=self.on_grad if last else None)
-
-    def apply(self, loss, step):
-        meta = self.wait()
-        st = meta[:, 1]
-        self.stale = [max(self.stale[0], int(st.max())), self.stale[1] + int(st.sum()), self.stale[2] + len(st)]
-        norm = float(meta[0, 3:].view(np.float64)[0])
-        self.norms = [self.norms[0] + norm, self.norms[1] + (self.clip / (norm + 1e-6) < 1)]
-        return float(loss) * self.share, not (meta[:, 2] == FAILED).any()
-
-    def save(self, step, position):
-        pass                                       # the servers save at the same steps
-
-    def stop(self, step, position) -> bool:
-        if not self.identical:
-            return False
-        if (self.meta[:, 2] == STOP).any():        # every worker got the same replies for this step
-            return True
-        if got_sigterm() and not self.told:        # the servers stop everyone at one step
-            for srv in range(len(self.params)):
-                self.send_ctrl(srv, {"kind": "stop"})
-            self.told = True
-        return False
-
-    def epoch_sums(self):
-        return self.stale[1:]
-
-    def epoch_extra(self, sums, step, n_steps) -> dict:
-        peaks = self.comm.allgather_obj((self.stale[0], step))
-        extra = {"max_staleness": max(p[0] for p in peaks), "mean_staleness": sums[0] / max(sums[1], 1),
-                 "last_step": max(p[1] for p in peaks)}
-        if self.clip:
-            extra.update(grad_norm=self.norms[0] / max(n_steps, 1), clipped_steps=self.norms[1])
-            self.norms = [0.0, 0]
-        r = self.run_stale
-        self.run_stale = [max(r[0], extra["max_staleness"]), r[1] + sums[0], r[2] + sums[1]]
-        self.stale = [0, 0, 0]
-        return extra
-
-    def end_epoch(self, record, step, position):
-        if self.comm.rank == 0:                    # to rank 0 (a server), which writes the records
-            self.send_ctrl(0, {"kind": "epoch", "record": record})
-
-
-def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, start, sync: bool, reporter, on_step):
-    """A worker: the loop, with push/pull in place of the allreduce. Returns (summary or {"error": ...}, traffic)."""
-    worker = Worker(world, wcomm, s.model, bounds, sync, cfg.clip_grad_norm)
-    for srv in range(len(bounds)):                  # the initial shards
-        worker.expect(srv, count=False)
-    worker.wait()
-    error, stopped, reason, step, epoch, t0 = None, False, None, start[0], start[1], time.perf_counter()
-    try:
-        step, epoch, t0, stopped, reason = train_loop(cfg, s, worker, start, {}, reporter, on_step)
-    except TrainingError as e:                      # raised on every worker together: tell the servers
-        error = str(e)
-    # Shut down: tell every server, then take the final shards, which hold every worker's last update.
-    for srv in range(len(bounds)):
-        worker.send_ctrl(srv, {"kind": "done", "stopped": stopped})
-        worker.expect(srv, count=False)
-    worker.wait()
-    traffic = (worker.bytes_sent, worker.bytes_received)
-    if error is not None:
-        return {"error": error}, traffic
-    check_replicas(wcomm, s.model.params, step)
-    r = worker.run_stale
-    summary = {**final_metrics(s, wcomm, step=step, epoch=epoch, world_size=world.size, t0=t0, stop_reason=reason),
-               "max_staleness": r[0], "mean_staleness": r[1] / max(r[2], 1)}
-    if stopped:
-        summary["stopped_at"] = step
-    return summary, traffic
 
 
 # --------------------------------------------------------------------------- server
@@ -253,7 +105,9 @@ class Server:
         self.sync, self.k = sync, staleness        # k: None for async (no bound)
         self.start, self.spe, self.points, self.reporter = start, spe, points, reporter
         n, dt = len(workers), model.dtype
-        self.grad_in = [np.empty(b - a, dt) for _ in range(n)]
+        # --deterministic: the pushes are exact float64 parts (exact.py), added in float64, rounded once
+        self.grad_in = [np.empty(b - a, np.float64 if self.cfg.deterministic else dt) for _ in range(n)]
+        self.sum = np.empty(b - a) if self.cfg.deterministic else optimizer.grads
         self.ctrl_in = [np.empty(CTRL_BYTES, np.uint8) for _ in range(n)]
         # sync sends the shard itself to everyone; async copies it, since it changes before the send is done
         self.out = None if sync else [np.empty(b - a, dt) for _ in range(n)]
@@ -360,10 +214,11 @@ class Server:
             if self.arrived < len(self.workers):
                 return
             self.arrived = 0
-            g = self.opt.grads                    # the sum over workers, in worker order
+            g = self.sum                          # the sum over workers, in worker order
             g[...] = self.grad_in[0]
             for x in self.grad_in[1:]:
                 g += x
+            self.opt.grads[...] = g               # the same array, or --deterministic's rounding
             self.world.waitall([r for rs in self.sends for r in rs])   # they read self.params
             self.apply()
             self.stopping = self.stopping or got_sigterm()    # once per step: every worker gets the same

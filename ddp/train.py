@@ -36,7 +36,7 @@ from .stop import stop_requested
 from .trace import NULL, Tracer
 from .zero import ShardedOptimizer
 
-def check_finite(model: Network, loss, step: int, local_sq=0.0, shard=None) -> tuple[float, float, float]:
+def check_finite(model: Network, loss, step: int, local_sq=0.0, shard=None, exact=False) -> tuple[float, float, float]:
     """Raise if the gradients hold NaN or Inf; return the step's loss, gradient norm and `local_sq` (the
     squared norm before the allreduce, for --noise-scale) as Python floats.
 
@@ -48,7 +48,8 @@ def check_finite(model: Network, loss, step: int, local_sq=0.0, shard=None) -> t
     grads = model.grads if shard is None else shard[1]
     trio = xp.empty(3, np.float64)
     trio[0] = loss
-    trio[1] = xp.vdot(grads, grads)
+    # --deterministic: NumPy's float64 sum, the same for every BLAS thread count (a threaded dot splits the sum)
+    trio[1] = xp.vdot(grads, grads) if not exact else xp.sum(xp.square(grads, dtype=np.float64))
     trio[2] = local_sq
     loss, sqnorm, local_sq = (float(v) for v in backend.to_numpy(trio))
     if shard is None:
@@ -95,7 +96,8 @@ class Allreduce:
 
     def apply(self, loss, step):
         with self.span("finite check"):
-            loss, norm, local_sq = check_finite(self.s.model, loss, step, self.dp.local_sq, self.shard)
+            loss, norm, local_sq = check_finite(self.s.model, loss, step, self.dp.local_sq, self.shard,
+                                                self.dp.exact is not None)
         self.dp.local_sq = 0.0
         if self.dp.exact is not None:      # the sum of every chunk's loss, on rank 0: the epoch sum stays exact
             loss = self.dp.exact.loss if self.comm.rank == 0 else 0.0

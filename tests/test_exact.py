@@ -86,6 +86,16 @@ def test_a_resume_on_another_world_size_is_bitwise(tmp_path):
     assert same_bits(arrays(out), ref) == []
 
 
+@pytest.mark.parametrize("servers, workers", [(1, 1), (1, 3), (2, 2), (3, 5)])
+def test_sync_ps_mode_is_bitwise_allreduce_mode(tmp_path, servers, workers):
+    """The workers push their chunks' exact float64 sums; the servers add them in float64: every checkpoint array
+    of one allreduce process, for any number of servers and workers (Adam, whose axpy is exact too)."""
+    kw = dict(optimizer="adam", momentum=0.0, lr=0.005, batch_size=37)
+    ref = arrays(train(tmp_path, "one", **kw))
+    out = train(tmp_path, "ps", ranks=servers + workers, mode="ps", servers=servers, **kw)
+    assert same_bits(arrays(out), ref) == []
+
+
 def test_exact_sum_of_chunks_equals_the_float64_sum_rounded_once_for_every_split():
     """Chunks of wildly different scales (1e-30 .. 1e3, mixed signs): every split over ranks gives the same bits,
     within one float32 rounding of the float64 sum, plus K half quanta (2^-49 of the largest element here)."""
@@ -133,7 +143,8 @@ def test_chunks_are_cut_by_the_batch_alone():
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(mode="ps"), "--deterministic needs --mode allreduce"),
+    (dict(mode="ps", consistency="async"), "--deterministic in ps mode needs --consistency sync"),
+    (dict(mode="ps", clip_grad_norm=1.0), "--clip-grad-norm with --deterministic needs --mode allreduce"),
     (dict(compress="fp16"), "cannot be combined with --compress"),
     (dict(noise_scale=True), "--noise-scale needs each rank's own gradient"),
     (dict(arch="dense:8,batchnorm,relu,dense:3"), "cannot train batchnorm"),
