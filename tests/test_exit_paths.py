@@ -133,7 +133,9 @@ def test_stopped_rank_ends_the_job(tmp_path, mode, trial):
 @pytest.mark.parametrize("trial", TRIALS)
 def test_sigint_to_one_rank_ends_the_job(tmp_path, trial):
     rc, took, err = signal_trial(str(tmp_path), signal.SIGINT, rank=1 - trial % 2)
-    assert rc == 130 and took < LIVENESS_S, (rc, took, err[-3000:])
+    # ddp's lines and both ends of stderr: once, on a loaded machine, the exit was 1 with a traceback whose
+    # first lines (the exception's type) fell outside the tail alone
+    assert rc == 130 and took < LIVENESS_S, (rc, took, error_lines(err), err[:2500], err[-2500:])
     assert error_lines(err) == [f"ddp: error: rank {1 - trial % 2}: interrupted (SIGINT)"], err[-3000:]
 
 
