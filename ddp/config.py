@@ -118,8 +118,9 @@ class Config:
                        ["auto", "on", "off"], group="distributed")
     accumulate: int = opt(1, "split each rank's batch into k micro-batches; communicate once per step",
                           group="distributed")
-    compress: str = opt("none", "gradient compression for the allreduce: none, fp16 (half the bytes), or "
-                        "powersgd:R (rank-R PowerSGD on each weight matrix, with error feedback)", group="distributed")
+    compress: str = opt("none", "gradient compression for the allreduce: none, fp16 (half the bytes), "
+                        "powersgd:R (rank-R PowerSGD on each weight matrix, with error feedback), or auto (each "
+                        "timed on this job's ranks before training; the start line says which)", group="distributed")
     error_feedback: bool = opt(True, "PowerSGD: add what compression lost to the next step's gradient "
                                "(--no-error-feedback is for experiments: training then stalls)", group="distributed")
     noise_scale: bool = opt(False, "report the gradient noise scale B_simple (the critical batch size) each "
@@ -183,8 +184,10 @@ class Config:
                                                          f"{self.beta1}, {self.beta2}"),
             (self.eps > 0, f"Adam eps must be positive, got {self.eps}"),
             (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
-            (self.compress in ("none", "fp16") or re.fullmatch(r"powersgd:[1-9][0-9]{0,3}", self.compress),
-             f"unknown compress {self.compress!r}: expected none, fp16 or powersgd:R (R a rank, e.g. powersgd:2)"),
+            (self.compress in ("none", "fp16", "auto") or re.fullmatch(r"powersgd:[1-9][0-9]{0,3}", self.compress),
+             f"unknown compress {self.compress!r}: expected none, fp16, powersgd:R (R a rank, e.g. powersgd:2) "
+             "or auto"),
+            (self.compress != "auto" or self.mode == "allreduce", "--compress auto needs --mode allreduce"),
             (not self.compress.startswith("powersgd") or self.mode == "allreduce",
              "--compress powersgd needs --mode allreduce"),
             (self.clip_grad_norm >= 0, f"clip grad norm must be >= 0 (0: off), got {self.clip_grad_norm}"),

@@ -18,10 +18,12 @@ import os
 import numpy as np
 
 from . import backend
+from .autotune import choose_compress
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
 from .comm import Communicator, DebugComm, SerialComm
 from .comm_simulated import run_simulated
 from .config import Config
+from .data import shard
 from .errors import Stopped, TrainingError, UsageError
 from .evaluate import final_metrics
 from .model import Network
@@ -179,8 +181,14 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     tracer = Tracer(comm.rank) if cfg.trace else NULL
     model.tracer = tracer
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and model.device == "gpu")
+    compress, why = cfg.compress, ""
+    if compress == "auto":                           # timed on this job's ranks, before training: autotune.py
+        rows = shard(np.arange(min(B, len(train))), comm.rank, comm.size)
+        y = train.y[rows] if model.loss_name != "mse" else train.y[rows].astype(model.dtype)
+        compress, why = choose_compress(model, comm, train.inputs(rows, model.xp, model.dtype),
+                                        model.xp.asarray(y), B, cfg.seed)
     dp = DataParallel(model, comm, bucket_bytes=int(cfg.bucket_mb * (1 << 20)), overlap=overlap,
-                      compress=None if cfg.compress == "none" else cfg.compress, seed=cfg.seed,
+                      compress=None if compress == "none" else compress, seed=cfg.seed,
                       error_feedback=cfg.error_feedback, chunks=cfg.chunks if cfg.deterministic else 0,
                       scatter=optimizer.counts if cfg.shard_optimizer and not cfg.deterministic else None)
     # Rank 0's optimizer state is broadcast with the parameters: replicas start identical (sharded: each
@@ -196,6 +204,8 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         threads = backend.thread_note or backend.blas_threads()
         print(f"ddp: {model} on {comm.describe()}, {len(train)} training samples, "
               f"global batch {B}, {n_total} steps{gpu}{out}, BLAS threads {threads}", flush=True)
+        if why:
+            print(f"ddp: --compress auto chose {compress}: {why}", flush=True)
     reporter = Reporter(cfg, rank0, n_total, start[0], s.prep.task, start[0] if ckpt is not None else None)
     if cfg.trace:
         tracer.start(comm)
@@ -208,6 +218,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     with tracer.span("evaluate"):
         summary = final_metrics(s, comm, step=step, epoch=epoch, world_size=comm.size, t0=t0, stop_reason=reason)
     summary["allreduce_bytes_per_step"] = dp.bytes_per_step           # what each rank sends into the reductions
+    summary["compress"] = compress
     if cfg.trace:
         tracer.merge(comm, cfg.trace)
         summary["trace"] = cfg.trace
