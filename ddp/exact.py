@@ -27,9 +27,7 @@ import numpy as np
 from . import backend
 from .data import shard_range
 
-OFFSET = 160                 # exponent E of a float32 maximum is in -148..128: bin E + OFFSET
-NONFINITE = 300              # the bin counting chunks with NaN or Inf
-BINS = NONFINITE + 1
+MAX_S = 1000                  # 2^S stays a finite float64; a step whose largest element is below 2^-948 adds zeros
 BLOCK = 1 << 14               # columns per pass of the quantization: 8 chunks of them in float64 fit in L2
 
 
@@ -40,6 +38,11 @@ class ExactSum:
 
     def __init__(self, comm, grads, k: int):
         self.comm, self.k, self.xp = comm, k, backend.get_array_module(grads)
+        # Histogram bins: bin E + offset counts the chunks whose largest |g| is below 2^E (E spans the dtype's
+        # exponents, subnormals included); the last bin counts chunks with NaN or Inf; then one slot per chunk.
+        info = np.finfo(grads.dtype)
+        self.offset = info.nmant - info.minexp + 1
+        self.nonfinite = self.offset + info.maxexp + 1
         self.first, stop = shard_range(k, comm.rank, comm.size)
         self.mine = stop - self.first                 # 0 when the world is larger than k
         slots = max(self.mine, 1)
@@ -72,23 +75,23 @@ class ExactSum:
         mode adds them with one allreduce, ps servers as the workers' pushes arrive. Sets self.loss."""
         n, xp = len(self.chunks), self.xp
         stats = backend.to_numpy(self.stats)           # the step's one wait for the device
-        small = np.zeros(BINS + self.k, np.int64)
+        small, bins = np.zeros(self.nonfinite + 1 + self.k, np.int64), self.nonfinite + 1
         for i in range(min(self.count, self.mine)):
             m = stats[i]
             if not math.isfinite(m):
-                small[NONFINITE] += 1
+                small[self.nonfinite] += 1
             elif m > 0:
-                small[math.frexp(m)[1] + OFFSET] += 1
-            small[BINS + self.first + i] = np.float64(stats[n + i]).view(np.int64)
+                small[math.frexp(m)[1] + self.offset] += 1
+            small[bins + self.first + i] = np.float64(stats[n + i]).view(np.int64)
         self.comm.allreduce_sum(small)
         count, self.count = self.count, 0
-        self.loss = float(small[BINS:].view(np.float64).sum())      # the same array, in chunk order, everywhere
+        self.loss = float(small[bins:].view(np.float64).sum())      # the same array, in chunk order, everywhere
         self.stats[:] = 0
-        acc, used = self.acc, np.flatnonzero(small[:NONFINITE])
-        if small[NONFINITE] or not len(used):
-            acc[...] = np.nan if small[NONFINITE] else 0.0          # NaN: the finite check names the step
+        acc, used = self.acc, np.flatnonzero(small[:self.nonfinite])
+        if small[self.nonfinite] or not len(used):
+            acc[...] = np.nan if small[self.nonfinite] else 0.0     # NaN: the finite check names the step
             return acc
-        S = 52 - math.ceil(math.log2(self.k)) - (int(used[-1]) - OFFSET)
+        S = min(52 - math.ceil(math.log2(self.k)) - (int(used[-1]) - self.offset), MAX_S)
         scale = 2.0 ** S
         # In column blocks that stay in cache, so each chunk is read once from memory. q = rint(g * 2^S) is an
         # integer below 2^(52 - ceil(log2 K)) (g * 2^S is exact: a power of two), so every partial sum of K of

@@ -124,6 +124,33 @@ def test_exact_sum_of_chunks_equals_the_float64_sum_rounded_once_for_every_split
     np.testing.assert_allclose(results[0][0], want.astype(np.float32), rtol=2 ** -23, atol=k * quantum)
 
 
+@pytest.mark.parametrize("scale", [1e300, 1e-300], ids=["huge", "tiny"])
+def test_exact_sum_spans_float64s_exponents(scale):
+    """float64 arenas reach exponents float32 never does (their histogram is wider): the same bits for every split,
+    the float64 sum's value for huge elements, and no overflow of the scale for tiny ones (below 2^-948 a step adds
+    in units of 2^-1000)."""
+    rng = np.random.default_rng(1)
+    k, p = 5, 64
+    chunks = rng.standard_normal((k, p)) * scale
+
+    def total(world):
+        def body(comm):
+            ex = ExactSum(comm, np.zeros(p), k)
+            a, b = shard_range(k, comm.rank, world)
+            for i in range(a, b) if b > a else [None]:
+                ex.add(chunks[i] if i is not None else np.zeros(p), 0.0)
+            out = np.zeros(p)
+            ex.finish(out)
+            return out
+        return run_simulated(world, body)[0] if world > 1 else body(SerialComm())
+    got = [total(w) for w in (1, 2, 3, 6)]
+    assert all(g.tobytes() == got[0].tobytes() for g in got)
+    if scale > 1:
+        np.testing.assert_allclose(got[0], chunks.sum(0), rtol=1e-12)
+    else:
+        assert np.all(np.abs(got[0] - chunks.sum(0)) <= k * 2.0 ** -1000)
+
+
 def test_exact_sum_passes_nan_on_so_the_finite_check_names_the_step():
     ex = ExactSum(SerialComm(), np.zeros(4, np.float32), 2)
     ex.add(np.array([1, 2, np.nan, 3], np.float32), 0.0)
