@@ -149,8 +149,7 @@ def cmd_train(args, comm) -> None:
     limit_threads(getattr(comm, "local_size", None), cfg.simulate_ranks)
     if not cfg.out:
         cfg.out = comm.bcast_obj(auto_out(cfg) if comm.rank == 0 else None)
-    from .ps import is_sync
-    if cfg.mode == "allreduce" or is_sync(cfg):
+    if cfg.mode == "allreduce" or cfg.ps_sync():
         # Async ps keeps SIGTERM's default: its workers are not in step, so the job ends and resumes from
         # its last checkpoint (--checkpoint-every).
         handle_sigterm()

@@ -191,15 +191,13 @@ class Config:
             (not self.compress.startswith("powersgd") or self.mode == "allreduce",
              "--compress powersgd needs --mode allreduce"),
             (self.clip_grad_norm >= 0, f"clip grad norm must be >= 0 (0: off), got {self.clip_grad_norm}"),
-            (not self.clip_grad_norm or self.mode == "allreduce" or self.consistency == "sync" or (
-                self.consistency == "ssp" and not self.staleness), "--clip-grad-norm in ps mode needs --consistency "
-                                                                   "sync: async servers apply gradients one by one"),
+            (not self.clip_grad_norm or self.mode == "allreduce" or self.ps_sync(), "--clip-grad-norm in ps mode "
+             "needs --consistency sync: async servers apply gradients one by one"),
             (not self.noise_scale or self.mode == "allreduce", "--noise-scale needs --mode allreduce: ps workers "
                                                                "never see the averaged gradient"),
             (1 <= self.chunks <= MAX_COUNT, f"chunks {self.chunks} must be >= 1"),
-            (not self.deterministic or self.mode == "allreduce" or self.consistency == "sync" or (
-                self.consistency == "ssp" and not self.staleness), "--deterministic in ps mode needs --consistency "
-                                                                   "sync: async updates depend on arrival order"),
+            (not self.deterministic or self.mode == "allreduce" or self.ps_sync(), "--deterministic in ps mode "
+             "needs --consistency sync: async updates depend on arrival order"),
             (not (self.deterministic and self.clip_grad_norm and self.mode == "ps"), "--clip-grad-norm with "
              "--deterministic needs --mode allreduce: the ps servers' norm is summed over their parts, in an order "
              "that depends on --servers"),
@@ -253,6 +251,10 @@ class Config:
             raise UsageError("--deterministic cannot train batchnorm: its statistics span the whole batch, but "
                              "each chunk is computed alone (layernorm works)")
         return self
+
+    def ps_sync(self) -> bool:
+        """ps mode's bulk-synchronous protocol: --consistency sync, or ssp with staleness 0."""
+        return self.consistency == "sync" or (self.consistency == "ssp" and self.staleness == 0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -334,33 +334,27 @@ def fit_scale(ds: Dataset, how: str, comm) -> Standardizer:
         print(f"ddp: scaling statistics: one pass over {n:,} training rows, {comm.size} rank(s) sharing it",
               flush=True)
     shift = ds.take([0])[0].astype(np.float64)          # sums of x - shift: no cancellation when |mean| >> std
-    # The rows are cut into at most 256 blocks; each rank sums whole blocks, each block into its own rows of the
-    # table (0..2B-1: sums of x - shift and of its square per block), and every rank adds the blocks in order:
-    # the same statistics, to the bit, for any world size. Rows 2B + 2r, 2B + 2r + 1: rank r's min and max.
-    block = max(1, -(-n // 256))
-    blocks = -(-n // block)
-    acc = np.zeros((2 * blocks + 2 * comm.size, d))
-    lo, hi = acc[2 * blocks + 2 * comm.rank], acc[2 * blocks + 2 * comm.rank + 1]
-    lo[:], hi[:] = np.inf, -np.inf
+    block = max(1, -(-n // 256))                         # at most 256 blocks of rows (block_table)
     step = max(1, (1 << 21) // d)                        # rows per read: 16 MB of float64
-    first, last = shard_range(blocks, comm.rank, comm.size)
-    for b in range(first, last):
+
+    def fill(b, row):                                    # sums of x - shift and of its square, min, max
+        total, squares, lo, hi = row.reshape(4, d)
+        lo[:], hi[:] = np.inf, -np.inf
         for s in range(b * block, min((b + 1) * block, n), step):
             X = ds.take(slice(s, min(s + step, (b + 1) * block, n))).astype(np.float64)
             np.minimum(lo, X.min(axis=0), out=lo)
             np.maximum(hi, X.max(axis=0), out=hi)
             X -= shift
-            acc[2 * b] += X.sum(axis=0)
-            acc[2 * b + 1] += (X * X).sum(axis=0)
-    comm.allreduce_sum(acc)
-    sums = acc[:2 * blocks].reshape(blocks, 2, d).sum(axis=0)        # in block order, on every rank
-    acc = np.concatenate([sums, acc[2 * blocks:]])
-    lo, hi = acc[2::2].min(axis=0), acc[3::2].max(axis=0)
+            total += X.sum(axis=0)
+            squares += (X * X).sum(axis=0)
+    table = block_table(-(-n // block), 4 * d, comm, fill).reshape(-1, 4, d)
+    total, squares = table[:, 0].sum(axis=0), table[:, 1].sum(axis=0)
+    lo, hi = table[:, 2].min(axis=0), table[:, 3].max(axis=0)
     if how == "minmax":
         return Standardizer.from_stats(np.full(d, lo.min()), np.full(d, hi.max() - lo.min()))
-    mean = acc[0] / len(ds)
+    mean = total / len(ds)
     with np.errstate(over="ignore", invalid="ignore"):
-        std = np.sqrt(np.maximum(acc[1] / len(ds) - mean * mean, 0))
+        std = np.sqrt(np.maximum(squares / len(ds) - mean * mean, 0))
         spiky = np.flatnonzero(hi - lo > 50 * std)
     spiky = spiky[std[spiky] > 0]
     if spiky.size and comm.rank == 0:
@@ -426,6 +420,19 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
+
+
+def block_table(blocks: int, width: int, comm, fill) -> np.ndarray:
+    """Figures per block of rows that are the same bits for any world size. Each rank calls fill(b, row) for its
+    whole blocks b (cut as shard_range cuts), writing block b's figures into `row`, zeros of `width` float64; one
+    allreduce gives every rank the whole (blocks, width) table (a row is written by one rank, so the sum only
+    copies it), which the caller reduces over the blocks in block order."""
+    table = np.zeros((blocks, width))
+    first, stop = shard_range(blocks, comm.rank, comm.size)
+    for b in range(first, stop):
+        fill(b, table[b])
+    comm.allreduce_sum(table)
+    return table
 
 
 def chunk_shard(indices: np.ndarray, rank: int, world: int, k: int) -> list[np.ndarray]:

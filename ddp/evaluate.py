@@ -10,7 +10,7 @@ import numpy as np
 
 from . import backend
 from .comm import Communicator
-from .data import Dataset, shard_range
+from .data import Dataset, block_table
 from .errors import TrainingError
 from .model import Network
 from .setup import Setup
@@ -19,22 +19,19 @@ from .setup import Setup
 def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024) -> dict:
     """Loss and accuracy (classification) or R² (regression) over `ds`, sharded across ranks.
 
-    The rows are cut into blocks of `chunk` (fewer for wide inputs) and each rank evaluates whole blocks. Each
-    block's sums go into its own row of a table, zeros elsewhere, so the allreduce only copies them, and every
-    rank adds the rows in block order: the figures do not depend on the world size, to the bit."""
+    The rows are cut into blocks of `chunk` (fewer for wide inputs), each rank evaluates whole blocks, and every
+    rank adds the blocks' sums in block order (data.block_table): the figures do not depend on the world size,
+    to the bit."""
     n = len(ds)
     # At most 16 MB of float64 inputs at once, and at least 16 blocks, so that up to 16 ranks share a small set;
     # the block size depends on the set alone, never on the world size.
     chunk = max(1, min(chunk, (1 << 21) // ds.n_features, -(-n // 16)))
-    blocks = -(-n // chunk)
-    first, stop = shard_range(blocks, comm.rank, comm.size)
     xp = model.xp
     n_out = model.sizes[-1]
     classification = model.loss_name != "mse"
-    # per block: [loss sum, correct, sum y, sum y^2, sse] (the last three per output column)
-    table = np.zeros((blocks, 2 if classification else 2 + 3 * n_out))
-    for b in range(first, stop):
-        rows, acc = np.arange(b * chunk, min(n, (b + 1) * chunk)), table[b]
+
+    def fill(b, acc):                      # [loss sum, correct, sum y, sum y^2, sse] (the last three per output)
+        rows = np.arange(b * chunk, min(n, (b + 1) * chunk))
         X = ds.inputs(rows, xp, model.dtype)
         Z = model.forward(X)
         y = xp.asarray(ds.y[rows]) if classification else xp.asarray(ds.y[rows], model.dtype)
@@ -49,8 +46,7 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024)
             acc[2:2 + n_out] = Y.sum(0)
             acc[2 + n_out:2 + 2 * n_out] = (Y * Y).sum(0)
             acc[2 + 2 * n_out:] = ((Y - Yh) ** 2).sum(0)
-    comm.allreduce_sum(table)
-    acc = table.sum(axis=0)                # the same table on every rank, the same sum
+    acc = block_table(-(-n // chunk), 2 if classification else 2 + 3 * n_out, comm, fill).sum(axis=0)
     if n == 0:
         return {}
     out = {"loss": acc[0] / n}

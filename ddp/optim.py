@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .backend import axpy, get_array_module, to_numpy
+from .backend import all_finite, axpy, get_array_module, to_numpy
 from .errors import UsageError
 
 
@@ -26,12 +26,21 @@ def clip_grad_norm(grads, norm: float, max_norm: float) -> bool:
     return True
 
 
+def parts_sqnorm(comm, part, sqnorm: float) -> tuple[float, bool]:
+    """A gradient cut into parts over the ranks of `comm` (--shard-optimizer's ranks, ps mode's servers): from this
+    rank's `part` and its squared norm, the whole gradient's squared norm and whether every part is finite, in one
+    small allreduce, so every rank reaches the same verdict."""
+    both = np.array([sqnorm, 0.0 if all_finite(part, sqnorm) else 1.0])
+    comm.allreduce_sum(both)
+    return float(both[0]), not both[1]
+
+
 class Optimizer:
     state_names: tuple[str, ...] = ()
 
     def __init__(self, params, grads, lr, weight_decay=0.0, schedule=None):
         # BLAS axpy (one pass) rounds an element by where it falls in the vector: fused multiply-adds in the
-        # SIMD body, not in the tail. --deterministic (exact=True below) takes NumPy's two passes instead, the
+        # SIMD body, not in the tail. --deterministic (make_optimizer's exact) takes NumPy's two passes instead, the
         # same rounding for every element, so a shard of the arena (--shard-optimizer) updates bit for bit alike.
         self.axpy = axpy
         if not lr > 0:

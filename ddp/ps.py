@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -52,7 +53,7 @@ from .comm import Communicator, DebugComm
 from .config import Config
 from .data import shard_range
 from .errors import Stopped, TrainingError, UsageError
-from .optim import clip_grad_norm
+from .optim import clip_grad_norm, parts_sqnorm
 from .parallel import verify_model
 from .ps_worker import CTRL_BYTES, FAILED, OK, STOP, TAG_CTRL, TAG_GRAD, TAG_META, TAG_PARAMS, _work
 from .report import Reporter
@@ -66,11 +67,6 @@ from .trace import NULL, Tracer
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     """(start, stop) of `parts` balanced contiguous shards of range(n), cut as data.shard cuts a batch."""
     return [shard_range(n, s, parts) for s in range(parts)]
-
-
-def is_sync(cfg: Config) -> bool:
-    """Bulk synchronous: --consistency sync, or ssp with staleness 0."""
-    return cfg.consistency == "sync" or (cfg.consistency == "ssp" and cfg.staleness == 0)
 
 
 def check_ps(cfg: Config, comm: Communicator) -> None:
@@ -191,12 +187,13 @@ class Server:
         """One optimizer step with the gradient in self.opt.grads, unless it is not finite."""
         if self.failed:
             return
-        finite = all_finite(self.opt.grads)
+        g = self.opt.grads
+        sq = float(self.opt.xp.vdot(g, g))       # one pass: all_finite checks elements only if it is not finite
+        finite = all_finite(g, sq)
         if self.cfg.clip_grad_norm:                # sync: the shards' squared norms add up to the global one
-            both = np.array([float(self.opt.xp.vdot(self.opt.grads, self.opt.grads)), float(not finite)])
-            self.scomm.allreduce_sum(both)
-            self.norm[0], finite = np.sqrt(both[0]), not both[1]
-            clip_grad_norm(self.opt.grads, self.norm[0], self.cfg.clip_grad_norm)
+            sq, finite = parts_sqnorm(self.scomm, g, sq)
+            self.norm[0] = math.sqrt(sq)
+            clip_grad_norm(g, self.norm[0], self.cfg.clip_grad_norm)
         if not finite:
             self.failed = True                     # from now on every reply says FAILED
             return
@@ -218,7 +215,8 @@ class Server:
             g[...] = self.grad_in[0]
             for x in self.grad_in[1:]:
                 g += x
-            self.opt.grads[...] = g               # the same array, or --deterministic's rounding
+            if g is not self.opt.grads:           # --deterministic: the float64 sum, rounded once
+                self.opt.grads[...] = g
             self.world.waitall([r for rs in self.sends for r in rs])   # they read self.params
             self.apply()
             self.stopping = self.stopping or got_sigterm()    # once per step: every worker gets the same
@@ -276,7 +274,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     comm.set_timeout(cfg.timeout)
     S, P = cfg.servers, comm.size
     is_server = comm.rank < S
-    sync = is_sync(cfg)
+    sync = cfg.ps_sync()
     s, ckpt = start_run(dataclasses.replace(cfg, device="cpu") if is_server else cfg, comm, raw)
     model = s.model
     verify_model(model, comm)

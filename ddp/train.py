@@ -28,7 +28,7 @@ from .errors import Stopped, TrainingError, UsageError
 from .evaluate import final_metrics
 from .model import Network
 from .noise import WARN_FACTOR, NoiseScale, b_simple
-from .optim import clip_grad_norm
+from .optim import clip_grad_norm, parts_sqnorm
 from .parallel import DataParallel, check_replicas
 from .report import Reporter
 from .run import finished_summary, start_run
@@ -54,12 +54,8 @@ def check_finite(model: Network, loss, step: int, local_sq=0.0, shard=None, exac
     trio[1] = xp.vdot(grads, grads) if not exact else xp.sum(xp.square(grads, dtype=np.float64))
     trio[2] = local_sq
     loss, sqnorm, local_sq = (float(v) for v in backend.to_numpy(trio))
-    if shard is None:
-        finite = backend.all_finite(grads, sqnorm)
-    else:
-        both = np.array([sqnorm, 0.0 if backend.all_finite(grads, sqnorm) else 1.0])
-        shard[0].allreduce_sum(both)
-        sqnorm, finite = float(both[0]), not both[1]
+    sqnorm, finite = (sqnorm, backend.all_finite(grads, sqnorm)) if shard is None else \
+        parts_sqnorm(shard[0], grads, sqnorm)
     if not finite:
         raise TrainingError(f"gradients became NaN or Inf at step {step + 1}; "
                             f"the loss is {loss:.4g}; try a lower learning rate")
