@@ -51,6 +51,7 @@ Namespaces are always deleted, on error and on Ctrl-C too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -384,7 +385,7 @@ def host_addresses(hosts_file: str) -> list[str]:
     return [names[f"h{i}"] for i in range(len(names) - 1)]      # less "localhost"
 
 
-def shape(prefix: str, addrs: list[str], gbit: float, queue_ms: float) -> None:
+def shape(prefix: str, addrs: list[str], gbit: float | None, queue_ms: float) -> None:
     """Every host's link at `gbit`, both ways, with a short queue per peer: fair queueing with a few ms
     of buffer, as a Linux host's default qdisc (fq_codel, whose target delay is 5 ms) and a data-centre
     switch give. This kernel has neither netem nor fq_codel; htb and u32 are here.
@@ -397,16 +398,18 @@ def shape(prefix: str, addrs: list[str], gbit: float, queue_ms: float) -> None:
     queued behind a whole message). htb shares the rate among one class per peer (u32 on the peer's
     address: dst on the host's eth0, src on its port on the bridge), each a bfifo of `queue_ms` at the
     full rate. The bucket holds what the kernel hands over at once (a 64 KiB TSO segment) and what
-    arrives within a timer tick at full rate.
+    arrives within a timer tick at full rate. gbit None removes the shaping.
     """
-    burst = str(max(64 * 1024, int(gbit * 1e9 / 8 / 1000)))
-    limit = str(int(gbit * 1e9 / 8 * queue_ms / 1000))
-    rate = f"{gbit}gbit"
     hosts = len(addrs)
+    burst = str(max(64 * 1024, int((gbit or 0) * 1e9 / 8 / 1000)))
+    limit = str(int((gbit or 0) * 1e9 / 8 * queue_ms / 1000))
+    rate = f"{gbit}gbit"
     for i in range(hosts):
         for ns, dev, field in ((f"{prefix}-h{i}", "eth0", "dst"), (f"{prefix}-br", f"h{i}", "src")):
             tc = ["ip", "netns", "exec", ns, "tc"]
             subprocess.run(tc + ["qdisc", "del", "dev", dev, "root"], capture_output=True, timeout=30)
+            if gbit is None:             # unshaped: the veth pairs at what the CPU gives
+                continue
             _run(tc + ["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "99"])
             _run(tc + ["class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", rate,
                        "ceil", rate, "burst", burst, "cburst", burst])
@@ -421,18 +424,26 @@ def shape(prefix: str, addrs: list[str], gbit: float, queue_ms: float) -> None:
                                "u32", "match", "ip", field, f"{addrs[j]}/32", "flowid", cls])
 
 
-def check(args) -> int:
+def require_root(script: str) -> str | None:
+    """Why this machine cannot run a namespace check, or None."""
     if os.geteuid() != 0:
-        print("scaling.py: error: --check makes network namespaces and needs root", file=sys.stderr)
-        return 2
+        return f"{script}: error: --check makes network namespaces and needs root"
     for tool in ("ip", "tc", "unshare"):
         if not shutil.which(tool):
-            print(f"scaling.py: error: --check needs {tool}", file=sys.stderr)
-            return 2
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if not os.path.exists(mpiexec):
-        mpiexec = shutil.which("mpiexec") or "mpiexec"
-    hosts = 5
+            return f"{script}: error: --check needs {tool}"
+    return None
+
+
+def mpiexec_path() -> str:
+    path = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return path if os.path.exists(path) else shutil.which("mpiexec") or "mpiexec"
+
+
+@contextlib.contextmanager
+def emulated_hosts(hosts: int):
+    """(prefix, hosts file, environment for ns_exec.sh + mpiexec, a scratch folder): `hosts` network namespaces
+    on a private bridge, Open MPI over their TCP only. Namespaces and the folder are deleted on the way out, on
+    error and on Ctrl-C too."""
     prefix = f"ddps{secrets.token_hex(3)}"         # unique: parallel runs never share a namespace
     work = tempfile.mkdtemp(prefix="ddp-scaling-")
     hosts_file = os.path.join(work, "hosts")
@@ -440,8 +451,6 @@ def check(args) -> int:
     def on_signal(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    t_start = time.perf_counter()
-    results = {}
     try:
         _run([os.path.join(CLUSTER, "netns.sh"), "up", prefix, str(hosts), hosts_file], timeout=60)
         for i in range(hosts):
@@ -455,16 +464,7 @@ def check(args) -> int:
                "OMPI_MCA_oob_tcp_if_include": "eth0", "OMPI_MCA_mpi_yield_when_idle": "1",
                "OMPI_MCA_coll_tuned_use_dynamic_rules": "1", "OMPI_MCA_coll_tuned_allreduce_algorithm": "4",
                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-        for gbit in args.rates:
-            shape(prefix, host_addresses(hosts_file), gbit, args.queue_ms)
-            out = os.path.join(work, f"measure-{gbit}.json")
-            cmd = [os.path.join(CLUSTER, "ns_exec.sh"), "h0", mpiexec, "-n", str(hosts), "--host",
-                   ",".join(f"h{i}:1" for i in range(hosts)), "--bind-to", "none", sys.executable,
-                   os.path.abspath(__file__), "--measure", out, "--workdir", work, "--rounds", str(args.rounds),
-                   "--steps", str(args.steps)]
-            _run(cmd, timeout=args.timeout, env=env)
-            with open(out) as f:
-                results[gbit] = json.load(f)
+        yield prefix, hosts_file, env, work
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -472,7 +472,32 @@ def check(args) -> int:
         shutil.rmtree(work, ignore_errors=True)
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
         if prefix in left:
-            print(f"scaling.py: warning: namespaces {prefix}-* were left behind", file=sys.stderr)
+            print(f"warning: namespaces {prefix}-* were left behind", file=sys.stderr)
+
+
+def mpiexec_on_hosts(hosts: int) -> list[str]:
+    """The command prefix that starts one rank on each emulated host, from h0."""
+    return [os.path.join(CLUSTER, "ns_exec.sh"), "h0", mpiexec_path(), "-n", str(hosts), "--host",
+            ",".join(f"h{i}:1" for i in range(hosts)), "--bind-to", "none"]
+
+
+def check(args) -> int:
+    why = require_root("scaling.py")
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    hosts = 5
+    t_start = time.perf_counter()
+    results = {}
+    with emulated_hosts(hosts) as (prefix, hosts_file, env, work):
+        for gbit in args.rates:
+            shape(prefix, host_addresses(hosts_file), gbit, args.queue_ms)
+            out = os.path.join(work, f"measure-{gbit}.json")
+            cmd = [*mpiexec_on_hosts(hosts), sys.executable, os.path.abspath(__file__), "--measure", out,
+                   "--workdir", work, "--rounds", str(args.rounds), "--steps", str(args.steps)]
+            _run(cmd, timeout=args.timeout, env=env)
+            with open(out) as f:
+                results[gbit] = json.load(f)
 
     if args.save:
         with open(args.save, "w") as f:

@@ -26,8 +26,14 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def opt(default, help, choices=None, group="training"):
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def opt(default, help, choices=None, group="training", auto=False):
+    """auto: the number may also be the string "auto" (chosen by ddp at start-up)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "auto": auto})
+
+
+def number(text: str):
+    """--flag's value: a float, or "auto" (argparse names this function in its error: "invalid number value")."""
+    return text if text == "auto" else float(text)
 
 
 @dataclass
@@ -112,15 +118,20 @@ class Config:
                     ["allreduce", "ps"], group="distributed")
     simulate_ranks: int = opt(0, "simulate N ranks in this one process (no MPI launcher needed)",
                               group="distributed")
-    bucket_mb: float = opt(1.0, "gradient bucket size in MB for the overlapped allreduce", group="distributed")
+    bucket_mb: float = opt(1.0, "gradient bucket size in MB for the overlapped allreduce; auto: each distinct "
+                           "bucketing of a grid from 0 to 32 MB tried on the first training steps, the fastest kept "
+                           "(turns --overlap auto on: one bucket is the blocking allreduce after backward)",
+                           group="distributed", auto=True)
     overlap: str = opt("auto", "reduce gradient buckets during backward (on), or in one blocking allreduce after "
-                       "it (off); auto: on for GPU arrays, off on CPU, where it measured slower (benchmarks/RESULTS.md)",
+                       "it (off); auto: on for GPU arrays and with --bucket-mb auto, off on CPU, where it measured "
+                       "slower (benchmarks/RESULTS.md)",
                        ["auto", "on", "off"], group="distributed")
     accumulate: int = opt(1, "split each rank's batch into k micro-batches; communicate once per step",
                           group="distributed")
     compress: str = opt("none", "gradient compression for the allreduce: none, fp16 (half the bytes), "
-                        "powersgd:R (rank-R PowerSGD on each weight matrix, with error feedback), or auto (each "
-                        "timed on this job's ranks before training; the start line says which)", group="distributed")
+                        "powersgd:R (rank-R PowerSGD on each weight matrix, with error feedback), or auto "
+                        "(powersgd:1/2/4, fp16 and none timed on this job's ranks before training; the start line "
+                        "says which)", group="distributed")
     error_feedback: bool = opt(True, "PowerSGD: add what compression lost to the next step's gradient "
                                "(--no-error-feedback is for experiments: training then stalls)", group="distributed")
     noise_scale: bool = opt(False, "report the gradient noise scale B_simple (the critical batch size) each "
@@ -166,7 +177,7 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise UsageError(f"unknown {f.name.replace('_', ' ')} {value!r}: expected one of {', '.join(choices)}")
-            if f.type == "float" and not math.isfinite(value):
+            if f.type == "float" and value != "auto" and not math.isfinite(value):
                 raise UsageError(f"--{flag(f.name)} must be a finite number, got {value}")
         if self.dataset == "auto":
             self.dataset = infer_format(self.data_path) if self.data_path else "digits"
@@ -219,7 +230,13 @@ class Config:
             (0 <= self.max_steps <= MAX_COUNT, f"max steps {self.max_steps} must be in 0..{MAX_COUNT}"),
             (1 <= self.accumulate <= self.batch_size, f"accumulate {self.accumulate} must be in 1..batch size "
                                                       f"({self.batch_size}): each micro-batch needs a sample"),
-            (0 <= self.bucket_mb <= 1 << 20, f"bucket size {self.bucket_mb} MB must be in 0..{1 << 20}"),
+            (self.bucket_mb == "auto" or 0 <= self.bucket_mb <= 1 << 20, f"bucket size {self.bucket_mb} MB must be "
+                                                                         f"in 0..{1 << 20}"),
+            (self.bucket_mb != "auto" or (self.mode == "allreduce" and self.overlap != "off" and not
+                                          self.deterministic and not self.shard_optimizer and not
+                                          self.compress.startswith("powersgd")),
+             "--bucket-mb auto times overlapped buckets: it needs --mode allreduce, and no --overlap off, "
+             "--deterministic, --shard-optimizer or --compress powersgd (they reduce after backward)"),
             (0 <= self.simulate_ranks <= MAX_SIMULATED, f"simulate ranks {self.simulate_ranks} must be in "
                                                         f"0..{MAX_SIMULATED} (threads of one process)"),
             (self.check_every >= 0, f"check every {self.check_every} must be >= 0"),
@@ -320,6 +337,8 @@ def coerce(name, value, where="config"):
         value = str(value)                           # hidden=64 from Python: one hidden layer
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if f.metadata["auto"] and value == "auto":
+        return value
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise UsageError(f"{where} key {name!r} must be {'an' if f.type == 'int' else 'a'} {f.type}, got {value!r}")
     return value
@@ -368,7 +387,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             groups[g].add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                    help=help_text)
         else:
-            typ = {"str": str, "int": int, "float": float}[f.type]
+            typ = number if f.metadata["auto"] else {"str": str, "int": int, "float": float}[f.type]
             groups[g].add_argument(name, type=typ, default=argparse.SUPPRESS, help=help_text,
                                    choices=choices, metavar=f.name.upper())
 

@@ -76,13 +76,16 @@ class DataParallel:
                                model.grads.nbytes // (2 if compress == "fp16" else 1))
         verify_model(model, comm)
         comm.bcast(model.params, root=0)
-        self.buckets = make_buckets(model, bucket_bytes) if self.overlap else []
+        self.set_buckets(bucket_bytes)
         self.tracer = model.tracer
-        self._by_layer = {i: b for b in self.buckets for i in b.layers}
         self._requests = []
         self.measure_local = False     # --noise-scale: keep |this rank's gradient|^2 from before the allreduce
         self.wait_s = 0.0              # seconds in blocking collectives, for straggler.py
         self.local_sq = 0.0
+
+    def set_buckets(self, bucket_bytes: int) -> None:
+        self.buckets = make_buckets(self.model, bucket_bytes) if self.overlap else []
+        self._by_layer = {i: b for b in self.buckets for i in b.layers}
 
     def _local(self, view):
         if self.measure_local:

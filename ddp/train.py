@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import numpy as np
 
 from . import backend
-from .autotune import choose_compress
+from .autotune import BucketTuner, choose_compress
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
 from .comm import Communicator, DebugComm, SerialComm
 from .comm_simulated import run_simulated
@@ -68,8 +69,9 @@ class Allreduce:
 
     identical = True
 
-    def __init__(self, s: Setup, comm: Communicator, optimizer, dp: DataParallel, reporter: Reporter):
+    def __init__(self, s: Setup, comm: Communicator, optimizer, dp: DataParallel, reporter: Reporter, tuner=None):
         self.s, self.comm, self.world, self.optimizer, self.dp, self.reporter = s, comm, comm, optimizer, dp, reporter
+        self.tuner = tuner                 # --bucket-mb auto: autotune.BucketTuner, until it has chosen
         self.span = s.model.tracer.span
         self.path = os.path.join(s.cfg.out, CHECKPOINT)
         self.norm_sum = 0.0                # this epoch's gradient norms, for its record
@@ -121,6 +123,10 @@ class Allreduce:
     def stop(self, step, position) -> bool:
         with self.span("meet", "wait"):                 # the end of step: see stop.stop_requested
             stop = stop_requested(self.comm)
+        if self.tuner is not None and self.tuner.choice is None:      # the ranks are lined up here
+            why = self.tuner.step_done()
+            if why:
+                self.reporter.print(f"ddp: {why}")
         if stop:
             self.save(step, position)
             raise Stopped.at(step, self.path, self.reporter.active)
@@ -174,19 +180,25 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         start = tuple(agree(comm, restore, ckpt, model, optimizer, cfg.resume))
         if is_finished(cfg, start[0], start[1]):
             return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
-    tracer = Tracer(comm.rank) if cfg.trace else NULL
-    model.tracer = tracer
-    overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and model.device == "gpu")
-    compress, why = cfg.compress, ""
+    overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and (model.device == "gpu" or cfg.bucket_mb == "auto"))
+    compress, why, t_tune = cfg.compress, [], 0.0
     if compress == "auto":                           # timed on this job's ranks, before training: autotune.py
+        t_tune = time.perf_counter()
         rows = shard(np.arange(min(B, len(train))), comm.rank, comm.size)
         y = train.y[rows] if model.loss_name != "mse" else train.y[rows].astype(model.dtype)
-        compress, why = choose_compress(model, comm, train.inputs(rows, model.xp, model.dtype),
-                                        model.xp.asarray(y), B, cfg.seed)
-    dp = DataParallel(model, comm, bucket_bytes=int(cfg.bucket_mb * (1 << 20)), overlap=overlap,
-                      compress=None if compress == "none" else compress, seed=cfg.seed,
+        compress, reason = choose_compress(model, comm, train.inputs(rows, model.xp, model.dtype),
+                                           model.xp.asarray(y), B, cfg.seed)
+        t_tune = time.perf_counter() - t_tune
+        why.append(f"--compress auto chose {compress} in {t_tune:.2f} s: {reason}")
+    dp = DataParallel(model, comm, bucket_bytes=int(0 if cfg.bucket_mb == "auto" else cfg.bucket_mb * (1 << 20)),
+                      overlap=overlap, compress=None if compress == "none" else compress, seed=cfg.seed,
                       error_feedback=cfg.error_feedback, chunks=cfg.chunks if cfg.deterministic else 0,
                       scatter=optimizer.counts if cfg.shard_optimizer and not cfg.deterministic else None)
+    tuner = BucketTuner(dp) if cfg.bucket_mb == "auto" and dp.overlap else None     # on the first steps
+    if cfg.bucket_mb == "auto" and tuner is None:
+        why.append(f"--bucket-mb auto: no buckets, {compress} reduces after backward")
+    tracer = Tracer(comm.rank) if cfg.trace else NULL     # after the trials: they are not part of the timeline
+    model.tracer = dp.tracer = tracer
     # Rank 0's optimizer state is broadcast with the parameters: replicas start identical (sharded: each
     # rank's part of the state came from the same checkpoint, or starts at zero).
     for name in optimizer.state_names if not cfg.shard_optimizer else ():
@@ -200,13 +212,13 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         threads = backend.thread_note or backend.blas_threads()
         print(f"ddp: {model} on {comm.describe()}, {len(train)} training samples, "
               f"global batch {B}, {n_total} steps{gpu}{out}, BLAS threads {threads}", flush=True)
-        if why:
-            print(f"ddp: --compress auto chose {compress}: {why}", flush=True)
+        for line in why:
+            print(f"ddp: {line}", flush=True)
     reporter = Reporter(cfg, rank0, n_total, start[0], s.prep.task, start[0] if ckpt is not None else None)
     if cfg.trace:
         tracer.start(comm)
     try:
-        step, epoch, t0, _, reason = train_loop(cfg, s, Allreduce(s, comm, optimizer, dp, reporter), start,
+        step, epoch, t0, _, reason = train_loop(cfg, s, Allreduce(s, comm, optimizer, dp, reporter, tuner), start,
                                         checkpoint_points(cfg, spe, *start)[0], reporter, on_step)
         check_replicas(comm, model.params, step)
     finally:
@@ -215,6 +227,10 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         summary = final_metrics(s, comm, step=step, epoch=epoch, world_size=comm.size, t0=t0, stop_reason=reason)
     summary["allreduce_bytes_per_step"] = dp.bytes_per_step           # what each rank sends into the reductions
     summary["compress"] = compress
+    if cfg.compress == "auto":
+        summary["autotune_s"] = t_tune                               # the trials' seconds: before elapsed_s began
+    if tuner is not None:
+        summary["bucket_mb"] = tuner.choice                          # None: the run ended while it was trying
     if cfg.trace:
         tracer.merge(comm, cfg.trace)
         summary["trace"] = cfg.trace

@@ -112,6 +112,8 @@ CASES = [  # (arguments, words the one line must contain); {name} is a file from
     (["--accumulate", "0"], ["accumulate 0"]),
     (["--bucket-mb", "inf"], ["--bucket-mb", "finite"]),
     (["--bucket-mb", "-1"], ["bucket size"]),
+    (["--bucket-mb", "fast"], ["--bucket-mb", "invalid number value"]),
+    (["--bucket-mb", "auto", "--overlap", "off"], ["--bucket-mb auto", "--overlap off"]),
     (["--simulate-ranks", "512"], ["simulate ranks 512"]),
     (["--simulate-ranks", "-1"], ["simulate ranks -1"]),
     (["--checkpoint-every", "-1"], ["checkpoint every"]),
