@@ -34,7 +34,7 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024)
         rows = np.arange(b * chunk, min(n, (b + 1) * chunk))
         X = ds.inputs(rows, xp, model.dtype)
         Z = model.forward(X)
-        y = xp.asarray(ds.y[rows]) if classification else xp.asarray(ds.y[rows], model.dtype)
+        y = model.targets(ds.y[rows])
         loss, _ = model.loss_fn(Z, y, denom=1)
         acc[0] = float(loss)
         if classification:

@@ -41,7 +41,7 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
     model, train, B, comm = s.model, s.train, s.batch_size, sync.comm
     span = model.tracer.span
     xp = model.xp
-    y_dev = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
+    y_dev = model.targets(train.y)
     step, epoch, first = start
     stopped, early = False, EarlyStopping(cfg, reporter_key(cfg, s.prep.task))
     clock, so_far = PhaseClock(), None                       # straggler.py: seconds per phase on this rank

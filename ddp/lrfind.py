@@ -45,7 +45,7 @@ def _find(comm, cfg, steps, lr_min, lr_max):
     dp = DataParallel(model, comm, overlap=False)
     opt = make_optimizer_for(cfg, model.params, model.grads, steps)
     opt.lr, opt.schedule = lr_min, lambda t: (lr_max / lr_min) ** (min(t, steps - 1) / (steps - 1))
-    y = xp.asarray(train.y) if model.loss_name != "mse" else xp.asarray(train.y, model.dtype)
+    y = model.targets(train.y)
     lrs, losses, smoothed, avg, epoch, batches = [], [], [], 0.0, 0, []
     while True:
         if not batches:

@@ -114,6 +114,11 @@ class Network:
                 X = L.forward(X, ctx)
         return X
 
+    def targets(self, y):
+        """Labels y (n,) on the model's device: class indices as they are; regression targets (mse) in the
+        model's dtype."""
+        return self.xp.asarray(y) if self.loss_name != "mse" else self.xp.asarray(y, self.dtype)
+
     def forward(self, X):
         """Logits for X: (B, n_in) or (B, *input_shape) -> (B, n_out), in evaluation mode (no dropout, batch
         norm's running statistics). Returns a new array."""

@@ -185,9 +185,8 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     if compress == "auto":                           # timed on this job's ranks, before training: autotune.py
         t_tune = time.perf_counter()
         rows = shard(np.arange(min(B, len(train))), comm.rank, comm.size)
-        y = train.y[rows] if model.loss_name != "mse" else train.y[rows].astype(model.dtype)
         compress, reason = choose_compress(model, comm, train.inputs(rows, model.xp, model.dtype),
-                                           model.xp.asarray(y), B, cfg.seed)
+                                           model.targets(train.y[rows]), B, cfg.seed)
         t_tune = time.perf_counter() - t_tune
         why.append(f"--compress auto chose {compress} in {t_tune:.2f} s: {reason}")
     dp = DataParallel(model, comm, bucket_bytes=int(0 if cfg.bucket_mb == "auto" else cfg.bucket_mb * (1 << 20)),
