@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .backend import get_array_module
 from .errors import UsageError
+from .nn import sigmoid
 
 
 def mse(Z, Y, denom=None, dZ=None):
@@ -38,10 +39,7 @@ def binary_cross_entropy(Z, y, denom=None, dZ=None):
     y = y.reshape(B, 1).astype(Z.dtype, copy=False)
     per = xp.maximum(Z, 0) - Z * y + xp.log1p(xp.exp(-xp.abs(Z)))
     loss = per.sum() / denom if B else 0.0
-    dZ = xp.multiply(Z, 0.5, out=dZ)       # sigmoid via tanh: stable for any z
-    xp.tanh(dZ, out=dZ)
-    dZ += 1
-    dZ *= 0.5
+    dZ = sigmoid(Z, out=dZ)                # through tanh: stable for any z
     dZ -= y
     dZ *= 1.0 / denom
     return loss, dZ
