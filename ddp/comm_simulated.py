@@ -134,14 +134,13 @@ class SimulatedComm(Communicator):
     def split(self, color, key=0):
         w = self.world
         mine = self._exchange((color, key), "split")
-        group = sorted((k, r) for r, (c, k) in enumerate(mine) if c == color)
-        leader = group[0][1] == self.rank
-        sub = SimulatedWorld(len(group), w.timeout, w.root) if leader else None
-        if leader:
+        ranks = [r for _, r in sorted((k, r) for r, (c, k) in enumerate(mine) if c == color)]
+        sub = None
+        if ranks[0] == self.rank:                  # the group's leader makes its world
+            sub = SimulatedWorld(len(ranks), w.timeout, w.root)
             with w.root.lock:
                 w.root.family.append(sub)
-        worlds = self._exchange(sub, "split")
-        return SimulatedComm(worlds[group[0][1]], [r for _, r in group].index(self.rank))
+        return SimulatedComm(self._exchange(sub, "split")[ranks[0]], ranks.index(self.rank))
 
     def free(self):
         pass
