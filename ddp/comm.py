@@ -380,6 +380,16 @@ class MPIComm(Communicator):
 
 # --------------------------------------------------------------------------- debug
 
+def _to_inner(method, op=None):
+    """A DebugComm method that calls the wrapped communicator's; with `op`, a collective whose call and buffer
+    (the first argument, where it has one) the ranks compare first."""
+    def call(self, *args, **kwargs):
+        if op:
+            self._check(op, *args[:1])
+        return getattr(self.inner, method)(*args, **kwargs)
+    return call
+
+
 class DebugComm(Communicator):
     """Wraps a communicator; before every collective all ranks compare what they
     are about to call, and a mismatch names the rank that differs instead of
@@ -402,41 +412,17 @@ class DebugComm(Communicator):
         if nonfinite:
             raise NonFiniteError(f"--debug: rank {nonfinite[0]} passes NaN or Inf to {op}")
 
-    def iallreduce_sum(self, buf, compress=None):
-        self._check("allreduce", buf)
-        return self.inner.iallreduce_sum(buf, compress)
-
-    def allreduce_sum(self, buf, compress=None):
-        self._check("allreduce", buf)
-        return self.inner.allreduce_sum(buf, compress)
-
-    def bcast(self, buf, root=0):
-        self._check("bcast", buf)
-        return self.inner.bcast(buf, root)
-
-    def reduce_scatter_sum(self, buf, counts):
-        self._check("reduce_scatter", buf)
-        return self.inner.reduce_scatter_sum(buf, counts)
-
-    def allgather(self, buf, counts):
-        self._check("allgather", buf)
-        return self.inner.allgather(buf, counts)
-
-    def barrier(self):
-        self._check("barrier")
-        return self.inner.barrier()
-
-    def allgather_obj(self, obj):
-        return self.inner.allgather_obj(obj)
-
-    def abort(self, code=1):
-        return self.inner.abort(code)
-
-    def set_timeout(self, seconds):
-        self.inner.set_timeout(seconds)
-
-    def at_step(self, step):
-        self.inner.at_step(step)
+    iallreduce_sum = _to_inner("iallreduce_sum", "allreduce")
+    allreduce_sum = _to_inner("allreduce_sum", "allreduce")
+    bcast = _to_inner("bcast", "bcast")
+    reduce_scatter_sum = _to_inner("reduce_scatter_sum", "reduce_scatter")
+    allgather = _to_inner("allgather", "allgather")
+    barrier = _to_inner("barrier", "barrier")
+    # Not checked (_check itself uses allgather_obj), but Communicator defines them: __getattr__ would not forward
+    allgather_obj = _to_inner("allgather_obj")
+    abort = _to_inner("abort")
+    set_timeout = _to_inner("set_timeout")
+    at_step = _to_inner("at_step")
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
