@@ -149,27 +149,25 @@ class SimulatedComm(Communicator):
     def isend(self, buf, dest, tag):
         w, data = self.world, buf.copy()
         with w.lock:
-            for entry in w.posted[dest]:
-                if entry[:2] == [self.rank, tag]:
-                    w.posted[dest].remove(entry)
-                    _deliver(entry[2], data, entry[3])
-                    break
-            else:
+            entry = next((e for e in w.posted[dest] if e[:2] == [self.rank, tag]), None)
+            if entry is None:
                 w.unexpected[dest].append([self.rank, tag, data])
+            else:
+                w.posted[dest].remove(entry)
+                _deliver(entry[2], data, entry[3])
             w.lock.notify_all()
         return Request()
 
     def irecv(self, buf, source, tag):
         w, box = self.world, {}
         with w.lock:
-            for entry in w.unexpected[self.rank]:
-                if entry[:2] == [source, tag]:
-                    w.unexpected[self.rank].remove(entry)
-                    _deliver(buf, entry[2], box)
-                    break
-            else:
+            entry = next((e for e in w.unexpected[self.rank] if e[:2] == [source, tag]), None)
+            if entry is None:
                 entry = [source, tag, buf, box]
                 w.posted[self.rank].append(entry)
+            else:
+                w.unexpected[self.rank].remove(entry)
+                _deliver(buf, entry[2], box)
 
         def cancel():
             with w.lock:
