@@ -12,8 +12,8 @@ MPI reports to the watchdog from here (`--timeout`).
 """
 from __future__ import annotations
 
+import functools
 import os
-import traceback
 
 import numpy as np
 
@@ -139,9 +139,7 @@ class SerialComm(Communicator):
     name = "serial"
 
     def iallreduce_sum(self, buf, compress=None):
-        if compress is not None:
-            return _compressed_sum(buf, compress, lambda b: Request())
-        return Request()
+        return _compressed_sum(buf, compress, lambda b: Request())
 
     def bcast(self, buf, root=0):
         pass
@@ -177,7 +175,6 @@ def cuda_aware_mpi() -> bool:
     pointers to an MPI that cannot read them).
     """
     import ctypes
-    import os
 
     env = os.environ.get("DDP_CUDA_AWARE")
     if env is not None:
@@ -195,8 +192,6 @@ def cuda_aware_mpi() -> bool:
     except Exception:
         pass
     return False
-
-
 
 
 RING_TAG = 0x5253          # MPIComm.reduce_scatter_sum's messages, apart from any other's
@@ -219,31 +214,28 @@ class MPIComm(Communicator):
         node.Free()
         if mpi_comm is None:
             self.local_rank, self.local_size = local_position(self.local_rank, self.local_size)
-        self._cuda_aware = None
         self._staging = {}
         self._halves = {}
         self._fp16_op = None
 
-    @property
+    @functools.cached_property
     def cuda_aware(self) -> bool:
-        if self._cuda_aware is None:
-            self._cuda_aware = cuda_aware_mpi()
-        return self._cuda_aware
+        return cuda_aware_mpi()
 
     def gpu_path(self) -> str:
         return "CUDA-aware MPI (device buffers)" if self.cuda_aware else "staged through pinned host buffers"
 
     def _host_view(self, buf, fill=True):
-        """(array MPI should use, copy-back or None). Makes GPU buffers safe for MPI.
+        """(array MPI should use, copy-back: a no-op unless staged). Makes GPU buffers safe for MPI.
         fill=False: a receive buffer, whose old contents MPI need not see."""
         if not backend.is_gpu_array(buf):
-            return buf, None
+            return buf, lambda: None
         # float16 is summed by a Python op (_fp16_sum) that reads HOST memory with
         # np.frombuffer: a CUDA-aware MPI would hand it device pointers, so float16
         # is always staged.
         if self.cuda_aware and buf.dtype != np.float16:
             backend.synchronize(buf)       # MPI must not read memory a kernel is still writing
-            return buf, None
+            return buf, lambda: None
         key = (backend.pointer(buf), buf.size, buf.dtype.str)
         host = self._staging.get(key)
         if host is None:
@@ -271,8 +263,7 @@ class MPIComm(Communicator):
         def wait():
             with WATCHDOG.watch("allreduce", count=host.size):
                 req.Wait()
-            if copy_back:
-                copy_back()
+            copy_back()
         return Request(wait, req.Test)
 
     def allreduce_sum(self, buf, compress=None):
@@ -282,15 +273,13 @@ class MPIComm(Communicator):
         spec, op = self._spec(host)
         with WATCHDOG.watch("allreduce", count=host.size):
             self.comm.Allreduce(self.MPI.IN_PLACE, spec, op)
-        if copy_back:
-            copy_back()
+        copy_back()
 
     def bcast(self, buf, root=0):
         host, copy_back = self._host_view(buf)
         with WATCHDOG.watch("bcast", count=host.size):
             self.comm.Bcast(host, root=root)
-        if copy_back:
-            copy_back()
+        copy_back()
 
     def reduce_scatter_sum(self, buf, counts):
         # A ring of sends, not MPI_Reduce_scatter: Open MPI's took 3x an Allreduce's time and twice the buffer in
@@ -311,16 +300,14 @@ class MPIComm(Communicator):
                 self.MPI.Request.Waitall(reqs)
             host[starts[into]:starts[into + 1]] += got
             backend.synchronize(host)          # the next send reads it: MPI must not see a kernel still writing
-        if copy_back:
-            copy_back()
+        copy_back()
 
     def allgather(self, buf, counts):
         host, copy_back = self._host_view(buf)
         displs = np.cumsum([0, *counts[:-1]]).tolist()
         with WATCHDOG.watch("allgather", count=host.size):
             self.comm.Allgatherv(self.MPI.IN_PLACE, [host, (list(counts), displs)])
-        if copy_back:
-            copy_back()
+        copy_back()
 
     def barrier(self):
         with WATCHDOG.watch("barrier"):
@@ -345,8 +332,7 @@ class MPIComm(Communicator):
 
         def wait():
             raw.Wait()
-            if copy_back:
-                copy_back()
+            copy_back()
 
         def cancel():
             raw.Cancel()
@@ -394,6 +380,16 @@ class MPIComm(Communicator):
 
 # --------------------------------------------------------------------------- debug
 
+def _to_inner(method, op=None):
+    """A DebugComm method that calls the wrapped communicator's; with `op`, a collective whose call and buffer
+    (the first argument, where it has one) the ranks compare first."""
+    def call(self, *args, **kwargs):
+        if op:
+            self._check(op, *args[:1])
+        return getattr(self.inner, method)(*args, **kwargs)
+    return call
+
+
 class DebugComm(Communicator):
     """Wraps a communicator; before every collective all ranks compare what they
     are about to call, and a mismatch names the rank that differs instead of
@@ -405,9 +401,7 @@ class DebugComm(Communicator):
         self.local_rank = inner.local_rank
 
     def _check(self, op, buf=None):
-        finite = True
-        if buf is not None and op != "bcast":
-            finite = bool(backend.get_array_module(buf).isfinite(buf).all())
+        finite = buf is None or op == "bcast" or bool(backend.get_array_module(buf).isfinite(buf).all())
         sig = (op, None if buf is None else (int(buf.size), str(buf.dtype)))
         got = self.inner.allgather_obj((sig, finite))     # every rank sees every verdict: no rank waits alone
         bad = [r for r, (s, _) in enumerate(got) if s != got[0][0]]
@@ -418,47 +412,20 @@ class DebugComm(Communicator):
         if nonfinite:
             raise NonFiniteError(f"--debug: rank {nonfinite[0]} passes NaN or Inf to {op}")
 
-    def iallreduce_sum(self, buf, compress=None):
-        self._check("allreduce", buf)
-        return self.inner.iallreduce_sum(buf, compress)
-
-    def allreduce_sum(self, buf, compress=None):
-        self._check("allreduce", buf)
-        return self.inner.allreduce_sum(buf, compress)
-
-    def bcast(self, buf, root=0):
-        self._check("bcast", buf)
-        return self.inner.bcast(buf, root)
-
-    def reduce_scatter_sum(self, buf, counts):
-        self._check("reduce_scatter", buf)
-        return self.inner.reduce_scatter_sum(buf, counts)
-
-    def allgather(self, buf, counts):
-        self._check("allgather", buf)
-        return self.inner.allgather(buf, counts)
-
-    def barrier(self):
-        self._check("barrier")
-        return self.inner.barrier()
-
-    def allgather_obj(self, obj):
-        return self.inner.allgather_obj(obj)
-
-    def abort(self, code=1):
-        return self.inner.abort(code)
-
-    def set_timeout(self, seconds):
-        self.inner.set_timeout(seconds)
-
-    def at_step(self, step):
-        self.inner.at_step(step)
+    iallreduce_sum = _to_inner("iallreduce_sum", "allreduce")
+    allreduce_sum = _to_inner("allreduce_sum", "allreduce")
+    bcast = _to_inner("bcast", "bcast")
+    reduce_scatter_sum = _to_inner("reduce_scatter_sum", "reduce_scatter")
+    allgather = _to_inner("allgather", "allgather")
+    barrier = _to_inner("barrier", "barrier")
+    # Not checked (_check itself uses allgather_obj), but Communicator defines them: __getattr__ would not forward
+    allgather_obj = _to_inner("allgather_obj")
+    abort = _to_inner("abort")
+    set_timeout = _to_inner("set_timeout")
+    at_step = _to_inner("at_step")
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
-
-
-COMMUNICATORS = ("serial", "mpi", "simulated")
 
 
 def world_comm() -> Communicator:
@@ -466,11 +433,7 @@ def world_comm() -> Communicator:
 
     mpi4py is imported lazily so that single-process use needs no MPI at all.
     """
-    comm = MPIComm() if launched() else None
-    if comm is None or comm.size == 1:
-        check_launcher(os.environ)
-    return comm if comm is not None and comm.size > 1 else SerialComm()
-
-
-def format_exception(e: BaseException) -> str:
-    return "".join(traceback.format_exception(e))
+    if launched() and (comm := MPIComm()).size > 1:
+        return comm
+    check_launcher(os.environ)
+    return SerialComm()

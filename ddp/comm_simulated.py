@@ -134,14 +134,13 @@ class SimulatedComm(Communicator):
     def split(self, color, key=0):
         w = self.world
         mine = self._exchange((color, key), "split")
-        group = sorted((k, r) for r, (c, k) in enumerate(mine) if c == color)
-        leader = group[0][1] == self.rank
-        sub = SimulatedWorld(len(group), w.timeout, w.root) if leader else None
-        if leader:
+        ranks = [r for _, r in sorted((k, r) for r, (c, k) in enumerate(mine) if c == color)]
+        sub = None
+        if ranks[0] == self.rank:                  # the group's leader makes its world
+            sub = SimulatedWorld(len(ranks), w.timeout, w.root)
             with w.root.lock:
                 w.root.family.append(sub)
-        worlds = self._exchange(sub, "split")
-        return SimulatedComm(worlds[group[0][1]], [r for _, r in group].index(self.rank))
+        return SimulatedComm(self._exchange(sub, "split")[ranks[0]], ranks.index(self.rank))
 
     def free(self):
         pass
@@ -150,27 +149,25 @@ class SimulatedComm(Communicator):
     def isend(self, buf, dest, tag):
         w, data = self.world, buf.copy()
         with w.lock:
-            for entry in w.posted[dest]:
-                if entry[:2] == [self.rank, tag]:
-                    w.posted[dest].remove(entry)
-                    _deliver(entry[2], data, entry[3])
-                    break
-            else:
+            entry = next((e for e in w.posted[dest] if e[:2] == [self.rank, tag]), None)
+            if entry is None:
                 w.unexpected[dest].append([self.rank, tag, data])
+            else:
+                w.posted[dest].remove(entry)
+                _deliver(entry[2], data, entry[3])
             w.lock.notify_all()
         return Request()
 
     def irecv(self, buf, source, tag):
         w, box = self.world, {}
         with w.lock:
-            for entry in w.unexpected[self.rank]:
-                if entry[:2] == [source, tag]:
-                    w.unexpected[self.rank].remove(entry)
-                    _deliver(buf, entry[2], box)
-                    break
-            else:
+            entry = next((e for e in w.unexpected[self.rank] if e[:2] == [source, tag]), None)
+            if entry is None:
                 entry = [source, tag, buf, box]
                 w.posted[self.rank].append(entry)
+            else:
+                w.unexpected[self.rank].remove(entry)
+                _deliver(buf, entry[2], box)
 
         def cancel():
             with w.lock:

@@ -98,12 +98,10 @@ def settle(e: BaseException) -> int | None:
     world = _world()
     if world is None:
         return None
-    code = exit_code(e)
+    rank, code = world.Get_rank(), exit_code(e)
     if _vote(world, code):
-        return world.Get_rank()
-    rank = world.Get_rank()
-    text = message(e)
-    print(f"ddp: error: rank {rank}: {text or f'exited with code {code}'}", file=sys.stderr, flush=True)
+        return rank
+    print(f"ddp: error: rank {rank}: {message(e) or f'exited with code {code}'}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     world.Abort(code)
     os._exit(code)      # pragma: no cover (MPI_Abort does not return)
@@ -129,10 +127,9 @@ def run_main(fn, *args) -> int:
     try:
         return fn(*args)
     except BaseException as e:
-        code = exit_code(e)
         rank = settle(e)
         text = message(e)
         # quiet: every task of a launch saw the same problem, and the first one says it (comm.world_comm)
         if text and not rank and not getattr(e, "quiet", False):
             print(f"ddp: error: {text}", file=sys.stderr, flush=True)
-        return code
+        return exit_code(e)

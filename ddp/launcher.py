@@ -18,8 +18,8 @@ LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK")
 LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
 
 
-def launched(env=None) -> bool:
-    return any(k in (os.environ if env is None else env) for k in LAUNCH_VARS)
+def launched() -> bool:
+    return any(k in os.environ for k in LAUNCH_VARS)
 
 
 def local_ranks_from_env(env=None) -> int | None:

@@ -44,7 +44,7 @@ def stop_requested(comm: Communicator) -> bool:
     stop = got_sigterm()
     if comm.size == 1:
         return stop
-    flag = np.array([1.0 if stop else 0.0])
+    flag = np.array([float(stop)])
     comm.allreduce_sum(flag)
     return bool(flag[0])
 
