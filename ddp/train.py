@@ -112,8 +112,7 @@ class Allreduce:
         return loss, True
 
     def save(self, step, position):
-        sharded = isinstance(self.optimizer, ShardedOptimizer)
-        state = self.optimizer.state_dict() if sharded else None      # every rank sends its shard to rank 0
+        state = self.optimizer.state_dict() if self.s.cfg.shard_optimizer else None     # every rank sends its shard
         if self.reporter.active:
             with self.span("checkpoint"):
                 save_checkpoint(self.path, self.s, self.s.model.state_dict(), state or self.optimizer.state_dict(),
