@@ -25,8 +25,7 @@ class ShardedOptimizer:
     def __init__(self, make, params, grads, comm):
         self.comm, self.params, self.size = comm, params, params.size
         self.counts = [b - a for a, b in (shard_range(params.size, r, comm.size) for r in range(comm.size))]
-        self.span = shard_range(params.size, comm.rank, comm.size)
-        a, b = self.span
+        a, b = self.span = shard_range(params.size, comm.rank, comm.size)
         self.grads = grads[a:b]                       # the part of the arena the reduce-scatter fills
         self.inner = make(params[a:b], self.grads)
 
