@@ -40,7 +40,6 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
     Returns (step, epoch, t0, stopped, why early stopping ended it or None). Raises TrainingError on every rank of sync.comm together."""
     model, train, B, comm = s.model, s.train, s.batch_size, sync.comm
     span = model.tracer.span
-    xp = model.xp
     y_dev = model.targets(train.y)
     step, epoch, first = start
     stopped, early = False, EarlyStopping(cfg, reporter_key(cfg, s.prep.task))
@@ -57,15 +56,14 @@ def train_loop(cfg: Config, s: Setup, sync, start: tuple, points: dict, reporter
             gb = batches[nb]
             nb += 1
             sync.world.at_step(step + 1)
-            if cfg.deterministic:              # fixed chunks, whatever the world size: exact.py
-                micro = chunk_shard(gb, comm.rank, comm.size, cfg.chunks)
-            else:
-                micro = micro_batches(shard(gb, comm.rank, comm.size), cfg.accumulate)
+            # --deterministic: fixed chunks, whatever the world size (exact.py)
+            micro = chunk_shard(gb, comm.rank, comm.size, cfg.chunks) if cfg.deterministic else \
+                micro_batches(shard(gb, comm.rank, comm.size), cfg.accumulate)
             denom = sync.denom(len(gb), sum(map(len, micro)))
             loss = 0.0
             for j, mb in enumerate(micro):
                 with span("data", rows=len(mb)):
-                    Xb, yb = train.inputs(mb, xp, model.dtype), y_dev[mb]
+                    Xb, yb = train.inputs(mb, model.xp, model.dtype), y_dev[mb]
                 clock.lap("data")
                 loss += sync.backward(Xb, yb, denom, j > 0, j == len(micro) - 1, mb, step)
                 clock.lap("compute", take_wait())

@@ -185,8 +185,7 @@ class Schedule:
         if self.kind == "step":
             return self.gamma ** (t // self.step_size)
         if self.kind == "cosine":
-            span = max(self.total - self.warmup, 1)
-            frac = min(t / span, 1.0)
+            frac = min(t / max(self.total - self.warmup, 1), 1.0)
             return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
         return 1.0
 
@@ -199,8 +198,7 @@ def make_optimizer(name, params, grads, *, lr, momentum=0.0, nesterov=False, wei
     if name == "sgd":
         opt = SGD(params, grads, lr, momentum, nesterov, weight_decay, schedule)
     elif name in ("adam", "adamw"):
-        cls = Adam if name == "adam" else AdamW
-        opt = cls(params, grads, lr, betas, eps, weight_decay, schedule)
+        opt = (Adam if name == "adam" else AdamW)(params, grads, lr, betas, eps, weight_decay, schedule)
     else:
         raise UsageError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
     if exact:

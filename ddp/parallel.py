@@ -62,16 +62,13 @@ class DataParallel:
         self.model, self.comm = model, comm
         # --shard-optimizer (zero.py): one reduce-scatter after backward, in parts of these sizes
         self.scatter = scatter
-        if scatter is not None:
-            overlap = False
-        self.overlap, self.compress, self.psgd = overlap, compress, None
-        # --deterministic: chunks added in fixed point after backward (exact.py): nothing to overlap
+        # --deterministic: chunks added in fixed point after backward (exact.py)
         self.exact = ExactSum(comm, model.grads, chunks) if chunks else None
-        if self.exact is not None:
-            self.overlap = False
-        if compress and compress.startswith("powersgd:"):   # its two allreduces follow backward: no buckets
-            self.psgd = PowerSGD(model, comm, int(compress.split(":")[1]), seed, error_feedback)
-            self.overlap, self.compress = False, None
+        self.psgd = PowerSGD(model, comm, int(compress.split(":")[1]), seed, error_feedback) \
+            if compress and compress.startswith("powersgd:") else None
+        self.compress = None if self.psgd else compress
+        # The reduce-scatter, the chunks and PowerSGD's two allreduces all follow backward: nothing to overlap
+        self.overlap = overlap and scatter is None and not chunks and self.psgd is None
         self.bytes_per_step = (self.psgd.bytes_per_step if self.psgd else model.grads.size * 8 if chunks else
                                model.grads.nbytes // (2 if compress == "fp16" else 1))
         verify_model(model, comm)

@@ -42,7 +42,6 @@ class PowerSGD:
         self.pbuf = xp.empty(n_p + len(self.plain), dtype)       # the P factors, then the uncompressed part
         self.qbuf = xp.empty(sum(m for _, _, m in self.mats) * rank, dtype)
         self.bytes_per_step = (self.pbuf.size + self.qbuf.size) * dtype.itemsize
-        self.dense_bytes = model.grads.nbytes
 
     def reduce(self, grads, span) -> None:
         """Replace `grads` (this rank's share) with the compressed sum over the ranks, in place."""

@@ -62,6 +62,7 @@ from .setup import (Setup, agree, checkpoint_points, is_finished, make_optimizer
                     total_steps)
 from .stop import got_sigterm
 from .trace import NULL, Tracer
+from .zero import gather_state
 
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -189,9 +190,8 @@ class Server:
             return
         g = self.opt.grads
         sq = float(self.opt.xp.vdot(g, g))       # one pass: all_finite checks elements only if it is not finite
-        finite = all_finite(g, sq)
+        sq, finite = parts_sqnorm(self.scomm, g, sq) if self.cfg.clip_grad_norm else (sq, all_finite(g, sq))
         if self.cfg.clip_grad_norm:                # sync: the shards' squared norms add up to the global one
-            sq, finite = parts_sqnorm(self.scomm, g, sq)
             self.norm[0] = math.sqrt(sq)
             clip_grad_norm(g, self.norm[0], self.cfg.clip_grad_norm)
         if not finite:
@@ -227,8 +227,7 @@ class Server:
             self.opt.grads[...] = self.grad_in[w]
             self.apply()
             after = self.gclock
-            held = self.k is not None and not self.failed and self.clock[w] > after + self.k
-            if held:
+            if self.k is not None and not self.failed and self.clock[w] > after + self.k:
                 self.deferred.add(w)               # too far ahead of the slowest: it waits here
             else:
                 self.reply(w)
@@ -248,13 +247,8 @@ class Server:
         counts = [b - a for a, b in self.bounds]
         with self.tracer.span("checkpoint"):
             self.scomm.gatherv(self.params, self.model.params if root else None, counts)
-            state = {}
-            for name in self.opt.state_names:
-                mine = getattr(self.opt, name)
-                state[name] = np.empty(self.model.num_params, mine.dtype) if root else None
-                self.scomm.gatherv(mine, state[name], counts)
+            state = gather_state(self.opt, self.scomm, self.model.num_params, counts)
         if root and self.reporter.active:
-            state["t"] = np.array(self.opt.t, np.int64)
             epoch, batch = self.points[step]
             save_checkpoint(os.path.join(self.cfg.out, CHECKPOINT), self.setup, self.model.state_dict(), state,
                             step=step, epoch=epoch, batch=batch)
@@ -317,8 +311,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         if cfg.grad_norms:
             print("ddp: warning: --grad-norms is not recorded in ps mode", flush=True)
     reporter = Reporter(cfg, rank0, n_total, start[0], s.prep.task, start[0] if ckpt is not None else None)
-    tracer = Tracer(comm.rank, "server" if is_server else "worker") if cfg.trace else NULL
-    model.tracer = tracer
+    model.tracer = tracer = Tracer(comm.rank, "server" if is_server else "worker") if cfg.trace else NULL
     if cfg.trace:
         tracer.start(comm)
     try:
@@ -348,5 +341,4 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     if cfg.trace:
         tracer.merge(comm, cfg.trace)
         summary["trace"] = cfg.trace
-    summary = reporter.summary(summary, f", max staleness {summary['max_staleness']}") if rank0 else summary
-    return summary, s
+    return (reporter.summary(summary, f", max staleness {summary['max_staleness']}") if rank0 else summary), s

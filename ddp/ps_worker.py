@@ -3,7 +3,6 @@ pushing gradient shards to the servers and pulling parameter shards back in plac
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 
@@ -19,14 +18,6 @@ from .stop import got_sigterm
 TAG_GRAD, TAG_CTRL, TAG_PARAMS, TAG_META = 41, 42, 43, 44
 OK, FAILED, STOP = 0, 1, 2     # STOP: this server got SIGTERM (sync only: stop at the end of this step)
 CTRL_BYTES = 1 << 14          # every control message is padded to this (an epoch record is a few hundred bytes)
-
-
-def _json_bytes(obj) -> np.ndarray:
-    """A control message: JSON text padded with spaces to CTRL_BYTES, so that a receive needs no count."""
-    text = json.dumps(obj).encode()
-    if len(text) > CTRL_BYTES:
-        raise RuntimeError(f"control message of {len(text)} bytes exceeds {CTRL_BYTES}")
-    return np.frombuffer(bytearray(text.ljust(CTRL_BYTES)), np.uint8)
 
 
 class Worker:
@@ -74,7 +65,11 @@ class Worker:
             self.push(s)
 
     def send_ctrl(self, dest: int, obj: dict) -> None:
-        data = _json_bytes(obj)
+        """A control message: JSON text padded with spaces to CTRL_BYTES, so that a receive needs no count."""
+        text = json.dumps(obj).encode()
+        if len(text) > CTRL_BYTES:
+            raise RuntimeError(f"control message of {len(text)} bytes exceeds {CTRL_BYTES}")
+        data = np.frombuffer(bytearray(text.ljust(CTRL_BYTES)), np.uint8)
         self.keep.append(data)                     # alive until its send completes
         self.reqs.append(self.world.isend(data, dest, TAG_CTRL))
 
@@ -153,7 +148,7 @@ def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, star
     for srv in range(len(bounds)):                  # the initial shards
         worker.expect(srv, count=False)
     worker.wait()
-    error, stopped, reason, step, epoch, t0 = None, False, None, start[0], start[1], time.perf_counter()
+    error, stopped = None, False
     try:
         step, epoch, t0, stopped, reason = train_loop(cfg, s, worker, start, {}, reporter, on_step)
     except TrainingError as e:                      # raised on every worker together: tell the servers

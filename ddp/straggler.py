@@ -27,11 +27,11 @@ class PhaseClock:
     def mark(self) -> None:
         self.t = time.perf_counter()
 
-    def lap(self, phase: str, moved: float = 0.0, to: str = "wait") -> None:
-        """The time since the last mark goes to `phase`, but `moved` seconds of it (a collective inside it) to `to`."""
+    def lap(self, phase: str, moved: float = 0.0) -> None:
+        """The time since the last mark goes to `phase`, but `moved` seconds of it (a collective inside it) to wait."""
         now = time.perf_counter()
         self.s[PHASES.index(phase)] += now - self.t - moved
-        self.s[PHASES.index(to)] += moved
+        self.s[PHASES.index("wait")] += moved
         self.t = now
 
     def row(self, rank: int, size: int) -> np.ndarray:

@@ -112,8 +112,7 @@ class Allreduce:
         return loss, True
 
     def save(self, step, position):
-        sharded = isinstance(self.optimizer, ShardedOptimizer)
-        state = self.optimizer.state_dict() if sharded else None      # every rank sends its shard to rank 0
+        state = self.optimizer.state_dict() if self.s.cfg.shard_optimizer else None     # every rank sends its shard
         if self.reporter.active:
             with self.span("checkpoint"):
                 save_checkpoint(self.path, self.s, self.s.model.state_dict(), state or self.optimizer.state_dict(),
@@ -196,8 +195,8 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     tuner = BucketTuner(dp) if cfg.bucket_mb == "auto" and dp.overlap else None     # on the first steps
     if cfg.bucket_mb == "auto" and tuner is None:
         why.append(f"--bucket-mb auto: no buckets, {compress} reduces after backward")
-    tracer = Tracer(comm.rank) if cfg.trace else NULL     # after the trials: they are not part of the timeline
-    model.tracer = dp.tracer = tracer
+    # After the trials: they are not part of the timeline.
+    model.tracer = dp.tracer = tracer = Tracer(comm.rank) if cfg.trace else NULL
     # Rank 0's optimizer state is broadcast with the parameters: replicas start identical (sharded: each
     # rank's part of the state came from the same checkpoint, or starts at zero).
     for name in optimizer.state_names if not cfg.shard_optimizer else ():

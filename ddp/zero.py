@@ -25,8 +25,7 @@ class ShardedOptimizer:
     def __init__(self, make, params, grads, comm):
         self.comm, self.params, self.size = comm, params, params.size
         self.counts = [b - a for a, b in (shard_range(params.size, r, comm.size) for r in range(comm.size))]
-        self.span = shard_range(params.size, comm.rank, comm.size)
-        a, b = self.span
+        a, b = self.span = shard_range(params.size, comm.rank, comm.size)
         self.grads = grads[a:b]                       # the part of the arena the reduce-scatter fills
         self.inner = make(params[a:b], self.grads)
 
@@ -39,18 +38,25 @@ class ShardedOptimizer:
 
     def state_dict(self) -> dict:
         """The whole state on rank 0 (None arrays elsewhere). Every rank must call it: the shards are gathered."""
-        out = {}
-        for name in self.inner.state_names:
-            mine = to_numpy(getattr(self.inner, name))
-            if self.comm.size == 1:
-                out[name] = mine.copy()
-                continue
-            out[name] = np.empty(self.size, mine.dtype) if self.comm.rank == 0 else None
-            self.comm.gatherv(np.ascontiguousarray(mine), out[name], self.counts)
-        out["t"] = np.array(self.inner.t, np.int64)
-        return out
+        return gather_state(self.inner, self.comm, self.size, self.counts)
 
     def load_state_dict(self, state: dict) -> None:
         """`state` as a checkpoint holds it, whole: this rank keeps its shard."""
         a, b = self.span
         self.inner.load_state_dict({k: v if k == "t" or v.shape != (self.size,) else v[a:b] for k, v in state.items()})
+
+
+def gather_state(opt, comm, size: int, counts) -> dict:
+    """The state of `opt`, an optimizer over this rank's part of an arena of `size` elements cut in parts of
+    `counts` over the ranks of comm (--shard-optimizer's ranks, ps mode's servers): whole on rank 0, in the
+    unsharded format (None arrays elsewhere). Every rank must call it."""
+    out = {}
+    for name in opt.state_names:
+        mine = to_numpy(getattr(opt, name))
+        if comm.size == 1:
+            out[name] = mine.copy()
+            continue
+        out[name] = np.empty(size, mine.dtype) if comm.rank == 0 else None
+        comm.gatherv(np.ascontiguousarray(mine), out[name], counts)
+    out["t"] = np.array(opt.t, np.int64)
+    return out
