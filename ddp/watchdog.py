@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 TAG_WATCHDOG, TAG_EXIT = 32101, 32102
-OPS = ("allreduce", "bcast", "barrier", "allgather", "gatherv", "waitall", "waitany")
+OPS = ("allreduce", "bcast", "barrier", "allgather", "gatherv", "waitall", "waitany", "reduce_scatter")
 
 
 class Watchdog:

@@ -98,6 +98,19 @@ def test_the_watchdog_tells_why_a_rank_is_missing():
             p.wait()
     assert reachable("127.0.0.1") is True              # port 9 refused: the host answered
     assert reachable("no-such-host.invalid") is None
+
+
+def test_the_watchdog_can_name_every_collective_the_communicator_waits_in():
+    """A rank's answer carries its call as an index into OPS: a call missing there reaches the other ranks'
+    line as 'another call' (reduce_scatter, --shard-optimizer's, was)."""
+    import re
+
+    import ddp.comm
+    from ddp.watchdog import OPS
+    with open(ddp.comm.__file__) as f:
+        watched = set(re.findall(r'WATCHDOG\.watch\("(\w+)"', f.read()))
+    assert {"allreduce", "bcast", "reduce_scatter"} <= watched, watched
+    assert watched <= set(OPS), watched - set(OPS)
     # an unreachable host (False) is the partition trial's (tests/run_trials.py, test_cluster.py)
 
 
