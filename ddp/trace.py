@@ -42,9 +42,6 @@ class NullTracer:
     def span(self, name: str, cat: str = "", **args):
         return _NOTHING
 
-    def instant(self, name: str, **args):
-        pass
-
 
 NULL = NullTracer()
 
@@ -89,10 +86,6 @@ class Tracer:
         if args:
             ev["args"] = args
         return _Span(self, ev)
-
-    def instant(self, name: str, **args):
-        self.events.append({"name": name, "ph": "i", "s": "p", "pid": self.rank, "tid": 0, "ts": self.now(),
-                            "args": args})
 
     def merge(self, comm, path: str) -> None:
         """Gather every rank's events (small JSON text, not arrays) and write the trace on rank 0."""
