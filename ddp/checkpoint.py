@@ -72,22 +72,15 @@ def write_error(path: str, e: OSError) -> WriteError:
     return WriteError(f"cannot write {path}: {e.strerror or e}{note}")
 
 
-def _json_array(obj) -> np.ndarray:
-    return np.array(json.dumps(obj))
-
-
 def save_checkpoint(path: str, setup, model_state: dict, opt_state: dict, *, step: int, epoch: int,
                     batch: int) -> None:
     """Write atomically and durably (write_file): a crash mid-write never destroys the previous checkpoint."""
     cfg, model = setup.cfg, setup.model
     arrays = dict(model_state)
     arrays.update({f"optimizer.{k}": v for k, v in opt_state.items()})
-    arrays["step"] = np.array(step, np.int64)
-    arrays["epoch"] = np.array(epoch, np.int64)
-    arrays["batch_in_epoch"] = np.array(batch, np.int64)
-    # Shuffling is a pure function of (seed, epoch), so these two ARE the data RNG state.
-    arrays["rng.seed"] = np.array(cfg.seed, np.int64)
-    arrays["rng.epoch"] = np.array(epoch, np.int64)
+    # Shuffling is a pure function of (seed, epoch), so rng.seed and rng.epoch ARE the data RNG state.
+    counters = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "rng.seed": cfg.seed, "rng.epoch": epoch}
+    arrays.update({k: np.array(v, np.int64) for k, v in counters.items()})
     arrays.update(model_arrays(cfg.to_dict(), model_meta(model, setup.prep, setup.train.n_classes, setup.fingerprint),
                                setup.prep))
     write_npz(path, arrays)
@@ -102,7 +95,7 @@ def model_meta(model, prep, n_classes, fingerprint) -> dict:
 
 
 def model_arrays(config: dict, meta: dict, prep) -> dict:
-    return {"config": _json_array(config), "meta": _json_array(meta), **prep.arrays()}
+    return {"config": np.array(json.dumps(config)), "meta": np.array(json.dumps(meta)), **prep.arrays()}
 
 
 def write_npz(path: str, arrays: dict) -> None:

@@ -391,10 +391,7 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bo
         raise UsageError(f"batch size {batch_size} must be >= 1")
     if n < 1:
         return []
-    if shuffle:
-        order = np.random.default_rng((seed, epoch)).permutation(n).astype(np.int64)
-    else:
-        order = np.arange(n, dtype=np.int64)
+    order = (np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)).astype(np.int64)
     batches = np.split(order, np.arange(batch_size, n, batch_size))
     if drop_last and n % batch_size:
         batches.pop()
@@ -407,8 +404,7 @@ def shard(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
     The first len % world ranks get one extra row. A rank may get none when the batch is
     smaller than the world, so the trainer must weight each rank's gradient by its row count.
     """
-    start, stop = shard_range(len(indices), rank, world)
-    return indices[start:stop]
+    return indices[slice(*shard_range(len(indices), rank, world))]
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
