@@ -64,11 +64,10 @@ def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int
     """One line of metrics.jsonl, the same in both modes: epoch (1-based), step, the mean training loss
     (loss_sum already summed over ranks), val_* metrics, samples/s over the epoch's `seconds`, elapsed_s
     since t0, then `extra`, and "partial" when the epoch was cut short."""
-    record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(n_steps, 1)}
-    record.update({f"val_{k}": v for k, v in evaluate(model, val, comm).items()})
-    record["samples_per_s"] = samples / seconds if seconds > 0 else 0.0
-    record["elapsed_s"] = time.perf_counter() - t0
-    record.update(extra)
+    record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(n_steps, 1),
+              **{f"val_{k}": v for k, v in evaluate(model, val, comm).items()},
+              "samples_per_s": samples / seconds if seconds > 0 else 0.0, "elapsed_s": time.perf_counter() - t0,
+              **extra}
     if not finished:
         record["partial"] = True
     return record

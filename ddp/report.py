@@ -174,12 +174,10 @@ class Reporter:
 
     def summary(self, summary: dict, extra: str = "") -> dict:
         """summary.json (with the configuration, restarts and the best epoch) and the final line."""
-        summary = dict(summary)
-        summary["config"] = self.cfg.to_dict()
+        summary = {**summary, "config": self.cfg.to_dict()}
         if self.best_step is not None:
             summary["best"] = {"step": self.best_step, self.key: self.best}
-        restarts = restart_count()
-        if restarts:
+        if restarts := restart_count():
             summary["restarts"] = restarts
             summary["restart_reasons"] = [r for r in os.environ.get("DDP_RESTART_REASONS", "").split(";") if r]
         summary = finite(summary)

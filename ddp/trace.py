@@ -14,6 +14,7 @@ manager. On, a span appends one small dict (benchmarks/RESULTS.md measures both)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,17 +22,7 @@ import time
 from .checkpoint import write_file
 
 
-class _Nothing:
-    __slots__ = ()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NOTHING = _Nothing()
+_NOTHING = contextlib.nullcontext()          # reusable: one for every span of a run without tracing
 
 
 class NullTracer:
@@ -92,8 +83,7 @@ class Tracer:
         label = f"rank {self.rank}" + (f" ({self.role})" if self.role else "")
         meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "args": {"name": label}},
                 {"name": "process_sort_index", "ph": "M", "pid": self.rank, "args": {"sort_index": self.rank}}]
-        mine = json.dumps(meta + self.events)
-        every = comm.allgather_obj(mine)
+        every = comm.allgather_obj(json.dumps(meta + self.events))
         if comm.rank != 0:
             return
         events = [e for text in every for e in json.loads(text)]
