@@ -126,13 +126,18 @@ def load_checkpoint(path: str) -> dict:
     return read_checkpoint(path, path)
 
 
-def read_checkpoint(source, path: str) -> dict:
-    """load_checkpoint's checks on an open file or a path; `path` names it in messages."""
+def _read_npz(source, path: str, keys=None) -> dict:
+    """The arrays `keys` (default: all) of the .npz `source` (an open file or a path), or one line naming `path`."""
     try:
         with np.load(source, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
+            return {k: f[k] for k in f.files if keys is None or k in keys}
     except Exception as e:
         raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
+
+
+def read_checkpoint(source, path: str) -> dict:
+    """load_checkpoint's checks on an open file or a path; `path` names it in messages."""
+    data = _read_npz(source, path)
     for key in ("step", "epoch", "batch_in_epoch"):
         if key not in data:
             raise UsageError(f"checkpoint {path} has no {key!r}: not a ddp checkpoint")
@@ -192,12 +197,7 @@ def saved_config(path: str) -> dict:
     checks the whole checkpoint later, on every rank)."""
     if not os.path.isfile(path):
         load_checkpoint(path)                      # the one place that words a missing path
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if "config" not in f.files:
-                raise UsageError(f"checkpoint {path} has no saved configuration: not a ddp checkpoint")
-            return _json_field({"config": f["config"]}, "config", path)
-    except UsageError:
-        raise
-    except Exception as e:
-        raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
+    data = _read_npz(path, path, ("config",))
+    if "config" not in data:
+        raise UsageError(f"checkpoint {path} has no saved configuration: not a ddp checkpoint")
+    return _json_field(data, "config", path)
