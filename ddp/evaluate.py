@@ -43,9 +43,7 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024)
         else:
             Yh = backend.to_numpy(Z).astype(np.float64)
             Y = ds.y[rows]
-            acc[2:2 + n_out] = Y.sum(0)
-            acc[2 + n_out:2 + 2 * n_out] = (Y * Y).sum(0)
-            acc[2 + 2 * n_out:] = ((Y - Yh) ** 2).sum(0)
+            acc[2:].reshape(3, n_out)[:] = Y.sum(0), (Y * Y).sum(0), ((Y - Yh) ** 2).sum(0)
     acc = block_table(-(-n // chunk), 2 if classification else 2 + 3 * n_out, comm, fill).sum(axis=0)
     if n == 0:
         return {}
@@ -53,7 +51,7 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024)
     if classification:
         out["accuracy"] = acc[1] / n
     else:
-        sy, syy, sse = acc[2:2 + n_out], acc[2 + n_out:2 + 2 * n_out], acc[2 + 2 * n_out:]
+        sy, syy, sse = acc[2:].reshape(3, n_out)
         sst = syy - sy * sy / n
         out["r2"] = float(np.mean(1 - sse / np.where(sst > 0, sst, 1.0)))
     return out
