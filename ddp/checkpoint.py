@@ -182,11 +182,9 @@ def restore(ckpt: dict, model, optimizer, path: str, span: tuple[int, int] | Non
 
 def check_resume(ckpt: dict, setup, path: str) -> None:
     """The run being resumed must be the checkpoint's: same settings that shape the computation, same data."""
-    saved = ckpt.get("config")
-    if saved is not None:
+    if (saved := ckpt.get("config")) is not None:
         merge_for_resume(saved, setup.cfg.to_dict(), path)
-    meta = ckpt.get("meta") or {}
-    fp = meta.get("data_fingerprint")
+    fp = (ckpt.get("meta") or {}).get("data_fingerprint")
     if fp is not None and fp != setup.fingerprint:
         raise UsageError(f"the training data differs from the data checkpoint {path} was trained on "
                          f"(dataset {setup.cfg.dataset!r}); resume with the same data, or start a new run")

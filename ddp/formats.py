@@ -52,11 +52,9 @@ def load_bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
         with gzip.open(os.path.join(folder, file), "rt", encoding="utf-8") as f:
             return np.loadtxt(f, **kw)
 
-    if name == "digits":
-        data = table("digits.csv.gz", delimiter=",")
-        return data[:, :-1], data[:, -1].astype(int)
-    if name == "breast_cancer":    # header: n_samples, n_features, class names
-        data = np.loadtxt(os.path.join(folder, "breast_cancer.csv"), delimiter=",", skiprows=1)
+    if name != "diabetes":         # features, then the class; breast_cancer's header: n_samples, n_features, names
+        data = (table("digits.csv.gz", delimiter=",") if name == "digits"
+                else np.loadtxt(os.path.join(folder, "breast_cancer.csv"), delimiter=",", skiprows=1))
         return data[:, :-1], data[:, -1].astype(int)
     # sklearn's scaled=True: each column centred, divided by its std, then by sqrt(n_samples),
     # in the same order of operations so that the result is the same to the last bit.

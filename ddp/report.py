@@ -139,8 +139,7 @@ class Reporter:
         if key in r:
             parts.append(f"{key.replace('_', ' ')} {_fmt(r[key])}")
         parts.append(f"{r.get('samples_per_s') or 0:,.0f} samples/s")
-        if r.get("straggler"):
-            st = r["straggler"]
+        if st := r.get("straggler"):
             parts.append(f"slow rank {st['rank']} ({st['phase']} +{100 * st['slower_by']:.0f}%)")
         if r.get("noise_scale") is not None:
             parts.append(f"noise scale {r['noise_scale']:,.0f}")
