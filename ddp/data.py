@@ -177,8 +177,7 @@ def _fixed_task(name: str, known: str, task: str) -> str:
 def _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed):
     """X ~ N(0, 1); y from a random one-hidden-layer tanh "teacher" network, so it is learnable."""
     classify = name == "synthetic_classification"
-    n_out, out_label, out_min = ((n_classes, "n_classes", 2) if classify
-                                 else (n_outputs, "n_outputs", 1))
+    n_out, out_label, out_min = (n_classes, "n_classes", 2) if classify else (n_outputs, "n_outputs", 1)
     for label, value, low in (("n_samples", n_samples, 1), ("n_features", n_features, 1),
                               (out_label, n_out, out_min)):
         if value < low:

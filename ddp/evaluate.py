@@ -26,13 +26,12 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024)
     # At most 16 MB of float64 inputs at once, and at least 16 blocks, so that up to 16 ranks share a small set;
     # the block size depends on the set alone, never on the world size.
     chunk = max(1, min(chunk, (1 << 21) // ds.n_features, -(-n // 16)))
-    xp = model.xp
     n_out = model.sizes[-1]
     classification = model.loss_name != "mse"
 
     def fill(b, acc):                      # [loss sum, correct, sum y, sum y^2, sse] (the last three per output)
         rows = np.arange(b * chunk, min(n, (b + 1) * chunk))
-        X = ds.inputs(rows, xp, model.dtype)
+        X = ds.inputs(rows, model.xp, model.dtype)
         Z = model.forward(X)
         y = model.targets(ds.y[rows])
         loss, _ = model.loss_fn(Z, y, denom=1)

@@ -48,7 +48,7 @@ def _find(comm, cfg, steps, lr_min, lr_max):
     lrs, losses, smoothed, avg, epoch, batches = [], [], [], 0.0, 0, []
     while True:
         if not batches:
-            batches = list(epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last))
+            batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
             epoch += 1
         gb = batches.pop(0)
         comm.at_step(len(lrs) + 1)
