@@ -207,12 +207,9 @@ def _fmt(v) -> str:
 
 def scalars(record: dict) -> dict:
     """A record's numbers, lists spread out: grad_norms [a, b] -> grad_norms/0, grad_norms/1."""
-    out = {}
-    for k, v in record.items():
-        for name, x in ([(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)]):
-            if isinstance(x, (int, float)) and not isinstance(x, bool):
-                out[name] = x
-    return out
+    return {name: x for k, v in record.items()
+            for name, x in ([(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)])
+            if isinstance(x, (int, float)) and not isinstance(x, bool)}
 
 
 class Logger:
