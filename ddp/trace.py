@@ -21,7 +21,6 @@ import time
 
 from .checkpoint import write_file
 
-
 _NOTHING = contextlib.nullcontext()          # reusable: one for every span of a run without tracing
 
 
