@@ -94,13 +94,11 @@ def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
 
     if name in ("digits", "breast_cancer", "diabetes"):
-        X, y = load_bundled(name)
         known = "regression" if name == "diabetes" else "classification"
-        return from_arrays(X, y, _fixed_task(name, known, task), name)
+        return from_arrays(*load_bundled(name), _fixed_task(name, known, task), name)
     if name.startswith("synthetic_"):
-        X, y = _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed)
-        known = name.removeprefix("synthetic_")
-        return from_parts([(X, y)], _fixed_task(name, known, task), name, n_classes)[0]
+        parts = [_synthetic(name, n_samples, n_features, n_classes, n_outputs, seed)]
+        return from_parts(parts, _fixed_task(name, name.removeprefix("synthetic_"), task), name, n_classes)[0]
 
     return load_files(name, [path], task)[0]
 
