@@ -72,22 +72,15 @@ def write_error(path: str, e: OSError) -> WriteError:
     return WriteError(f"cannot write {path}: {e.strerror or e}{note}")
 
 
-def _json_array(obj) -> np.ndarray:
-    return np.array(json.dumps(obj))
-
-
 def save_checkpoint(path: str, setup, model_state: dict, opt_state: dict, *, step: int, epoch: int,
                     batch: int) -> None:
     """Write atomically and durably (write_file): a crash mid-write never destroys the previous checkpoint."""
     cfg, model = setup.cfg, setup.model
     arrays = dict(model_state)
     arrays.update({f"optimizer.{k}": v for k, v in opt_state.items()})
-    arrays["step"] = np.array(step, np.int64)
-    arrays["epoch"] = np.array(epoch, np.int64)
-    arrays["batch_in_epoch"] = np.array(batch, np.int64)
-    # Shuffling is a pure function of (seed, epoch), so these two ARE the data RNG state.
-    arrays["rng.seed"] = np.array(cfg.seed, np.int64)
-    arrays["rng.epoch"] = np.array(epoch, np.int64)
+    # Shuffling is a pure function of (seed, epoch), so rng.seed and rng.epoch ARE the data RNG state.
+    counters = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "rng.seed": cfg.seed, "rng.epoch": epoch}
+    arrays.update({k: np.array(v, np.int64) for k, v in counters.items()})
     arrays.update(model_arrays(cfg.to_dict(), model_meta(model, setup.prep, setup.train.n_classes, setup.fingerprint),
                                setup.prep))
     write_npz(path, arrays)
@@ -102,7 +95,7 @@ def model_meta(model, prep, n_classes, fingerprint) -> dict:
 
 
 def model_arrays(config: dict, meta: dict, prep) -> dict:
-    return {"config": _json_array(config), "meta": _json_array(meta), **prep.arrays()}
+    return {"config": np.array(json.dumps(config)), "meta": np.array(json.dumps(meta)), **prep.arrays()}
 
 
 def write_npz(path: str, arrays: dict) -> None:
@@ -133,13 +126,18 @@ def load_checkpoint(path: str) -> dict:
     return read_checkpoint(path, path)
 
 
-def read_checkpoint(source, path: str) -> dict:
-    """load_checkpoint's checks on an open file or a path; `path` names it in messages."""
+def _read_npz(source, path: str, keys=None) -> dict:
+    """The arrays `keys` (default: all) of the .npz `source` (an open file or a path), or one line naming `path`."""
     try:
         with np.load(source, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
+            return {k: f[k] for k in f.files if keys is None or k in keys}
     except Exception as e:
         raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
+
+
+def read_checkpoint(source, path: str) -> dict:
+    """load_checkpoint's checks on an open file or a path; `path` names it in messages."""
+    data = _read_npz(source, path)
     for key in ("step", "epoch", "batch_in_epoch"):
         if key not in data:
             raise UsageError(f"checkpoint {path} has no {key!r}: not a ddp checkpoint")
@@ -184,11 +182,9 @@ def restore(ckpt: dict, model, optimizer, path: str, span: tuple[int, int] | Non
 
 def check_resume(ckpt: dict, setup, path: str) -> None:
     """The run being resumed must be the checkpoint's: same settings that shape the computation, same data."""
-    saved = ckpt.get("config")
-    if saved is not None:
+    if (saved := ckpt.get("config")) is not None:
         merge_for_resume(saved, setup.cfg.to_dict(), path)
-    meta = ckpt.get("meta") or {}
-    fp = meta.get("data_fingerprint")
+    fp = (ckpt.get("meta") or {}).get("data_fingerprint")
     if fp is not None and fp != setup.fingerprint:
         raise UsageError(f"the training data differs from the data checkpoint {path} was trained on "
                          f"(dataset {setup.cfg.dataset!r}); resume with the same data, or start a new run")
@@ -199,12 +195,7 @@ def saved_config(path: str) -> dict:
     checks the whole checkpoint later, on every rank)."""
     if not os.path.isfile(path):
         load_checkpoint(path)                      # the one place that words a missing path
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if "config" not in f.files:
-                raise UsageError(f"checkpoint {path} has no saved configuration: not a ddp checkpoint")
-            return _json_field({"config": f["config"]}, "config", path)
-    except UsageError:
-        raise
-    except Exception as e:
-        raise UsageError(f"checkpoint {path} is corrupt or not an .npz file ({type(e).__name__})") from None
+    data = _read_npz(path, path, ("config",))
+    if "config" not in data:
+        raise UsageError(f"checkpoint {path} has no saved configuration: not a ddp checkpoint")
+    return _json_field(data, "config", path)

@@ -94,13 +94,11 @@ def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
 
     if name in ("digits", "breast_cancer", "diabetes"):
-        X, y = load_bundled(name)
         known = "regression" if name == "diabetes" else "classification"
-        return from_arrays(X, y, _fixed_task(name, known, task), name)
+        return from_arrays(*load_bundled(name), _fixed_task(name, known, task), name)
     if name.startswith("synthetic_"):
-        X, y = _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed)
-        known = name.removeprefix("synthetic_")
-        return from_parts([(X, y)], _fixed_task(name, known, task), name, n_classes)[0]
+        parts = [_synthetic(name, n_samples, n_features, n_classes, n_outputs, seed)]
+        return from_parts(parts, _fixed_task(name, name.removeprefix("synthetic_"), task), name, n_classes)[0]
 
     return load_files(name, [path], task)[0]
 
@@ -177,8 +175,7 @@ def _fixed_task(name: str, known: str, task: str) -> str:
 def _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed):
     """X ~ N(0, 1); y from a random one-hidden-layer tanh "teacher" network, so it is learnable."""
     classify = name == "synthetic_classification"
-    n_out, out_label, out_min = ((n_classes, "n_classes", 2) if classify
-                                 else (n_outputs, "n_outputs", 1))
+    n_out, out_label, out_min = (n_classes, "n_classes", 2) if classify else (n_outputs, "n_outputs", 1)
     for label, value, low in (("n_samples", n_samples, 1), ("n_features", n_features, 1),
                               (out_label, n_out, out_min)):
         if value < low:
@@ -391,10 +388,7 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bo
         raise UsageError(f"batch size {batch_size} must be >= 1")
     if n < 1:
         return []
-    if shuffle:
-        order = np.random.default_rng((seed, epoch)).permutation(n).astype(np.int64)
-    else:
-        order = np.arange(n, dtype=np.int64)
+    order = (np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)).astype(np.int64)
     batches = np.split(order, np.arange(batch_size, n, batch_size))
     if drop_last and n % batch_size:
         batches.pop()
@@ -407,8 +401,7 @@ def shard(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
     The first len % world ranks get one extra row. A rank may get none when the batch is
     smaller than the world, so the trainer must weight each rank's gradient by its row count.
     """
-    start, stop = shard_range(len(indices), rank, world)
-    return indices[start:stop]
+    return indices[slice(*shard_range(len(indices), rank, world))]
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:

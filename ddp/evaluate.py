@@ -26,13 +26,12 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024)
     # At most 16 MB of float64 inputs at once, and at least 16 blocks, so that up to 16 ranks share a small set;
     # the block size depends on the set alone, never on the world size.
     chunk = max(1, min(chunk, (1 << 21) // ds.n_features, -(-n // 16)))
-    xp = model.xp
     n_out = model.sizes[-1]
     classification = model.loss_name != "mse"
 
     def fill(b, acc):                      # [loss sum, correct, sum y, sum y^2, sse] (the last three per output)
         rows = np.arange(b * chunk, min(n, (b + 1) * chunk))
-        X = ds.inputs(rows, xp, model.dtype)
+        X = ds.inputs(rows, model.xp, model.dtype)
         Z = model.forward(X)
         y = model.targets(ds.y[rows])
         loss, _ = model.loss_fn(Z, y, denom=1)
@@ -43,9 +42,7 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024)
         else:
             Yh = backend.to_numpy(Z).astype(np.float64)
             Y = ds.y[rows]
-            acc[2:2 + n_out] = Y.sum(0)
-            acc[2 + n_out:2 + 2 * n_out] = (Y * Y).sum(0)
-            acc[2 + 2 * n_out:] = ((Y - Yh) ** 2).sum(0)
+            acc[2:].reshape(3, n_out)[:] = Y.sum(0), (Y * Y).sum(0), ((Y - Yh) ** 2).sum(0)
     acc = block_table(-(-n // chunk), 2 if classification else 2 + 3 * n_out, comm, fill).sum(axis=0)
     if n == 0:
         return {}
@@ -53,7 +50,7 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024)
     if classification:
         out["accuracy"] = acc[1] / n
     else:
-        sy, syy, sse = acc[2:2 + n_out], acc[2 + n_out:2 + 2 * n_out], acc[2 + 2 * n_out:]
+        sy, syy, sse = acc[2:].reshape(3, n_out)
         sst = syy - sy * sy / n
         out["r2"] = float(np.mean(1 - sse / np.where(sst > 0, sst, 1.0)))
     return out
@@ -64,11 +61,10 @@ def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int
     """One line of metrics.jsonl, the same in both modes: epoch (1-based), step, the mean training loss
     (loss_sum already summed over ranks), val_* metrics, samples/s over the epoch's `seconds`, elapsed_s
     since t0, then `extra`, and "partial" when the epoch was cut short."""
-    record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(n_steps, 1)}
-    record.update({f"val_{k}": v for k, v in evaluate(model, val, comm).items()})
-    record["samples_per_s"] = samples / seconds if seconds > 0 else 0.0
-    record["elapsed_s"] = time.perf_counter() - t0
-    record.update(extra)
+    record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(n_steps, 1),
+              **{f"val_{k}": v for k, v in evaluate(model, val, comm).items()},
+              "samples_per_s": samples / seconds if seconds > 0 else 0.0, "elapsed_s": time.perf_counter() - t0,
+              **extra}
     if not finished:
         record["partial"] = True
     return record

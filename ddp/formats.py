@@ -52,11 +52,9 @@ def load_bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
         with gzip.open(os.path.join(folder, file), "rt", encoding="utf-8") as f:
             return np.loadtxt(f, **kw)
 
-    if name == "digits":
-        data = table("digits.csv.gz", delimiter=",")
-        return data[:, :-1], data[:, -1].astype(int)
-    if name == "breast_cancer":    # header: n_samples, n_features, class names
-        data = np.loadtxt(os.path.join(folder, "breast_cancer.csv"), delimiter=",", skiprows=1)
+    if name != "diabetes":         # features, then the class; breast_cancer's header: n_samples, n_features, names
+        data = (table("digits.csv.gz", delimiter=",") if name == "digits"
+                else np.loadtxt(os.path.join(folder, "breast_cancer.csv"), delimiter=",", skiprows=1))
         return data[:, :-1], data[:, -1].astype(int)
     # sklearn's scaled=True: each column centred, divided by its std, then by sqrt(n_samples),
     # in the same order of operations so that the result is the same to the last bit.
@@ -100,20 +98,19 @@ def map_npz(path: str, key: str) -> np.ndarray:
     the .npy inside a stored zip member is plain bytes at an offset that its local header gives."""
     with zipfile.ZipFile(path) as z:
         info = z.getinfo(key + ".npy")
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset + 26)
-        name_len, extra_len = struct.unpack("<HH", fh.read(4))
-        fh.seek(name_len + extra_len, 1)
-        version = np.lib.format.read_magic(fh)
-        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if info.compress_type != zipfile.ZIP_STORED or version not in reader:
-            with np.load(path, allow_pickle=False) as f:
-                return f[key]
-        shape, fortran, dtype = reader[version](fh)
-        if dtype.hasobject or math.prod(shape) == 0:
-            with np.load(path, allow_pickle=False) as f:
-                return f[key]                     # refused (object arrays), or nothing to map
-        return np.memmap(path, dtype, "r", offset=fh.tell(), shape=shape, order="F" if fortran else "C")
+    reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if info.compress_type == zipfile.ZIP_STORED:    # a compressed member's bytes are no .npy header to read
+        with open(path, "rb") as fh:
+            fh.seek(info.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", fh.read(4))
+            fh.seek(name_len + extra_len, 1)
+            version = np.lib.format.read_magic(fh)
+            if version in reader:
+                shape, fortran, dtype = reader[version](fh)
+                if not dtype.hasobject and math.prod(shape):
+                    return np.memmap(path, dtype, "r", offset=fh.tell(), shape=shape, order="F" if fortran else "C")
+    with np.load(path, allow_pickle=False) as f:
+        return f[key]                             # compressed, refused (object arrays), or nothing to map
 
 
 def read_npz(path: str):

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from .comm import Communicator
+from .comm import Communicator, SerialComm
 from .comm_simulated import run_simulated
 from .config import Config
 from .data import epoch_batches, shard
@@ -33,7 +33,6 @@ def lr_find(cfg: Config, comm: Communicator | None, steps=100, lr_min=1e-7, lr_m
         raise UsageError(f"lr-find needs 0 < --lr-min < --lr-max and --steps >= 2, got {lr_min:g}, {lr_max:g}, {steps}")
     if cfg.simulate_ranks:
         return run_simulated(cfg.simulate_ranks, _find, cfg, steps, lr_min, lr_max)[0]
-    from .comm import SerialComm
     return _find(comm or SerialComm(), cfg, steps, lr_min, lr_max)
 
 
@@ -49,7 +48,7 @@ def _find(comm, cfg, steps, lr_min, lr_max):
     lrs, losses, smoothed, avg, epoch, batches = [], [], [], 0.0, 0, []
     while True:
         if not batches:
-            batches = list(epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last))
+            batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
             epoch += 1
         gb = batches.pop(0)
         comm.at_step(len(lrs) + 1)

@@ -64,8 +64,7 @@ def make_figure(runs: list[str]):
         raise UsageError("ddp plot needs matplotlib: pip install 'ddp[plot]'") from None
     data = [(label_of(r), read_metrics(r)) for r in runs]
     grads = any("grad_norms" in rec for _, recs in data for rec in recs)
-    fig, axes = plt.subplots(1, 3 if grads else 2, figsize=(15 if grads else 10, 4), squeeze=False)
-    axes = axes[0]
+    fig, (axes,) = plt.subplots(1, 3 if grads else 2, figsize=(15 if grads else 10, 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     metric_names = set()
     for i, (label, recs) in enumerate(data):
@@ -78,8 +77,8 @@ def make_figure(runs: list[str]):
         if key:
             metric_names.add(key.removeprefix("val_"))
             axes[1].plot(ep, [r.get(key) for r in recs], color=c, label=label)
-        if grads and any("grad_norms" in r for r in recs):
-            with_norms = [r for r in recs if "grad_norms" in r]
+        with_norms = [r for r in recs if "grad_norms" in r]
+        if with_norms:
             n_layers = len(with_norms[0]["grad_norms"])
             for layer in range(n_layers):
                 alpha = 0.35 + 0.65 * layer / max(n_layers - 1, 1)

@@ -52,8 +52,7 @@ class Preprocess:
             y = y.astype(np.int64)
         if y.dtype.kind in "US" and self.classes.dtype.kind not in "US":
             raise UsageError(f"labels are strings, but the model's classes are {self.classes.tolist()[:10]}")
-        idx = np.searchsorted(self.classes, y)
-        idx = np.minimum(idx, len(self.classes) - 1)
+        idx = np.minimum(np.searchsorted(self.classes, y), len(self.classes) - 1)
         unknown = self.classes[idx] != y
         if unknown.any():
             raise UsageError(f"label {y[unknown][0].item()!r} was not among the training classes "
@@ -82,9 +81,7 @@ class Preprocess:
             if key not in ckpt:
                 raise UsageError(f"checkpoint {path} has no {key!r}: it was written before ddp saved its "
                                  "preprocessing (format 1); retrain to use it on raw data")
-        y = None
-        if "data.y_mean" in ckpt:
-            y = Standardizer.from_stats(ckpt["data.y_mean"], ckpt["data.y_std"])
+        y = Standardizer.from_stats(ckpt["data.y_mean"], ckpt["data.y_std"]) if "data.y_mean" in ckpt else None
         classes = ckpt.get("data.classes")
         if task == "classification" and classes is None:
             raise UsageError(f"checkpoint {path} has no class labels (data.classes)")

@@ -139,8 +139,7 @@ class Reporter:
         if key in r:
             parts.append(f"{key.replace('_', ' ')} {_fmt(r[key])}")
         parts.append(f"{r.get('samples_per_s') or 0:,.0f} samples/s")
-        if r.get("straggler"):
-            st = r["straggler"]
+        if st := r.get("straggler"):
             parts.append(f"slow rank {st['rank']} ({st['phase']} +{100 * st['slower_by']:.0f}%)")
         if r.get("noise_scale") is not None:
             parts.append(f"noise scale {r['noise_scale']:,.0f}")
@@ -174,12 +173,10 @@ class Reporter:
 
     def summary(self, summary: dict, extra: str = "") -> dict:
         """summary.json (with the configuration, restarts and the best epoch) and the final line."""
-        summary = dict(summary)
-        summary["config"] = self.cfg.to_dict()
+        summary = {**summary, "config": self.cfg.to_dict()}
         if self.best_step is not None:
             summary["best"] = {"step": self.best_step, self.key: self.best}
-        restarts = restart_count()
-        if restarts:
+        if restarts := restart_count():
             summary["restarts"] = restarts
             summary["restart_reasons"] = [r for r in os.environ.get("DDP_RESTART_REASONS", "").split(";") if r]
         summary = finite(summary)
@@ -210,12 +207,9 @@ def _fmt(v) -> str:
 
 def scalars(record: dict) -> dict:
     """A record's numbers, lists spread out: grad_norms [a, b] -> grad_norms/0, grad_norms/1."""
-    out = {}
-    for k, v in record.items():
-        for name, x in ([(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)]):
-            if isinstance(x, (int, float)) and not isinstance(x, bool):
-                out[name] = x
-    return out
+    return {name: x for k, v in record.items()
+            for name, x in ([(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)])
+            if isinstance(x, (int, float)) and not isinstance(x, bool)}
 
 
 class Logger:

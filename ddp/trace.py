@@ -14,24 +14,14 @@ manager. On, a span appends one small dict (benchmarks/RESULTS.md measures both)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 
 from .checkpoint import write_file
 
-
-class _Nothing:
-    __slots__ = ()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NOTHING = _Nothing()
+_NOTHING = contextlib.nullcontext()          # reusable: one for every span of a run without tracing
 
 
 class NullTracer:
@@ -41,9 +31,6 @@ class NullTracer:
 
     def span(self, name: str, cat: str = "", **args):
         return _NOTHING
-
-    def instant(self, name: str, **args):
-        pass
 
 
 NULL = NullTracer()
@@ -90,17 +77,12 @@ class Tracer:
             ev["args"] = args
         return _Span(self, ev)
 
-    def instant(self, name: str, **args):
-        self.events.append({"name": name, "ph": "i", "s": "p", "pid": self.rank, "tid": 0, "ts": self.now(),
-                            "args": args})
-
     def merge(self, comm, path: str) -> None:
         """Gather every rank's events (small JSON text, not arrays) and write the trace on rank 0."""
         label = f"rank {self.rank}" + (f" ({self.role})" if self.role else "")
         meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "args": {"name": label}},
                 {"name": "process_sort_index", "ph": "M", "pid": self.rank, "args": {"sort_index": self.rank}}]
-        mine = json.dumps(meta + self.events)
-        every = comm.allgather_obj(mine)
+        every = comm.allgather_obj(json.dumps(meta + self.events))
         if comm.rank != 0:
             return
         events = [e for text in every for e in json.loads(text)]
