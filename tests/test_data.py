@@ -111,6 +111,21 @@ def test_npz_round_trip_classification(tmp_path):
     assert np.array_equal(ds.X, X) and np.array_equal(ds.y, y) and ds.y.dtype == np.int64
 
 
+def test_npz_compressed_is_read_and_uncompressed_is_mapped(tmp_path):
+    """np.savez_compressed's members are deflated: no .npy header to map, so they are read whole (map_npz
+    once read the compressed bytes as a header and refused every such file); np.savez's X is memory-mapped."""
+    from ddp.formats import map_npz
+    X = np.random.default_rng(1).standard_normal((30, 4))
+    y = np.arange(30) % 3
+    np.savez_compressed(tmp_path / "c.npz", X=X, y=y)
+    np.savez(tmp_path / "u.npz", X=np.asfortranarray(X), y=y)
+    ds = load_dataset("npz", path=str(tmp_path / "c.npz"))
+    assert np.array_equal(ds.X, X) and np.array_equal(ds.y, y)
+    assert not isinstance(map_npz(str(tmp_path / "c.npz"), "X"), np.memmap)
+    mapped = map_npz(str(tmp_path / "u.npz"), "X")
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, X)
+
+
 def test_npz_round_trip_regression_and_forced_task(tmp_path):
     X = np.random.default_rng(0).standard_normal((10, 2))
     np.savez(tmp_path / "r.npz", X=X, y=X.sum(axis=1))
