@@ -23,7 +23,7 @@ import os
 import sys
 
 from .config import add_flags, given_settings
-from .errors import UsageError
+from .errors import Stopped, UsageError
 from .guard import run_main
 from .version import __version__
 
@@ -46,8 +46,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ddp", description="Data-parallel neural-network training on NumPy/CuPy and MPI.")
     p.add_argument("--version", action="version", version=f"ddp {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    sub.required = True
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
     t = sub.add_parser("train", help="train a model (1 rank, N MPI ranks, or --simulate-ranks N)",
                        description="Train a network (an MLP, or --arch). Under mpiexec each rank takes its shard of every global batch.")
     add_flags(t)
@@ -321,7 +320,6 @@ def _main(argv) -> int:
         return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate, "plot": cmd_plot,
                 "convert": cmd_convert, "export": cmd_export, "info": cmd_info}[args.command](args)
     from .comm import world_comm
-    from .errors import Stopped
 
     comm = world_comm()
     if args.command == "lr-find":
