@@ -92,8 +92,7 @@ class Model:
         if Z.shape[1] == 1:                        # binary cross-entropy: one logit for class 1
             p = 0.5 * (1 + np.tanh(0.5 * Z[:, 0]))
             return np.stack([1 - p, p], axis=1)
-        Z = Z - Z.max(axis=1, keepdims=True)
-        E = np.exp(Z)
+        E = np.exp(Z - Z.max(axis=1, keepdims=True))
         return E / E.sum(axis=1, keepdims=True)
 
     def evaluate(self, X, y) -> dict:
@@ -117,7 +116,6 @@ class Model:
 
 def load(path: str, device: str = "cpu") -> Model:
     """The model in a checkpoint (checkpoint.npz or best.npz, or a run folder holding checkpoint.npz)."""
-    import os
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     return _from_checkpoint(load_checkpoint(path), path, device)
@@ -165,10 +163,7 @@ def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -
     settings = {k: coerce(k, v.item() if isinstance(v, np.generic) else v) for k, v in settings.items()}
     if (X_val is None) != (y_val is None):
         raise UsageError("give both X_val and y_val, or neither")
-    settings.setdefault("val_fraction", 0.0)
-    settings.setdefault("test_fraction", 0.0)
-    settings.setdefault("progress", False)
-    settings.setdefault("quiet", not verbose)
+    settings = {"val_fraction": 0.0, "test_fraction": 0.0, "progress": False, "quiet": not verbose, **settings}
     if X_val is not None and settings["val_fraction"]:
         raise UsageError("give X_val/y_val or val_fraction, not both")
     cfg = resolve_config({"dataset": "npz", "out": "", **settings})

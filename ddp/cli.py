@@ -23,7 +23,7 @@ import os
 import sys
 
 from .config import add_flags, given_settings
-from .errors import UsageError
+from .errors import Stopped, UsageError
 from .guard import run_main
 from .version import __version__
 
@@ -46,8 +46,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ddp", description="Data-parallel neural-network training on NumPy/CuPy and MPI.")
     p.add_argument("--version", action="version", version=f"ddp {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    sub.required = True
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
     t = sub.add_parser("train", help="train a model (1 rank, N MPI ranks, or --simulate-ranks N)",
                        description="Train a network (an MLP, or --arch). Under mpiexec each rank takes its shard of every global batch.")
     add_flags(t)
@@ -138,15 +137,22 @@ def cmd_gradcheck(args) -> int:
     return 0 if ok else 1
 
 
-def cmd_train(args, comm) -> None:
+def agreed_config(args, comm):
+    """train's and lr-find's configuration, the same on every rank, and the BLAS threads of a rank."""
     from .backend import limit_threads
-    from .run import auto_out, resolve_config
+    from .run import resolve_config
     from .setup import agree
+    cfg = agree(comm, resolve_config, given_settings(args))
+    limit_threads(getattr(comm, "local_size", None), cfg.simulate_ranks)
+    return cfg
+
+
+def cmd_train(args, comm) -> None:
+    from .run import auto_out
     from .stop import handle_sigterm
     from .train import run
 
-    cfg = agree(comm, resolve_config, given_settings(args))
-    limit_threads(getattr(comm, "local_size", None), cfg.simulate_ranks)
+    cfg = agreed_config(args, comm)
     if not cfg.out:
         cfg.out = comm.bcast_obj(auto_out(cfg) if comm.rank == 0 else None)
     if cfg.mode == "allreduce" or cfg.ps_sync():
@@ -169,8 +175,7 @@ def cmd_predict(args) -> int:
         P = model.predict_proba(X)
         header, rows = [f"p_{c}" for c in model.classes_], [[f"{v:.9g}" for v in row] for row in P]
     else:
-        pred = model.predict(X)
-        pred = pred.reshape(len(pred), -1)
+        pred = model.predict(X).reshape(len(X), -1)
         header = ["prediction"] if pred.shape[1] == 1 else [f"prediction_{j}" for j in range(pred.shape[1])]
         rows = [[f"{v:.17g}" if isinstance(v, float) else str(v) for v in row.tolist()] for row in pred]
     fh = sys.stdout
@@ -210,10 +215,9 @@ def cmd_evaluate(args) -> int:
             raise UsageError(f"{args.data_path} has no target: evaluate needs labelled rows")
         where = args.data_path
     else:
-        saved = dict(model.config)
-        same = saved.get("dataset") == args.dataset
+        same = model.config.get("dataset") == args.dataset
         part = args.split or ("test" if same else "all")
-        known = {k: v for k, v in saved.items() if k in FIELDS}     # a key another ddp version wrote is not ours
+        known = {k: v for k, v in model.config.items() if k in FIELDS}     # a key another ddp version wrote is not ours
         cfg = Config(**{**known, "dataset": args.dataset, "data_path": "", "val_path": "",
                             "test_path": ""}).validate()
         train, val, test = raw_splits(cfg)
@@ -234,8 +238,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import os
-
     import numpy as np
 
     from .checkpoint import WriteError, write_file
@@ -243,8 +245,7 @@ def cmd_convert(args) -> int:
     from .formats import read_csv, read_idx_pair, read_npz
     if not args.output.endswith(".npz"):
         raise UsageError(f"the output {args.output} must be an .npz file")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise UsageError(f"the folder of {args.output} does not exist")
     fmt = infer_format(args.input)
     print(f"ddp: reading {args.input} ({fmt})", file=sys.stderr, flush=True)
@@ -259,14 +260,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_lr_find(args, comm) -> None:
-    import os
-
-    from .backend import limit_threads
     from .lrfind import lr_find, write
-    from .run import resolve_config
-    from .setup import agree
-    cfg = agree(comm, resolve_config, given_settings(args))
-    limit_threads(getattr(comm, "local_size", None), cfg.simulate_ranks)
+    cfg = agreed_config(args, comm)
     result = lr_find(cfg, comm, args.steps, args.lr_min, args.lr_max)
     if comm.rank == 0:
         files = write(result, cfg.out or os.path.join("runs", f"{cfg.dataset}-lr-find"))
@@ -288,7 +283,7 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def cmd_info() -> int:
+def cmd_info(args) -> int:
     import platform
 
     import numpy as np
@@ -321,13 +316,10 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "info":
-        return cmd_info()
     if args.command not in ("train", "lr-find"):
-        return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate,
-                "plot": cmd_plot, "convert": cmd_convert, "export": cmd_export}[args.command](args)
+        return {"gradcheck": cmd_gradcheck, "predict": cmd_predict, "evaluate": cmd_evaluate, "plot": cmd_plot,
+                "convert": cmd_convert, "export": cmd_export, "info": cmd_info}[args.command](args)
     from .comm import world_comm
-    from .errors import Stopped
 
     comm = world_comm()
     if args.command == "lr-find":

@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from .data import DATASETS, SCALES, infer_format
+from .data import BATCH_MODES, DATASETS, SCALES, TASKS, infer_format
 from .errors import UsageError, regular_file
 
 if sys.version_info >= (3, 11):
@@ -47,8 +47,7 @@ class Config:
                         group="data")
     test_path: str = opt("", "a test file, in --data-path's format, such as the official test split (then "
                          "--test-fraction does not apply; summary.json reports it)", group="data")
-    task: str = opt("auto", "classification or regression (auto: from the dataset)",
-                    ["auto", "classification", "regression"], group="data")
+    task: str = opt("auto", "classification or regression (auto: from the dataset)", TASKS, group="data")
     n_samples: int = opt(2000, "samples in a synthetic dataset", group="data")
     n_features: int = opt(20, "features in a synthetic dataset", group="data")
     n_classes: int = opt(3, "classes in synthetic_classification", group="data")
@@ -89,7 +88,7 @@ class Config:
                                 "larger, as torch.nn.utils.clip_grad_norm_ (0: off)", group="optimizer")
     # training
     batch_mode: str = opt("minibatch", "sgd (batch 1), minibatch (--batch-size) or full (whole training set)",
-                          ["sgd", "minibatch", "full"])
+                          BATCH_MODES)
     batch_size: int = opt(64, "GLOBAL batch size per optimizer step, split evenly across ranks")
     epochs: int = opt(10, "passes over the training set")
     max_steps: int = opt(0, "stop after this many optimizer steps (0: no limit)")
@@ -279,6 +278,7 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 FILE_FORMATS = ("npz", "csv", "idx")
+TYPES = {"str": str, "int": int, "float": float, "bool": bool}     # a field's annotation, a string here
 MAX_SEED = 2**63 - 1            # NumPy seeds are unbounded, but the checkpoint stores the seed as int64
 MAX_COUNT = 10**9
 MAX_WIDTH = 1 << 20
@@ -330,7 +330,7 @@ def merge_for_resume(saved: dict, given: dict, path: str) -> dict:
 def coerce(name, value, where="config"):
     """A TOML or checkpoint value, checked against the field's type."""
     f = FIELDS[name]
-    typ = {"str": str, "int": int, "float": float, "bool": bool}[f.type]
+    typ = TYPES[f.type]
     if name in ("hidden", "arch") and isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     if name == "hidden" and isinstance(value, int) and not isinstance(value, bool):
@@ -377,19 +377,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     groups = {}
     for f in dataclasses.fields(Config):
         g = f.metadata["group"]
-        if g not in groups:
-            groups[g] = parser.add_argument_group(g)
-        name = "--" + flag(f.name)
+        group = groups[g] = groups.get(g) or parser.add_argument_group(g)
         choices = f.metadata["choices"]
         help_text = f.metadata["help"] + (f"; one of: {', '.join(choices)}" if choices else "")
         help_text += f" (default: {f.default!r})"
         if f.type == "bool":
-            groups[g].add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                   help=help_text)
+            kind = {"action": argparse.BooleanOptionalAction}
         else:
-            typ = number if f.metadata["auto"] else {"str": str, "int": int, "float": float}[f.type]
-            groups[g].add_argument(name, type=typ, default=argparse.SUPPRESS, help=help_text,
-                                   choices=choices, metavar=f.name.upper())
+            typ = number if f.metadata["auto"] else TYPES[f.type]
+            kind = {"type": typ, "choices": choices, "metavar": f.name.upper()}
+        group.add_argument("--" + flag(f.name), default=argparse.SUPPRESS, help=help_text, **kind)
 
 
 def given_settings(ns: argparse.Namespace) -> dict:

@@ -14,6 +14,7 @@ Only rank 0 writes. A folder that holds any run file is a run: never overwritten
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -61,8 +62,7 @@ def resolve_config(given: dict) -> Config:
     path = given.get("resume")
     if not path:
         return Config(**given).validate()
-    saved = saved_config(path)
-    values = merge_for_resume(saved, given, path)
+    values = merge_for_resume(saved_config(path), given, path)
     if not given.get("out"):
         values["out"] = os.path.dirname(os.path.abspath(path))
     values["overwrite"] = False
@@ -76,24 +76,21 @@ def run_files(out: str) -> list[str]:
     return [os.path.join(out, n) for n in RUN_FILES if os.path.lexists(os.path.join(out, n))]
 
 
+def auto_outs(dataset: str):
+    """runs/DATASET, runs/DATASET-2, runs/DATASET-3, ..."""
+    base = os.path.join("runs", dataset)
+    return itertools.chain([base], (f"{base}-{n}" for n in itertools.count(2)))
+
+
 def auto_out(cfg: Config) -> str:
     """runs/DATASET, or the first runs/DATASET-N that holds no run yet."""
-    base = os.path.join("runs", cfg.dataset)
-    n, path = 1, base
-    while run_files(path):
-        n += 1
-        path = f"{base}-{n}"
-    return path
+    return next(path for path in auto_outs(cfg.dataset) if not run_files(path))
 
 
 def latest_auto_out(cfg: Config) -> str | None:
     """The newest existing runs/DATASET[-N] (a restarted job goes back to the folder it made)."""
-    base = os.path.join("runs", cfg.validate().dataset)
-    found, n = None, 1
-    while os.path.isdir(base if n == 1 else f"{base}-{n}"):
-        found = base if n == 1 else f"{base}-{n}"
-        n += 1
-    return found
+    found = list(itertools.takewhile(os.path.isdir, auto_outs(cfg.validate().dataset)))
+    return found[-1] if found else None
 
 
 def prepare_out(cfg: Config) -> None:

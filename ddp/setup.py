@@ -127,8 +127,7 @@ def build(cfg: Config, device_index: int = 0, raw=None, comm: Communicator | Non
     loss, n_out = resolve_loss(cfg, train)
     if cfg.early_stopping and not len(val):
         raise UsageError("--early-stopping needs validation data: --val-fraction > 0 (or X_val, y_val)")
-    xp = backend.get_xp(cfg.device)
-    if xp is not np:
+    if backend.get_xp(cfg.device) is not np:
         backend.use_gpu(device_index % max(backend.gpu_count(), 1))
     model = network_for(cfg, train, loss, n_out)
     return Setup(cfg, train, val, test, model, bs, prep, fingerprint(train))
