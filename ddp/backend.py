@@ -127,11 +127,6 @@ def to_device_of(x, like):
         return x.copy()
 
 
-def asarray(x, xp, dtype=None):
-    """Move a host array to the backend `xp` (a no-op for NumPy)."""
-    return xp.asarray(x, dtype=dtype)
-
-
 _blas_axpy = None
 
 

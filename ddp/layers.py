@@ -195,14 +195,10 @@ class Pool(Layer):
             for t in range(K):
                 xp.multiply(dY, 1.0 / K, out=self.window(dX, t))
             return dX
-        taken = None
+        taken = xp.zeros(Y.shape, bool)
         for t in range(K):
-            hit = xp.equal(self.window(X, t), Y)
-            if taken is None:
-                taken = hit
-            else:
-                hit = xp.greater(hit, taken)             # a max not already taken by an earlier element
-                taken |= hit
+            hit = xp.greater(xp.equal(self.window(X, t), Y), taken)   # a max no earlier element has taken
+            taken |= hit
             xp.multiply(dY, hit, out=self.window(dX, t))
         return dX
 

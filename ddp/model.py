@@ -82,6 +82,7 @@ class Network:
         self.comm = None          # the Communicator batch norm sums over (set by the training loop)
         self.tracer = NULL        # trace.Tracer when the run is traced (--trace)
         self._scratch = None      # second gradient arena, for accumulation
+        self._dz = None           # the loss gradient's buffer, kept between steps
         self._step = 0
 
     @property
@@ -153,8 +154,8 @@ class Network:
             step, self._step = self._step, self._step + 1
         ctx = Pass(True, np.arange(B) if rows is None else rows, step, self.seed, self.comm)
         Z = self._forward(X, ctx)
-        dZ = self._dz if getattr(self, "_dz", None) is not None and self._dz.shape == Z.shape else None
-        loss, dY = self.loss_fn(Z, y, denom, dZ=dZ if dZ is not None else self.xp.empty_like(Z))
+        dZ = self._dz if self._dz is not None and self._dz.shape == Z.shape else self.xp.empty_like(Z)
+        loss, dY = self.loss_fn(Z, y, denom, dZ=dZ)
         self._dz = dY
         if accumulate and self._scratch is None:
             self._scratch = self.xp.zeros_like(self.grads)

@@ -189,10 +189,10 @@ def test_the_device_path_equals_numpy(device):
     dev = Network(arch + ",dropout:0.2,dense:3", shape, dtype="float64", seed=3, device=device)
     X, y = problem(ref, B=5)
     a = ref.forward_backward(X, y, step=2)
-    b = dev.forward_backward(backend.asarray(X, dev.xp), backend.asarray(y, dev.xp), step=2)
+    b = dev.forward_backward(dev.xp.asarray(X), dev.xp.asarray(y), step=2)
     assert abs(float(a) - float(b)) < 1e-12
     assert rel_diff(backend.to_numpy(dev.grads), ref.grads) < 1e-12
-    assert rel_diff(backend.to_numpy(dev.forward(backend.asarray(X, dev.xp))), ref.forward(X)) < 1e-12
+    assert rel_diff(backend.to_numpy(dev.forward(dev.xp.asarray(X))), ref.forward(X)) < 1e-12
 
 
 @pytest.mark.parametrize("arch, shape, words", [
