@@ -27,8 +27,6 @@ _NOTHING = contextlib.nullcontext()          # reusable: one for every span of a
 class NullTracer:
     """Tracing off."""
 
-    enabled = False
-
     def span(self, name: str, cat: str = "", **args):
         return _NOTHING
 
@@ -55,8 +53,6 @@ class _Span:
 
 class Tracer:
     """Records this rank's spans; `merge` gathers every rank's to rank 0, which writes the file."""
-
-    enabled = True
 
     def __init__(self, rank: int, role: str = ""):
         self.rank, self.role = rank, role
