@@ -58,8 +58,7 @@ from .parallel import verify_model
 from .ps_worker import CTRL_BYTES, FAILED, OK, STOP, TAG_CTRL, TAG_GRAD, TAG_META, TAG_PARAMS, _work
 from .report import Reporter
 from .run import finished_summary, start_run
-from .setup import (Setup, agree, checkpoint_points, is_finished, make_optimizer_for, position, steps_per_epoch,
-                    total_steps)
+from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_for, position, steps_per_epoch
 from .stop import got_sigterm
 from .trace import NULL, Tracer
 from .zero import gather_state
@@ -73,10 +72,6 @@ def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
 def check_ps(cfg: Config, comm: Communicator) -> None:
     """Reject what ps mode cannot run, with the same message on every rank."""
     S = cfg.servers
-    if S < 1:
-        raise UsageError(f"--servers {S} must be >= 1")
-    if cfg.staleness < 0:
-        raise UsageError(f"--staleness {cfg.staleness} must be >= 0")
     if comm.size < 2:
         raise UsageError(f"ps mode needs at least 2 ranks: {S} server(s) and at least one worker; "
                          f"launch with mpiexec -n {S + 1} or more (or --simulate-ranks {S + 1})")
@@ -263,7 +258,6 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
 
     on_step(step, model, worker_comm), if given, runs on the workers after every step.
     """
-    cfg.validate()
     check_ps(cfg, comm)
     comm.set_timeout(cfg.timeout)
     S, P = cfg.servers, comm.size
@@ -277,7 +271,6 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     bounds = shard_bounds(model.num_params, S)
     n_workers = P - S
     spe = steps_per_epoch(cfg, len(s.train), s.batch_size)
-    n_total = total_steps(cfg, len(s.train), s.batch_size)
     start = (0, 0, 0)
     if ckpt is not None:
         start = (int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]))
@@ -295,7 +288,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         part.bcast(model.params, root=0)           # rank 0's initial weights, not equal seeds
     if ckpt is not None:                           # each server loads its slice; every rank agrees it worked
         agree(comm, lambda: restore(ckpt, model, optimizer, cfg.resume, (a, b)) if is_server else None)
-    points, _ = checkpoint_points(cfg, spe, *start)
+    points, n_total = checkpoint_points(cfg, spe, *start)
 
     rank0 = comm.rank == 0
     if rank0:                                      # before the progress bar starts

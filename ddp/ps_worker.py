@@ -108,9 +108,6 @@ class Worker:
         self.norms = [self.norms[0] + norm, self.norms[1] + (self.clip / (norm + 1e-6) < 1)]
         return float(loss) * self.share, not (meta[:, 2] == FAILED).any()
 
-    def save(self, step, position):
-        pass                                       # the servers save at the same steps
-
     def stop(self, step, position) -> bool:
         if not self.identical:
             return False

@@ -34,7 +34,7 @@ from .parallel import DataParallel, check_replicas
 from .report import Reporter
 from .run import finished_summary, start_run
 from .loop import train_loop
-from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_for, steps_per_epoch, total_steps
+from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_for, steps_per_epoch
 from .stop import stop_requested
 from .trace import NULL, Tracer
 from .zero import ShardedOptimizer
@@ -166,7 +166,6 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     s, ckpt = start_run(cfg, comm, raw)
     model, train, B = s.model, s.train, s.batch_size
     model.comm = comm                                # synchronized batch norm sums over it
-    n_total = total_steps(cfg, len(train), B)
     spe = steps_per_epoch(cfg, len(train), B)
     # The schedule spans the planned epochs: --max-steps stops a run early without
     # reshaping its learning-rate curve, so stopping and resuming changes nothing.
@@ -179,6 +178,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         start = tuple(agree(comm, restore, ckpt, model, optimizer, cfg.resume))
         if is_finished(cfg, start[0], start[1]):
             return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
+    points, n_total = checkpoint_points(cfg, spe, *start)
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and (model.device == "gpu" or cfg.bucket_mb == "auto"))
     compress, why, t_tune = cfg.compress, [], 0.0
     if compress == "auto":                           # timed on this job's ranks, before training: autotune.py
@@ -217,7 +217,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         tracer.start(comm)
     try:
         step, epoch, t0, _, reason = train_loop(cfg, s, Allreduce(s, comm, optimizer, dp, reporter, tuner), start,
-                                        checkpoint_points(cfg, spe, *start)[0], reporter, on_step)
+                                        points, reporter, on_step)
         check_replicas(comm, model.params, step)
     finally:
         reporter.close()
