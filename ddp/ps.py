@@ -271,11 +271,9 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     bounds = shard_bounds(model.num_params, S)
     n_workers = P - S
     spe = steps_per_epoch(cfg, len(s.train), s.batch_size)
-    start = (0, 0, 0)
-    if ckpt is not None:
-        start = (int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]))
-        if is_finished(cfg, start[0], start[1]):
-            return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
+    start = (0, 0, 0) if ckpt is None else (int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]))
+    if is_finished(cfg, start[0], start[1]):      # only a resumed run: a validated Config has epochs >= 1
+        return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
     part = comm.split(0 if is_server else 1, comm.rank)   # the servers; the workers
 
     optimizer = None

@@ -31,6 +31,7 @@ from .model import Network
 from .noise import WARN_FACTOR, NoiseScale, b_simple
 from .optim import clip_grad_norm, parts_sqnorm
 from .parallel import DataParallel, check_replicas
+from .ps import train_ps
 from .report import Reporter
 from .run import finished_summary, start_run
 from .loop import train_loop
@@ -173,11 +174,9 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         return make_optimizer_for(cfg, params, grads, cfg.epochs * spe)
     optimizer = ShardedOptimizer(make, model.params, model.grads, comm) if cfg.shard_optimizer else \
         make(model.params, model.grads)
-    start = (0, 0, 0)
-    if ckpt is not None:
-        start = tuple(agree(comm, restore, ckpt, model, optimizer, cfg.resume))
-        if is_finished(cfg, start[0], start[1]):
-            return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
+    start = (0, 0, 0) if ckpt is None else tuple(agree(comm, restore, ckpt, model, optimizer, cfg.resume))
+    if is_finished(cfg, start[0], start[1]):        # only a resumed run: a validated Config has epochs >= 1
+        return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
     points, n_total = checkpoint_points(cfg, spe, *start)
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and (model.device == "gpu" or cfg.bucket_mb == "auto"))
     compress, why, t_tune = cfg.compress, [], 0.0
@@ -251,7 +250,4 @@ def run_with_setup(cfg: Config, comm: Communicator | None = None, on_step=None, 
 
 
 def _run_mode(comm: Communicator, cfg: Config, on_step=None, raw=None) -> tuple[dict, Setup]:
-    if cfg.mode == "ps":
-        from .ps import train_ps
-        return train_ps(cfg, comm, on_step, raw)
-    return train_allreduce(cfg, comm, on_step, raw)
+    return (train_ps if cfg.mode == "ps" else train_allreduce)(cfg, comm, on_step, raw)
