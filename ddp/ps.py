@@ -86,15 +86,14 @@ class Server:
     """Owns one shard of the arena and its optimizer, and answers the workers' pushes."""
 
     def __init__(self, setup: Setup, world: Communicator, scomm: Communicator, optimizer, bounds,
-                 workers: list[int], *, sync: bool, staleness: int | None, start: tuple, spe: int, points: dict,
-                 reporter: Reporter):
+                 workers: list[int], *, sync: bool, start: tuple, spe: int, points: dict, reporter: Reporter):
         self.setup, self.cfg, self.world, self.scomm = setup, setup.cfg, world, scomm
         self.model, self.opt, self.bounds, self.workers = setup.model, optimizer, bounds, workers
         model = setup.model
         self.tracer = model.tracer
         a, b = bounds[world.rank]
         self.params = model.params[a:b]            # the optimizer updates this view in place
-        self.sync, self.k = sync, staleness        # k: None for async (no bound)
+        self.sync, self.k = sync, None if self.cfg.consistency == "async" else self.cfg.staleness  # None: no bound
         self.start, self.spe, self.points, self.reporter = start, spe, points, reporter
         n, dt = len(workers), model.dtype
         # --deterministic: the pushes are exact float64 parts (exact.py), added in float64, rounded once
@@ -307,9 +306,8 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         tracer.start(comm)
     try:
         if is_server:
-            server = Server(s, comm, part, optimizer, bounds, list(range(S, P)), sync=sync,
-                            staleness=None if cfg.consistency == "async" else cfg.staleness,
-                            start=start, spe=spe, points=points, reporter=reporter)
+            server = Server(s, comm, part, optimizer, bounds, list(range(S, P)), sync=sync, start=start, spe=spe,
+                            points=points, reporter=reporter)
             server.serve()
             result, traffic = None, (server.bytes_sent, server.bytes_received)
         else:
