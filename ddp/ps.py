@@ -312,7 +312,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
             result, traffic = None, (server.bytes_sent, server.bytes_received)
         else:
             result, traffic = _work(cfg, s, comm, DebugComm(part) if cfg.debug else part, bounds, start,
-                                    sync, reporter, on_step)
+                                    reporter, on_step)
     finally:
         reporter.close()
     summary = comm.bcast_obj(result, root=S)       # the first worker's summary, to every rank
