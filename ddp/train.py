@@ -123,10 +123,9 @@ class Allreduce:
     def stop(self, step, position) -> bool:
         with self.span("meet", "wait"):                 # the end of step: see stop.stop_requested
             stop = stop_requested(self.comm)
-        if self.tuner is not None and self.tuner.choice is None:      # the ranks are lined up here
-            why = self.tuner.step_done()
-            if why:
-                self.reporter.print(f"ddp: {why}")
+        # --bucket-mb auto times its trial steps here, where the ranks are lined up
+        if self.tuner is not None and self.tuner.choice is None and (why := self.tuner.step_done()):
+            self.reporter.print(f"ddp: {why}")
         if stop:
             self.save(step, position)
             raise Stopped.at(step, self.path, self.reporter.active)
