@@ -9,7 +9,7 @@ small synchronization object, `sync` (train.Allreduce, ps_worker.Worker):
     denom(global_rows, my_rows)   what the loss is averaged over
     backward(X, y, denom, accumulate, last, rows, step) -> loss    one micro-batch; `last` starts the exchange
     apply(loss, step) -> (loss share for the epoch sum, ok)         the exchange finished and the update taken
-    save(step, position)          a checkpoint inside an epoch (--checkpoint-every)
+    save(step, position)          a checkpoint inside an epoch (--checkpoint-every); ps workers get no points
     stop(step, position) -> bool  end of step: stop here? (SIGTERM)
     epoch_sums() / epoch_extra(sums, step, n_steps)                 mode figures of an epoch's record
     end_epoch(record, step, position)                               the record written, the epoch's checkpoint

@@ -58,8 +58,7 @@ from .parallel import verify_model
 from .ps_worker import CTRL_BYTES, FAILED, OK, STOP, TAG_CTRL, TAG_GRAD, TAG_META, TAG_PARAMS, _work
 from .report import Reporter
 from .run import finished_summary, start_run
-from .setup import (Setup, agree, checkpoint_points, is_finished, make_optimizer_for, position, steps_per_epoch,
-                    total_steps)
+from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_for, position, steps_per_epoch
 from .stop import got_sigterm
 from .trace import NULL, Tracer
 from .zero import gather_state
@@ -73,10 +72,6 @@ def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
 def check_ps(cfg: Config, comm: Communicator) -> None:
     """Reject what ps mode cannot run, with the same message on every rank."""
     S = cfg.servers
-    if S < 1:
-        raise UsageError(f"--servers {S} must be >= 1")
-    if cfg.staleness < 0:
-        raise UsageError(f"--staleness {cfg.staleness} must be >= 0")
     if comm.size < 2:
         raise UsageError(f"ps mode needs at least 2 ranks: {S} server(s) and at least one worker; "
                          f"launch with mpiexec -n {S + 1} or more (or --simulate-ranks {S + 1})")
@@ -91,15 +86,14 @@ class Server:
     """Owns one shard of the arena and its optimizer, and answers the workers' pushes."""
 
     def __init__(self, setup: Setup, world: Communicator, scomm: Communicator, optimizer, bounds,
-                 workers: list[int], *, sync: bool, staleness: int | None, start: tuple, spe: int, points: dict,
-                 reporter: Reporter):
+                 workers: list[int], *, sync: bool, start: tuple, spe: int, points: dict, reporter: Reporter):
         self.setup, self.cfg, self.world, self.scomm = setup, setup.cfg, world, scomm
         self.model, self.opt, self.bounds, self.workers = setup.model, optimizer, bounds, workers
         model = setup.model
         self.tracer = model.tracer
         a, b = bounds[world.rank]
         self.params = model.params[a:b]            # the optimizer updates this view in place
-        self.sync, self.k = sync, staleness        # k: None for async (no bound)
+        self.sync, self.k = sync, None if self.cfg.consistency == "async" else self.cfg.staleness  # None: no bound
         self.start, self.spe, self.points, self.reporter = start, spe, points, reporter
         n, dt = len(workers), model.dtype
         # --deterministic: the pushes are exact float64 parts (exact.py), added in float64, rounded once
@@ -263,7 +257,6 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
 
     on_step(step, model, worker_comm), if given, runs on the workers after every step.
     """
-    cfg.validate()
     check_ps(cfg, comm)
     comm.set_timeout(cfg.timeout)
     S, P = cfg.servers, comm.size
@@ -277,12 +270,9 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
     bounds = shard_bounds(model.num_params, S)
     n_workers = P - S
     spe = steps_per_epoch(cfg, len(s.train), s.batch_size)
-    n_total = total_steps(cfg, len(s.train), s.batch_size)
-    start = (0, 0, 0)
-    if ckpt is not None:
-        start = (int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]))
-        if is_finished(cfg, start[0], start[1]):
-            return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
+    start = (0, 0, 0) if ckpt is None else (int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]))
+    if is_finished(cfg, start[0], start[1]):      # only a resumed run: a validated Config has epochs >= 1
+        return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
     part = comm.split(0 if is_server else 1, comm.rank)   # the servers; the workers
 
     optimizer = None
@@ -295,7 +285,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         part.bcast(model.params, root=0)           # rank 0's initial weights, not equal seeds
     if ckpt is not None:                           # each server loads its slice; every rank agrees it worked
         agree(comm, lambda: restore(ckpt, model, optimizer, cfg.resume, (a, b)) if is_server else None)
-    points, _ = checkpoint_points(cfg, spe, *start)
+    points, n_total = checkpoint_points(cfg, spe, *start)
 
     rank0 = comm.rank == 0
     if rank0:                                      # before the progress bar starts
@@ -316,14 +306,13 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
         tracer.start(comm)
     try:
         if is_server:
-            server = Server(s, comm, part, optimizer, bounds, list(range(S, P)), sync=sync,
-                            staleness=None if cfg.consistency == "async" else cfg.staleness,
-                            start=start, spe=spe, points=points, reporter=reporter)
+            server = Server(s, comm, part, optimizer, bounds, list(range(S, P)), sync=sync, start=start, spe=spe,
+                            points=points, reporter=reporter)
             server.serve()
             result, traffic = None, (server.bytes_sent, server.bytes_received)
         else:
             result, traffic = _work(cfg, s, comm, DebugComm(part) if cfg.debug else part, bounds, start,
-                                    sync, reporter, on_step)
+                                    reporter, on_step)
     finally:
         reporter.close()
     summary = comm.bcast_obj(result, root=S)       # the first worker's summary, to every rank

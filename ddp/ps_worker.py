@@ -24,12 +24,11 @@ class Worker:
     """A full replica that pushes gradient shards to the servers and pulls parameter shards back: a ps
     worker's side of the loop (see loop.py)."""
 
-    def __init__(self, world: Communicator, wcomm: Communicator, model, bounds, sync: bool, clip: float = 0.0,
-                 chunks: int = 0):
-        self.world, self.comm, self.model, self.tracer, self.identical = world, wcomm, model, model.tracer, sync
-        self.clip, self.norms = clip, [0.0, 0]    # --clip-grad-norm: this epoch's norms and clipped steps
+    def __init__(self, world: Communicator, wcomm: Communicator, model, bounds, cfg: Config):
+        self.world, self.comm, self.model, self.tracer, self.identical = world, wcomm, model, model.tracer, cfg.ps_sync()
+        self.clip, self.norms = cfg.clip_grad_norm, [0.0, 0]  # --clip-grad-norm: this epoch's norms and clipped steps
         # --deterministic: the workers' chunks added exactly among themselves, pushed as float64 (exact.py)
-        self.exact = ExactSum(wcomm, model.grads, chunks) if chunks else None
+        self.exact = ExactSum(wcomm, model.grads, cfg.chunks) if cfg.deterministic else None
         # Contiguous views of the arenas: the messages read and write the model itself.
         self.params = [model.params[a:b] for a, b in bounds]
         self.grads = [(model.grads if self.exact is None else self.exact.acc)[a:b] for a, b in bounds]
@@ -108,9 +107,6 @@ class Worker:
         self.norms = [self.norms[0] + norm, self.norms[1] + (self.clip / (norm + 1e-6) < 1)]
         return float(loss) * self.share, not (meta[:, 2] == FAILED).any()
 
-    def save(self, step, position):
-        pass                                       # the servers save at the same steps
-
     def stop(self, step, position) -> bool:
         if not self.identical:
             return False
@@ -142,9 +138,9 @@ class Worker:
             self.send_ctrl(0, {"kind": "epoch", "record": record})
 
 
-def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, start, sync: bool, reporter, on_step):
+def _work(cfg: Config, s, world: Communicator, wcomm: Communicator, bounds, start, reporter, on_step):
     """A worker: the loop, with push/pull in place of the allreduce. Returns (summary or {"error": ...}, traffic)."""
-    worker = Worker(world, wcomm, s.model, bounds, sync, cfg.clip_grad_norm, cfg.chunks if cfg.deterministic else 0)
+    worker = Worker(world, wcomm, s.model, bounds, cfg)
     for srv in range(len(bounds)):                  # the initial shards
         worker.expect(srv, count=False)
     worker.wait()

@@ -34,12 +34,10 @@ def start_run(cfg: Config, comm: Communicator, raw=None):
     s = agree(comm, build, cfg, comm.local_rank, raw, comm)
 
     def load():
-        if not cfg.resume:
-            return None
         ckpt = load_checkpoint(cfg.resume)
         check_resume(ckpt, s, cfg.resume)
         return ckpt
-    ckpt = agree(comm, load)
+    ckpt = agree(comm, load) if cfg.resume else None
     # Last, once every input has been checked: --overwrite clears the folder here, so bad input never costs
     # the user the run it would have replaced.
     agree(comm, lambda: prepare_out(cfg) if comm.rank == 0 and cfg.out else None)
@@ -63,9 +61,7 @@ def resolve_config(given: dict) -> Config:
     if not path:
         return Config(**given).validate()
     values = merge_for_resume(saved_config(path), given, path)
-    if not given.get("out"):
-        values["out"] = os.path.dirname(os.path.abspath(path))
-    values["overwrite"] = False
+    values.update(out=given.get("out") or os.path.dirname(os.path.abspath(path)), overwrite=False)
     return Config(**values).validate()
 
 
@@ -126,9 +122,8 @@ def finished_summary(cfg: Config, step: int, epoch: int, reporter_active: bool) 
         print(f"ddp: the run in {cfg.out} already finished at step {step} (epoch {epoch} of {cfg.epochs}"
               f"{f', max steps {cfg.max_steps}' if cfg.max_steps else ''}); nothing to do. To train further, "
               f"resume with a larger --epochs (or --max-steps).", flush=True)
-    path = os.path.join(cfg.out, "summary.json")
     try:
-        with open(path) as fh:
+        with open(os.path.join(cfg.out, "summary.json")) as fh:
             summary = json.load(fh)
     except (OSError, ValueError):
         summary = {"steps": step, "epochs": epoch}

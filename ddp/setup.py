@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import math
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,10 +33,10 @@ def agree(comm: Communicator, fn, *args):
         result = fn(*args)
     except UsageError as e:
         err, result = str(e), None
-    errs = comm.allgather_obj(err) if comm.size > 1 else [err]
+    errs = comm.allgather_obj(err)
     for r, e in enumerate(errs):
         if e is not None:
-            raise UsageError(e if comm.size == 1 or all(x == e for x in errs) else f"{e} (on rank {r})")
+            raise UsageError(e if all(x == e for x in errs) else f"{e} (on rank {r})")
     return result
 
 
@@ -67,17 +66,14 @@ def load_data(cfg: Config, raw=None, comm: Communicator | None = None):
     parts = raw if raw is not None else agree(comm, raw_splits, cfg)
     train = parts[0]
     xs = fit_scale(train, cfg.scale, comm)
-    ys = None
-    if train.task == "regression" and cfg.scale != "none":
-        # Targets in their own units (diabetes: ~150) make MSE gradients huge; training on standardized
-        # targets keeps one learning rate good for all datasets. R² does not change under this affine map.
-        ys = Standardizer().fit(train.y)
+    # Targets in their own units (diabetes: ~150) make MSE gradients huge; training on standardized
+    # targets keeps one learning rate good for all datasets. R² does not change under this affine map.
+    ys = Standardizer().fit(train.y) if train.task == "regression" and cfg.scale != "none" else None
     prep = Preprocess(train.task, xs, ys, train.classes)
-    out = tuple(dataclasses.replace(p, scale=xs, y=ys.transform(p.y) if ys else p.y) for p in parts)
-    return (*out, prep)
+    return (*(dataclasses.replace(p, scale=xs, y=ys.transform(p.y) if ys else p.y) for p in parts), prep)
 
 
-@dataclass
+@dataclasses.dataclass
 class Setup:
     cfg: Config
     train: Dataset
@@ -121,7 +117,7 @@ def fingerprint(ds: Dataset) -> str:
 
 
 def build(cfg: Config, device_index: int = 0, raw=None, comm: Communicator | None = None) -> Setup:
-    cfg.validate()
+    """The data, the model and the batch size of a validated `cfg` (train.run_with_setup validates it)."""
     train, val, test, prep = load_data(cfg, raw, comm)
     bs = batch_size_for(cfg.batch_mode, cfg.batch_size, len(train))
     loss, n_out = resolve_loss(cfg, train)
@@ -145,11 +141,6 @@ def steps_per_epoch(cfg: Config, n: int, batch_size: int) -> int:
     return n // batch_size if cfg.drop_last else math.ceil(n / batch_size)
 
 
-def total_steps(cfg: Config, n: int, batch_size: int) -> int:
-    total = cfg.epochs * steps_per_epoch(cfg, n, batch_size)
-    return min(total, cfg.max_steps) if cfg.max_steps else total
-
-
 def is_finished(cfg: Config, step: int, epoch: int) -> bool:
     return epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
 
@@ -161,9 +152,7 @@ def checkpoint_points(cfg: Config, spe: int, step: int, epoch: int, batch: int) 
     points = {}
     every = cfg.checkpoint_every
     while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
-        n = spe - batch
-        if cfg.max_steps:
-            n = min(n, cfg.max_steps - step)
+        n = min(spe - batch, cfg.max_steps - step) if cfg.max_steps else spe - batch
         if every:                             # --checkpoint-every inside the epoch (its end is saved anyway)
             for k in range(step // every + 1, (step + n - 1) // every + 1):
                 points[k * every] = (epoch, batch + k * every - step)

@@ -31,10 +31,11 @@ from .model import Network
 from .noise import WARN_FACTOR, NoiseScale, b_simple
 from .optim import clip_grad_norm, parts_sqnorm
 from .parallel import DataParallel, check_replicas
+from .ps import train_ps
 from .report import Reporter
 from .run import finished_summary, start_run
 from .loop import train_loop
-from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_for, steps_per_epoch, total_steps
+from .setup import Setup, agree, checkpoint_points, is_finished, make_optimizer_for, steps_per_epoch
 from .stop import stop_requested
 from .trace import NULL, Tracer
 from .zero import ShardedOptimizer
@@ -122,10 +123,9 @@ class Allreduce:
     def stop(self, step, position) -> bool:
         with self.span("meet", "wait"):                 # the end of step: see stop.stop_requested
             stop = stop_requested(self.comm)
-        if self.tuner is not None and self.tuner.choice is None:      # the ranks are lined up here
-            why = self.tuner.step_done()
-            if why:
-                self.reporter.print(f"ddp: {why}")
+        # --bucket-mb auto times its trial steps here, where the ranks are lined up
+        if self.tuner is not None and self.tuner.choice is None and (why := self.tuner.step_done()):
+            self.reporter.print(f"ddp: {why}")
         if stop:
             self.save(step, position)
             raise Stopped.at(step, self.path, self.reporter.active)
@@ -166,7 +166,6 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
     s, ckpt = start_run(cfg, comm, raw)
     model, train, B = s.model, s.train, s.batch_size
     model.comm = comm                                # synchronized batch norm sums over it
-    n_total = total_steps(cfg, len(train), B)
     spe = steps_per_epoch(cfg, len(train), B)
     # The schedule spans the planned epochs: --max-steps stops a run early without
     # reshaping its learning-rate curve, so stopping and resuming changes nothing.
@@ -174,11 +173,10 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         return make_optimizer_for(cfg, params, grads, cfg.epochs * spe)
     optimizer = ShardedOptimizer(make, model.params, model.grads, comm) if cfg.shard_optimizer else \
         make(model.params, model.grads)
-    start = (0, 0, 0)
-    if ckpt is not None:
-        start = tuple(agree(comm, restore, ckpt, model, optimizer, cfg.resume))
-        if is_finished(cfg, start[0], start[1]):
-            return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
+    start = (0, 0, 0) if ckpt is None else tuple(agree(comm, restore, ckpt, model, optimizer, cfg.resume))
+    if is_finished(cfg, start[0], start[1]):        # only a resumed run: a validated Config has epochs >= 1
+        return finished_summary(cfg, start[0], start[1], comm.rank == 0), s
+    points, n_total = checkpoint_points(cfg, spe, *start)
     overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and (model.device == "gpu" or cfg.bucket_mb == "auto"))
     compress, why, t_tune = cfg.compress, [], 0.0
     if compress == "auto":                           # timed on this job's ranks, before training: autotune.py
@@ -217,7 +215,7 @@ def train_allreduce(cfg: Config, comm: Communicator, on_step=None, raw=None) -> 
         tracer.start(comm)
     try:
         step, epoch, t0, _, reason = train_loop(cfg, s, Allreduce(s, comm, optimizer, dp, reporter, tuner), start,
-                                        checkpoint_points(cfg, spe, *start)[0], reporter, on_step)
+                                        points, reporter, on_step)
         check_replicas(comm, model.params, step)
     finally:
         reporter.close()
@@ -251,7 +249,4 @@ def run_with_setup(cfg: Config, comm: Communicator | None = None, on_step=None, 
 
 
 def _run_mode(comm: Communicator, cfg: Config, on_step=None, raw=None) -> tuple[dict, Setup]:
-    if cfg.mode == "ps":
-        from .ps import train_ps
-        return train_ps(cfg, comm, on_step, raw)
-    return train_allreduce(cfg, comm, on_step, raw)
+    return (train_ps if cfg.mode == "ps" else train_allreduce)(cfg, comm, on_step, raw)

@@ -192,7 +192,7 @@ def test_evaluate(device, dataset):
     kw = dict(BASE, dataset=dataset)
     out = {}
     for dev in ("cpu", device):
-        s = build(Config(device=dev, **kw))
+        s = build(Config(device=dev, **kw).validate())
         out[dev] = evaluate(s.model, s.test, SerialComm(), chunk=10)
     assert out["cpu"].keys() == out[device].keys() and len(out["cpu"]) == 2
     assert all(abs(out[device][k] - out["cpu"][k]) <= 1e-12 for k in out["cpu"])

@@ -72,12 +72,12 @@ class FakeWorld(Communicator):
             "more (or --simulate-ranks 2)"),
     (3, dict(servers=3), "--servers 3 leaves no worker among 3 ranks"),
     (3, dict(servers=5), "--servers 5 leaves no worker among 3 ranks"),
-    (4, dict(servers=0), "--servers 0 must be >= 1"),
-    (4, dict(staleness=-1), "--staleness -1 must be >= 0"),
+    (4, dict(servers=0), "servers 0 must be >= 1"),           # Config.validate, before check_ps
+    (4, dict(staleness=-1), "staleness -1 must be >= 0"),
 ])
 def test_check_ps_names_the_problem(size, kw, message):
     with pytest.raises(UsageError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
-        check_ps(Config(mode="ps", **kw), FakeWorld(size) if size > 1 else SerialComm())
+        check_ps(Config(mode="ps", **kw).validate(), FakeWorld(size) if size > 1 else SerialComm())
 
 
 def test_train_ps_in_one_process_says_how_to_launch():
