@@ -76,17 +76,15 @@ def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_
     why the run stopped (early stopping; None when it ran its course)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # KiB on Linux
     summary = {"steps": step, "epochs": epoch, "world_size": world_size, "elapsed_s": time.perf_counter() - t0,
-            "stop_reason": stop_reason,
-            "peak_rss_mb": comm.allgather_obj(round(peak, 1)) if comm.size > 1 else [round(peak, 1)],
-            **{f"test_{k}": v for k, v in evaluate(s.model, s.test, comm).items()},
-            **{f"val_{k}": v for k, v in evaluate(s.model, s.val, comm).items()}}
+               "stop_reason": stop_reason, "peak_rss_mb": comm.allgather_obj(round(peak, 1)),
+               **{f"test_{k}": v for k, v in evaluate(s.model, s.test, comm).items()},
+               **{f"val_{k}": v for k, v in evaluate(s.model, s.val, comm).items()}}
     # The same figures on every rank, so every rank raises together: one line, exit 1.
-    bad = [k for k, v in summary.items() if k.startswith(("val_", "test_")) and not np.isfinite(v)]
-    if bad:
+    if bad := [k for k, v in summary.items() if k.startswith(("val_", "test_")) and not np.isfinite(v)]:
         raise TrainingError(f"the final {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite: training "
                             f"diverged at the end (lower --lr, or use the last good checkpoint)")
     # Healthy: the model beats predicting the majority class (accuracy) or the mean (R² 0) on validation.
-    if "val_accuracy" in summary and len(s.val):
+    if "val_accuracy" in summary:          # (evaluate gives no metric for an empty set)
         summary["healthy"] = bool(summary["val_accuracy"] > np.bincount(s.val.y).max() / len(s.val))
     elif "val_r2" in summary:
         summary["healthy"] = bool(summary["val_r2"] > 0)

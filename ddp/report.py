@@ -133,11 +133,9 @@ class Reporter:
     def format_epoch(self, r: dict) -> str:
         parts = [f"epoch {r['epoch']}/{self.cfg.epochs}" + (" (stopped inside)" if r.get("partial") else ""),
                  f"step {r['step']}", f"train loss {_fmt(r.get('train_loss'))}"]
-        if "val_loss" in r:
-            parts.append(f"val loss {_fmt(r['val_loss'])}")
-        key = metric_name(self.task)
-        if key in r:
-            parts.append(f"{key.replace('_', ' ')} {_fmt(r[key])}")
+        for key in ("val_loss", metric_name(self.task)):
+            if key in r:
+                parts.append(f"{key.replace('_', ' ')} {_fmt(r[key])}")
         parts.append(f"{r.get('samples_per_s') or 0:,.0f} samples/s")
         if st := r.get("straggler"):
             parts.append(f"slow rank {st['rank']} ({st['phase']} +{100 * st['slower_by']:.0f}%)")
@@ -164,11 +162,9 @@ class Reporter:
             self.logger.close()
 
     def print(self, msg: str):
-        if not self.printing:
-            return
-        if self.bar is not None:
+        if self.bar is not None:                # a bar is only made where this rank prints
             self.bar.write(msg)
-        else:
+        elif self.printing:
             print(msg, flush=True)
 
     def summary(self, summary: dict, extra: str = "") -> dict:
