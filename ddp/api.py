@@ -120,12 +120,10 @@ def load(path: str, device: str = "cpu") -> Model:
 
 
 def _from_bytes(data: bytes, summary=None) -> Model:
-    model = _from_checkpoint(read_checkpoint(io.BytesIO(data), "(pickled model)"), "(pickled model)", "cpu")
-    model.summary = summary
-    return model
+    return _from_checkpoint(read_checkpoint(io.BytesIO(data), "(pickled model)"), "(pickled model)", "cpu", summary)
 
 
-def _from_checkpoint(ckpt: dict, path: str, device: str) -> Model:
+def _from_checkpoint(ckpt: dict, path: str, device: str, summary=None) -> Model:
     if (meta := ckpt.get("meta")) is None:
         raise UsageError(f"checkpoint {path} has no 'meta': it was written before ddp saved what it needs to "
                          "use the model (format 1); retrain to use it")
@@ -137,7 +135,7 @@ def _from_checkpoint(ckpt: dict, path: str, device: str) -> Model:
         raise UsageError(f"checkpoint {path}: bad 'meta' ({type(e).__name__}: {e})") from None
     mlp.load_state_dict(ckpt)
     return Model(mlp, Preprocess.from_arrays(ckpt, meta.get("task", "classification"), path), ckpt.get("config", {}),
-                 meta=meta)
+                 summary, meta)
 
 
 def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -> Model:
