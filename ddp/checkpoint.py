@@ -45,20 +45,15 @@ def write_file(path: str, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        sync_folder(folder)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)      # a rename is durable only once its folder is
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)                 # the partial file must not hold the last free bytes
         raise write_error(path, e) from None
-
-
-def sync_folder(folder: str) -> None:
-    """A rename is durable only once its folder is."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_error(path: str, e: OSError) -> WriteError:
