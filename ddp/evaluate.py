@@ -44,14 +44,11 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024)
     acc = block_table(-(-n // chunk), 2 if classification else 2 + 3 * n_out, comm, fill).sum(axis=0)
     if n == 0:
         return {}
-    out = {"loss": acc[0] / n}
     if classification:
-        out["accuracy"] = acc[1] / n
-    else:
-        sy, syy, sse = acc[2:].reshape(3, n_out)
-        sst = syy - sy * sy / n
-        out["r2"] = float(np.mean(1 - sse / np.where(sst > 0, sst, 1.0)))
-    return out
+        return {"loss": acc[0] / n, "accuracy": acc[1] / n}
+    sy, syy, sse = acc[2:].reshape(3, n_out)
+    sst = syy - sy * sy / n
+    return {"loss": acc[0] / n, "r2": float(np.mean(1 - sse / np.where(sst > 0, sst, 1.0)))}
 
 
 def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int, step: int, loss_sum: float,
