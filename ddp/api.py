@@ -20,7 +20,9 @@ import os
 
 import numpy as np
 
+from .backend import limit_threads, to_numpy
 from .checkpoint import CHECKPOINT, load_checkpoint, model_arrays, model_meta, read_checkpoint, write_npz
+from .comm import SerialComm, world_comm
 from .config import FIELDS, Config, coerce
 from .data import Dataset, from_arrays, from_parts, split
 from .errors import UsageError
@@ -37,7 +39,7 @@ class Model:
 
     def __init__(self, mlp: Network, prep: Preprocess, config: dict, summary: dict | None = None, meta=None):
         self.mlp, self.prep, self.config, self.summary = mlp, prep, config, summary
-        self.meta = meta or model_meta(mlp, prep, None if prep.classes is None else len(prep.classes), None)
+        self.meta = meta or model_meta(mlp, prep, None)
 
     def save(self, path: str) -> None:
         """Write the model as a checkpoint that ddp.load, `ddp predict` and `ddp export` read."""
@@ -46,10 +48,9 @@ class Model:
         write_npz(path, self._arrays())
 
     def _arrays(self) -> dict:
-        steps = (self.summary or {}).get("steps", 0)
+        counters = {"step": (self.summary or {}).get("steps", 0), "epoch": 0, "batch_in_epoch": 0}
         return {**self.mlp.state_dict(), **model_arrays(self.config, self.meta, self.prep),
-                "step": np.array(steps, np.int64), "epoch": np.array(0, np.int64),
-                "batch_in_epoch": np.array(0, np.int64)}
+                **{k: np.array(v, np.int64) for k, v in counters.items()}}
 
     def to_onnx(self, path: str | None = None):
         """The model, its preprocessing and (classification) its softmax as one ONNX graph on raw rows."""
@@ -71,9 +72,7 @@ class Model:
 
     def decision_function(self, X) -> np.ndarray:
         """The model's outputs (logits, or standardized targets) for raw rows X: (n, n_features)."""
-        Xs = self.prep.inputs(X)
-        from .backend import to_numpy
-        Z = to_numpy(self.mlp.forward(Xs)).astype(np.float64)
+        Z = to_numpy(self.mlp.forward(self.prep.inputs(X))).astype(np.float64)
         bad = np.flatnonzero(~np.isfinite(Z).all(axis=1))
         if bad.size:                   # finite inputs, but beyond what the model's float type can carry
             raise UsageError(f"row {bad[0]} of the inputs overflows the model's {self.mlp.dtype} arithmetic "
@@ -97,7 +96,6 @@ class Model:
 
     def evaluate(self, X, y) -> dict:
         """{'loss', 'accuracy' or 'r2', 'n'} on raw rows, computed as training computes them."""
-        from .comm import SerialComm
         from .evaluate import evaluate
         Xs = self.prep.inputs(X)
         ys = self.prep.encode(y)
@@ -122,14 +120,11 @@ def load(path: str, device: str = "cpu") -> Model:
 
 
 def _from_bytes(data: bytes, summary=None) -> Model:
-    model = _from_checkpoint(read_checkpoint(io.BytesIO(data), "(pickled model)"), "(pickled model)", "cpu")
-    model.summary = summary
-    return model
+    return _from_checkpoint(read_checkpoint(io.BytesIO(data), "(pickled model)"), "(pickled model)", "cpu", summary)
 
 
-def _from_checkpoint(ckpt: dict, path: str, device: str) -> Model:
-    meta = ckpt.get("meta")
-    if meta is None:
+def _from_checkpoint(ckpt: dict, path: str, device: str, summary=None) -> Model:
+    if (meta := ckpt.get("meta")) is None:
         raise UsageError(f"checkpoint {path} has no 'meta': it was written before ddp saved what it needs to "
                          "use the model (format 1); retrain to use it")
     try:
@@ -140,7 +135,7 @@ def _from_checkpoint(ckpt: dict, path: str, device: str) -> Model:
         raise UsageError(f"checkpoint {path}: bad 'meta' ({type(e).__name__}: {e})") from None
     mlp.load_state_dict(ckpt)
     return Model(mlp, Preprocess.from_arrays(ckpt, meta.get("task", "classification"), path), ckpt.get("config", {}),
-                 meta=meta)
+                 summary, meta)
 
 
 def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -> Model:
@@ -153,8 +148,7 @@ def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -
     final lines (silent by default, as scikit-learn is). Under MPI, call it on every rank with the
     same arrays: each rank trains on its shard of every batch, and every rank returns the same model.
     """
-    unknown = sorted(set(settings) - set(FIELDS))
-    if unknown:
+    if unknown := sorted(set(settings) - set(FIELDS)):
         raise UsageError(f"unknown setting(s) {', '.join(unknown)}; see `ddp train --help` for the names")
     for name in ("dataset", "data_path"):
         if name in settings:
@@ -170,24 +164,22 @@ def fit(X, y, X_val=None, y_val=None, *, comm=None, verbose=False, **settings) -
     raw = _raw_splits(cfg, X, y, X_val, y_val)
     from .train import run_with_setup
     if comm is None and not cfg.simulate_ranks:
-        from .comm import world_comm
         comm = world_comm()
-    from .backend import limit_threads      # ranks sharing a node share its cores, as under the CLI
+    # Ranks sharing a node share its cores, as under the CLI.
     limit_threads(getattr(comm, "local_size", None), cfg.simulate_ranks)
     # one_job: an error every rank raises (bad settings) propagates on every rank; one that only some ranks
     # raise ends the whole job instead of leaving the others in a collective.
     with one_job(), (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())):
         summary, setup = run_with_setup(cfg, comm, raw=raw)
     return Model(setup.model, setup.prep, cfg.to_dict(), summary,
-                 model_meta(setup.model, setup.prep, setup.train.n_classes, setup.fingerprint))
+                 model_meta(setup.model, setup.prep, setup.fingerprint))
 
 
 def _raw_splits(cfg: Config, X, y, X_val, y_val):
     """(train, val, test) before scaling. A validation set given apart is encoded with the training labels'
     classes: both go through one Dataset, so a label's index is the same in each."""
     if X_val is None:
-        ds = from_arrays(X, y, cfg.task, "arrays")
-        return split(ds, cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
+        return split(from_arrays(X, y, cfg.task, "arrays"), cfg.val_fraction, cfg.test_fraction, seed=cfg.seed)
     train, val = from_parts([(X, y), (X_val, y_val)], cfg.task, "arrays")
     if cfg.test_fraction:
         train, _, test = split(train, 0.0, cfg.test_fraction, seed=cfg.seed)

@@ -45,20 +45,15 @@ def write_file(path: str, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        sync_folder(folder)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)      # a rename is durable only once its folder is
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)                 # the partial file must not hold the last free bytes
         raise write_error(path, e) from None
-
-
-def sync_folder(folder: str) -> None:
-    """A rename is durable only once its folder is."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_error(path: str, e: OSError) -> WriteError:
@@ -75,23 +70,20 @@ def write_error(path: str, e: OSError) -> WriteError:
 def save_checkpoint(path: str, setup, model_state: dict, opt_state: dict, *, step: int, epoch: int,
                     batch: int) -> None:
     """Write atomically and durably (write_file): a crash mid-write never destroys the previous checkpoint."""
-    cfg, model = setup.cfg, setup.model
-    arrays = dict(model_state)
-    arrays.update({f"optimizer.{k}": v for k, v in opt_state.items()})
+    cfg = setup.cfg
     # Shuffling is a pure function of (seed, epoch), so rng.seed and rng.epoch ARE the data RNG state.
     counters = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "rng.seed": cfg.seed, "rng.epoch": epoch}
-    arrays.update({k: np.array(v, np.int64) for k, v in counters.items()})
-    arrays.update(model_arrays(cfg.to_dict(), model_meta(model, setup.prep, setup.train.n_classes, setup.fingerprint),
-                               setup.prep))
-    write_npz(path, arrays)
+    write_npz(path, {**model_state, **{f"optimizer.{k}": v for k, v in opt_state.items()},
+                     **{k: np.array(v, np.int64) for k, v in counters.items()},
+                     **model_arrays(cfg.to_dict(), model_meta(setup.model, setup.prep, setup.fingerprint), setup.prep)})
 
 
-def model_meta(model, prep, n_classes, fingerprint) -> dict:
+def model_meta(model, prep, fingerprint) -> dict:
     """The checkpoint's meta: what ddp.load needs to rebuild the model."""
     return {"format": FORMAT, "ddp_version": __version__, "sizes": model.sizes, "activation": model.activation,
             "arch": model.arch, "input_shape": list(model.input_shape),
             "loss": model.loss_name, "task": prep.task, "dtype": model.dtype.name, "init": model.init,
-            "n_classes": n_classes, "data_fingerprint": fingerprint}
+            "n_classes": None if prep.classes is None else len(prep.classes), "data_fingerprint": fingerprint}
 
 
 def model_arrays(config: dict, meta: dict, prep) -> dict:
@@ -144,9 +136,7 @@ def read_checkpoint(source, path: str) -> dict:
         a = data[key]
         if a.shape != () or a.dtype.kind not in "iu" or int(a) < 0:
             raise UsageError(f"checkpoint {path}: {key!r} must be a non-negative integer, got {a!r}")
-    for key in ("config", "meta"):
-        if key in data:
-            data[key] = _json_field(data, key, path)
+    data.update({key: _json_field(data, key, path) for key in ("config", "meta") if key in data})
     for key, a in data.items():
         if key.startswith(("layers.", "optimizer.", "data.x_", "data.y_")) and key != "optimizer.t":
             if a.dtype.kind != "f":
@@ -184,8 +174,7 @@ def check_resume(ckpt: dict, setup, path: str) -> None:
     """The run being resumed must be the checkpoint's: same settings that shape the computation, same data."""
     if (saved := ckpt.get("config")) is not None:
         merge_for_resume(saved, setup.cfg.to_dict(), path)
-    fp = (ckpt.get("meta") or {}).get("data_fingerprint")
-    if fp is not None and fp != setup.fingerprint:
+    if ckpt.get("meta", {}).get("data_fingerprint") not in (None, setup.fingerprint):
         raise UsageError(f"the training data differs from the data checkpoint {path} was trained on "
                          f"(dataset {setup.cfg.dataset!r}); resume with the same data, or start a new run")
 

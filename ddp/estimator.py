@@ -45,7 +45,7 @@ class _Estimator(BaseEstimator):
     def fit(self, X, y):
         """Train on X: (n, n_features) and y; returns self. Fitted: model_ (a ddp.Model), n_features_in_,
         loss_curve_ (train loss per epoch), validation_scores_ (accuracy or R² per epoch; None without
-        validation), n_iter_ (epochs run)."""
+        validation), n_iter_ (epochs run), and a classifier's classes_."""
         regression = self._task == "regression"
         X, y = validate_data(self, X, y, multi_output=regression, y_numeric=regression)
         if not regression:
@@ -57,6 +57,8 @@ class _Estimator(BaseEstimator):
                 warnings.warn(f"batch_size {self.batch_size} is larger than the {n} training samples; clipped")
             params["batch_size"] = n
         self.model_ = fit(X, y, verbose=not self.quiet, task=self._task, **params)
+        if not regression:
+            self.classes_ = self.model_.classes_
         history = self.model_.summary.get("history", [])
         key = "val_r2" if regression else "val_accuracy"
         self.loss_curve_ = [r["train_loss"] for r in history]
@@ -77,11 +79,6 @@ class _Estimator(BaseEstimator):
 class MLPClassifier(ClassifierMixin, _Estimator):
     """ddp's MLP as a scikit-learn classifier: labels may be numbers or strings."""
     _task = "classification"
-
-    def fit(self, X, y):
-        super().fit(X, y)
-        self.classes_ = self.model_.classes_
-        return self
 
     def predict_proba(self, X):
         check_is_fitted(self)

@@ -31,29 +31,24 @@ def evaluate(model: Network, ds: Dataset, comm: Communicator, chunk: int = 1024)
 
     def fill(b, acc):                      # [loss sum, correct, sum y, sum y^2, sse] (the last three per output)
         rows = np.arange(b * chunk, min(n, (b + 1) * chunk))
-        X = ds.inputs(rows, model.xp, model.dtype)
-        Z = model.forward(X)
-        y = model.targets(ds.y[rows])
-        loss, _ = model.loss_fn(Z, y, denom=1)
-        acc[0] = float(loss)
+        Y = ds.y[rows]                                  # on the host; y below is on the model's device
+        Z = model.forward(ds.inputs(rows, model.xp, model.dtype))
+        y = model.targets(Y)
+        acc[0] = float(model.loss_fn(Z, y, denom=1)[0])
         if classification:
             pred = (Z[:, 0] > 0).astype(np.int64) if n_out == 1 else Z.argmax(axis=1)
             acc[1] = float((pred == y).sum())
         else:
             Yh = backend.to_numpy(Z).astype(np.float64)
-            Y = ds.y[rows]
             acc[2:].reshape(3, n_out)[:] = Y.sum(0), (Y * Y).sum(0), ((Y - Yh) ** 2).sum(0)
     acc = block_table(-(-n // chunk), 2 if classification else 2 + 3 * n_out, comm, fill).sum(axis=0)
     if n == 0:
         return {}
-    out = {"loss": acc[0] / n}
     if classification:
-        out["accuracy"] = acc[1] / n
-    else:
-        sy, syy, sse = acc[2:].reshape(3, n_out)
-        sst = syy - sy * sy / n
-        out["r2"] = float(np.mean(1 - sse / np.where(sst > 0, sst, 1.0)))
-    return out
+        return {"loss": acc[0] / n, "accuracy": acc[1] / n}
+    sy, syy, sse = acc[2:].reshape(3, n_out)
+    sst = syy - sy * sy / n
+    return {"loss": acc[0] / n, "r2": float(np.mean(1 - sse / np.where(sst > 0, sst, 1.0)))}
 
 
 def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int, step: int, loss_sum: float,
@@ -61,13 +56,10 @@ def epoch_record(model: Network, val: Dataset, comm: Communicator, *, epoch: int
     """One line of metrics.jsonl, the same in both modes: epoch (1-based), step, the mean training loss
     (loss_sum already summed over ranks), val_* metrics, samples/s over the epoch's `seconds`, elapsed_s
     since t0, then `extra`, and "partial" when the epoch was cut short."""
-    record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(n_steps, 1),
-              **{f"val_{k}": v for k, v in evaluate(model, val, comm).items()},
-              "samples_per_s": samples / seconds if seconds > 0 else 0.0, "elapsed_s": time.perf_counter() - t0,
-              **extra}
-    if not finished:
-        record["partial"] = True
-    return record
+    return {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(n_steps, 1),
+            **{f"val_{k}": v for k, v in evaluate(model, val, comm).items()},
+            "samples_per_s": samples / seconds if seconds > 0 else 0.0, "elapsed_s": time.perf_counter() - t0,
+            **extra, **({} if finished else {"partial": True})}
 
 
 def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_size: int, t0: float,
@@ -76,17 +68,15 @@ def final_metrics(s: Setup, comm: Communicator, *, step: int, epoch: int, world_
     why the run stopped (early stopping; None when it ran its course)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # KiB on Linux
     summary = {"steps": step, "epochs": epoch, "world_size": world_size, "elapsed_s": time.perf_counter() - t0,
-            "stop_reason": stop_reason,
-            "peak_rss_mb": comm.allgather_obj(round(peak, 1)) if comm.size > 1 else [round(peak, 1)],
-            **{f"test_{k}": v for k, v in evaluate(s.model, s.test, comm).items()},
-            **{f"val_{k}": v for k, v in evaluate(s.model, s.val, comm).items()}}
+               "stop_reason": stop_reason, "peak_rss_mb": comm.allgather_obj(round(peak, 1)),
+               **{f"test_{k}": v for k, v in evaluate(s.model, s.test, comm).items()},
+               **{f"val_{k}": v for k, v in evaluate(s.model, s.val, comm).items()}}
     # The same figures on every rank, so every rank raises together: one line, exit 1.
-    bad = [k for k, v in summary.items() if k.startswith(("val_", "test_")) and not np.isfinite(v)]
-    if bad:
+    if bad := [k for k, v in summary.items() if k.startswith(("val_", "test_")) and not np.isfinite(v)]:
         raise TrainingError(f"the final {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite: training "
                             f"diverged at the end (lower --lr, or use the last good checkpoint)")
     # Healthy: the model beats predicting the majority class (accuracy) or the mean (R² 0) on validation.
-    if "val_accuracy" in summary and len(s.val):
+    if "val_accuracy" in summary:          # (evaluate gives no metric for an empty set)
         summary["healthy"] = bool(summary["val_accuracy"] > np.bincount(s.val.y).max() / len(s.val))
     elif "val_r2" in summary:
         summary["healthy"] = bool(summary["val_r2"] > 0)

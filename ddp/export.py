@@ -59,11 +59,10 @@ def to_onnx(model, path: str | None = None):
             x = op(ACTIVATIONS[L.kind], [x], **({"alpha": 0.01} if L.kind == "leaky_relu" else {}))
         elif L.kind != "dropout":
             raise UsageError(f"ONNX export does not know the layer kind {L.kind!r}")
-    n = len(prep.classes) if prep.task == "classification" else net.n_out
     if prep.task == "regression":
         if prep.y is not None:
             x = op("Add", [op("Mul", [x, const("y_std", prep.y.std)]), const("y_mean", prep.y.mean)])
-        outputs = [(x, "prediction", TensorProto.FLOAT)]
+        outputs = [(x, "prediction", TensorProto.FLOAT, [net.n_out])]
     else:
         if net.loss_name == "binary_cross_entropy":
             p1 = op("Sigmoid", [x])
@@ -73,12 +72,12 @@ def to_onnx(model, path: str | None = None):
         classes = prep.classes if prep.classes.dtype.kind in "US" else prep.classes.astype(np.int64)
         label = op("Gather", [const("classes", classes), op("ArgMax", [proba], axis=1, keepdims=0)])
         kind = TensorProto.STRING if classes.dtype.kind in "US" else TensorProto.INT64
-        outputs = [(label, "label", kind), (proba, "probabilities", TensorProto.FLOAT)]
-    for t, name, _ in outputs:
+        outputs = [(label, "label", kind, []), (proba, "probabilities", TensorProto.FLOAT, [len(classes)])]
+    for t, name, *_ in outputs:
         nodes.append(helper.make_node("Identity", [t], [name]))
     graph = helper.make_graph(
         nodes, "ddp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", prep.n_features])],
-        [helper.make_tensor_value_info(name, kind, ["n"] if name == "label" else ["n", n]) for _, name, kind in outputs],
+        [helper.make_tensor_value_info(name, kind, ["n", *dims]) for _, name, kind, dims in outputs],
         inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ddp")
     onnx.checker.check_model(proto, full_check=True)

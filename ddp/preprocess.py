@@ -82,7 +82,6 @@ class Preprocess:
                 raise UsageError(f"checkpoint {path} has no {key!r}: it was written before ddp saved its "
                                  "preprocessing (format 1); retrain to use it on raw data")
         y = Standardizer.from_stats(ckpt["data.y_mean"], ckpt["data.y_std"]) if "data.y_mean" in ckpt else None
-        classes = ckpt.get("data.classes")
-        if task == "classification" and classes is None:
+        if task == "classification" and "data.classes" not in ckpt:
             raise UsageError(f"checkpoint {path} has no class labels (data.classes)")
-        return cls(task, Standardizer.from_stats(ckpt["data.x_mean"], ckpt["data.x_std"]), y, classes)
+        return cls(task, Standardizer.from_stats(ckpt["data.x_mean"], ckpt["data.x_std"]), y, ckpt.get("data.classes"))

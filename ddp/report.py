@@ -60,7 +60,6 @@ class Reporter:
         self.bar = None
         self.best, self.best_step, self.saved_step = None, None, None
         self.key = reporter_key(cfg, task)          # what best.npz follows
-        self.val_losses = []
         self.history = []                  # every rank's records, for the estimators' loss_curve_
         if self.active:
             os.makedirs(cfg.out, exist_ok=True)
@@ -115,8 +114,6 @@ class Reporter:
         if not self.printing:
             return
         record = finite(record)
-        if record.get("val_loss") is not None and not record.get("partial"):
-            self.val_losses.append((record["epoch"], record["val_loss"]))
         if self.active:
             try:
                 self.metrics.write(json.dumps(record) + "\n")
@@ -133,11 +130,9 @@ class Reporter:
     def format_epoch(self, r: dict) -> str:
         parts = [f"epoch {r['epoch']}/{self.cfg.epochs}" + (" (stopped inside)" if r.get("partial") else ""),
                  f"step {r['step']}", f"train loss {_fmt(r.get('train_loss'))}"]
-        if "val_loss" in r:
-            parts.append(f"val loss {_fmt(r['val_loss'])}")
-        key = metric_name(self.task)
-        if key in r:
-            parts.append(f"{key.replace('_', ' ')} {_fmt(r[key])}")
+        for key in ("val_loss", metric_name(self.task)):
+            if key in r:
+                parts.append(f"{key.replace('_', ' ')} {_fmt(r[key])}")
         parts.append(f"{r.get('samples_per_s') or 0:,.0f} samples/s")
         if st := r.get("straggler"):
             parts.append(f"slow rank {st['rank']} ({st['phase']} +{100 * st['slower_by']:.0f}%)")
@@ -164,11 +159,9 @@ class Reporter:
             self.logger.close()
 
     def print(self, msg: str):
-        if not self.printing:
-            return
-        if self.bar is not None:
+        if self.bar is not None:                # a bar is only made where this rank prints
             self.bar.write(msg)
-        else:
+        elif self.printing:
             print(msg, flush=True)
 
     def summary(self, summary: dict, extra: str = "") -> dict:
@@ -180,8 +173,9 @@ class Reporter:
             summary["restarts"] = restarts
             summary["restart_reasons"] = [r for r in os.environ.get("DDP_RESTART_REASONS", "").split(";") if r]
         summary = finite(summary)
-        if len(self.val_losses) >= 2:
-            (e0, first), (e1, last) = self.val_losses[0], self.val_losses[-1]
+        losses = [(r["epoch"], r["val_loss"]) for r in self.history if finite(r.get("val_loss")) is not None]
+        if len(losses) >= 2:
+            (e0, first), (e1, last) = losses[0], losses[-1]
             if last > RISE * first:
                 self.print(f"ddp: warning: validation loss rose from {first:.4g} (epoch {e0}) to {last:.4g} "
                            f"(epoch {e1}): the learning rate may be too high, or the model overfits")
