@@ -129,13 +129,9 @@ def from_parts(parts, task: str = "auto", name: str = "arrays", n_classes: int |
     y = np.concatenate([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
     guessed = task == "auto"
     if guessed:
-        if y.dtype.kind in "biuUSO":
-            task = "classification"
-        elif y.dtype.kind == "f" and y.ndim == 1:
-            whole = np.all(np.isfinite(y)) and np.all(y == np.round(y))
-            task = "classification" if whole and len(np.unique(y)) <= MAX_CSV_CLASSES else "regression"
-        else:
-            task = "regression"
+        few_whole = (y.dtype.kind == "f" and y.ndim == 1 and np.all(np.isfinite(y)) and np.all(y == np.round(y))
+                     and len(np.unique(y)) <= MAX_CSV_CLASSES)
+        task = "classification" if y.dtype.kind in "biuUSO" or few_whole else "regression"
     for X, yp in parts:
         _check(X, yp, task, name)
         if X.shape[1:] != parts[0][0].shape[1:]:

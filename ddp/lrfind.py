@@ -10,6 +10,7 @@ mode runs it with gradient averaging (a synchronous parameter server computes th
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -45,12 +46,9 @@ def _find(comm, cfg, steps, lr_min, lr_max):
     opt = make_optimizer_for(cfg, model.params, model.grads, steps)
     opt.lr, opt.schedule = lr_min, lambda t: (lr_max / lr_min) ** (min(t, steps - 1) / (steps - 1))
     y = model.targets(train.y)
-    lrs, losses, smoothed, avg, epoch, batches = [], [], [], 0.0, 0, []
-    while True:
-        if not batches:
-            batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
-            epoch += 1
-        gb = batches.pop(0)
+    lrs, losses, smoothed, avg = [], [], [], 0.0
+    epochs = (epoch_batches(len(train), B, seed=cfg.seed, epoch=e, drop_last=cfg.drop_last) for e in itertools.count())
+    for gb in itertools.chain.from_iterable(epochs):       # the global batches, epoch after epoch, until a break
         comm.at_step(len(lrs) + 1)
         local = shard(gb, comm.rank, comm.size)
         Xb = train.inputs(local, xp, model.dtype)
