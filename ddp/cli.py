@@ -180,9 +180,7 @@ def cmd_predict(args) -> int:
     try:
         if args.out:
             fh = open(args.out, "w", newline="")
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+        csv.writer(fh, lineterminator="\n").writerows([header, *rows])
     except BrokenPipeError:            # `ddp predict ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -85,8 +85,7 @@ def read_npz_arrays(path: str, required=("X", "y")) -> dict:
     try:
         # allow_pickle=False: a pickled object array in a data file could run arbitrary code.
         with np.load(_existing(path), allow_pickle=False) as f:
-            missing = set(required) - set(f.files)
-            if missing:
+            if missing := set(required) - set(f.files):
                 raise UsageError(f"{path} lacks array(s) {sorted(missing)}; it needs {' and '.join(required)}")
             return {k: map_npz(path, k) if k == "X" else f[k] for k in ("X", "y") if k in f.files}
     except UsageError:

@@ -94,8 +94,7 @@ def write(result: dict, out: str) -> list[str]:
     ax.plot(result["lr"], result["loss"], alpha=0.3, label="loss")
     ax.plot(result["lr"], result["smoothed"], label="smoothed loss")
     ax.axvline(result["suggestion"], color="k", ls="--", label=f"suggestion {result['suggestion']:.3g}")
-    finite = [v for v in result["smoothed"] if math.isfinite(v)]
-    if finite:
+    if finite := [v for v in result["smoothed"] if math.isfinite(v)]:
         ax.set_ylim(0, 1.1 * max(finite[:int(np.argmin(finite)) + 1]))      # up to the minimum; losses >= 0
     ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate range test")
     ax.legend()

@@ -77,8 +77,7 @@ def make_figure(runs: list[str]):
         if key:
             metric_names.add(key.removeprefix("val_"))
             axes[1].plot(ep, [r.get(key) for r in recs], color=c, label=label)
-        with_norms = [r for r in recs if "grad_norms" in r]
-        if with_norms:
+        if with_norms := [r for r in recs if "grad_norms" in r]:
             n_layers = len(with_norms[0]["grad_norms"])
             for layer in range(n_layers):
                 alpha = 0.35 + 0.65 * layer / max(n_layers - 1, 1)
