@@ -242,8 +242,7 @@ def split(ds: Dataset, val_fraction: float = 0.1, test_fraction: float = 0.2,
     n_val, n_test = round(val_fraction * n), round(test_fraction * n)
     if n - n_val - n_test < 1:
         raise UsageError(f"dataset of {n} samples leaves no training samples after the split")
-    perm = np.random.default_rng(seed).permutation(n)
-    test, val, train = np.split(perm, [n_test, n_test + n_val])
+    test, val, train = np.split(np.random.default_rng(seed).permutation(n), [n_test, n_test + n_val])
     return ds.subset(train), ds.subset(val), ds.subset(test)
 
 

@@ -82,8 +82,8 @@ def write(result: dict, out: str) -> list[str]:
     """lr_find.csv, and lr_find.png when matplotlib is installed (rank 0). Returns the files written."""
     os.makedirs(out, exist_ok=True)
     csv = os.path.join(out, "lr_find.csv")
-    rows = np.column_stack([result["lr"], result["loss"], result["smoothed"]])
-    np.savetxt(csv, rows, delimiter=",", header="lr,loss,smoothed_loss", comments="", fmt="%.9g")
+    np.savetxt(csv, np.column_stack([result["lr"], result["loss"], result["smoothed"]]), delimiter=",",
+               header="lr,loss,smoothed_loss", comments="", fmt="%.9g")
     try:
         import matplotlib
         matplotlib.use("Agg")
