@@ -389,9 +389,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def given_settings(ns: argparse.Namespace) -> dict:
     """The settings the user gave: the TOML file's, then the flags'. Defaults are not included, so that a
     resumed run can tell what was asked for from what was merely not said."""
-    values = load_toml(ns.config) if getattr(ns, "config", None) else {}
-    values.update({k: v for k, v in vars(ns).items() if k in FIELDS})
-    return values
+    toml = load_toml(ns.config) if getattr(ns, "config", None) else {}
+    return {**toml, **{k: v for k, v in vars(ns).items() if k in FIELDS}}
 
 
 def to_toml(cfg: Config) -> str:
