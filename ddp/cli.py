@@ -22,14 +22,12 @@ import argparse
 import os
 import sys
 
-from .config import add_flags, given_settings
+from .config import ACTIVATIONS, LOSSES, add_flags, given_settings
 from .errors import Stopped, UsageError
 from .guard import run_main
 from .version import __version__
 
 WHITESPACE_NUL = " \t\x00"   # Open MPI ends its version string with a NUL
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "identity")
-LOSSES = ("mse", "binary_cross_entropy", "softmax_cross_entropy")
 BUILTIN = ("digits", "breast_cancer", "diabetes", "synthetic_classification", "synthetic_regression")
 
 
@@ -182,9 +180,7 @@ def cmd_predict(args) -> int:
     try:
         if args.out:
             fh = open(args.out, "w", newline="")
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+        csv.writer(fh, lineterminator="\n").writerows([header, *rows])
     except BrokenPipeError:            # `ddp predict ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -242,14 +238,14 @@ def cmd_convert(args) -> int:
 
     from .checkpoint import WriteError, write_file
     from .data import infer_format
-    from .formats import read_csv, read_idx_pair, read_npz
+    from .formats import READERS
     if not args.output.endswith(".npz"):
         raise UsageError(f"the output {args.output} must be an .npz file")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise UsageError(f"the folder of {args.output} does not exist")
     fmt = infer_format(args.input)
     print(f"ddp: reading {args.input} ({fmt})", file=sys.stderr, flush=True)
-    X, y = {"npz": read_npz, "csv": read_csv, "idx": read_idx_pair}[fmt](args.input)[:2]
+    X, y = READERS[fmt](args.input)[:2]
     # uncompressed (np.savez stores each array as it is, so the ranks can map it); atomic and durable
     try:
         write_file(args.output, lambda fh: np.savez(fh, X=X, y=y))
@@ -322,12 +318,9 @@ def _main(argv) -> int:
     from .comm import world_comm
 
     comm = world_comm()
-    if args.command == "lr-find":
-        cmd_lr_find(args, comm)
-        return 0
     try:
-        cmd_train(args, comm)
-    except Stopped as e:              # every rank stopped at the same step, with the checkpoint saved
+        (cmd_lr_find if args.command == "lr-find" else cmd_train)(args, comm)
+    except Stopped as e:              # training: every rank stopped at the same step, with the checkpoint saved
         if comm.rank == 0:
             print(f"ddp: {e}", file=sys.stderr, flush=True)
         return Stopped.exit_code

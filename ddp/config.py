@@ -17,8 +17,10 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from .data import BATCH_MODES, DATASETS, SCALES, TASKS, infer_format
+from .data import BATCH_MODES, DATASETS, FILE_FORMATS, SCALES, TASKS, infer_format
 from .errors import UsageError, regular_file
+from .losses import LOSSES
+from .nn import ACTIVATIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,10 +66,9 @@ class Config:
                     group="model")
     input_shape: str = opt("", "C,H,W of one sample, for conv and pooling layers (default: the idx images' "
                            "shape, else flat features)", group="model")
-    activation: str = opt("relu", "hidden activation", ["relu", "leaky_relu", "sigmoid", "tanh", "identity"],
-                          group="model")
+    activation: str = opt("relu", "hidden activation", list(ACTIVATIONS), group="model")
     loss: str = opt("auto", "loss (auto: softmax_cross_entropy for classification, mse for regression)",
-                    ["auto", "mse", "binary_cross_entropy", "softmax_cross_entropy"], group="model")
+                    ["auto", *LOSSES], group="model")
     init: str = opt("he", "weight initialisation", ["he", "xavier"], group="model")
     dtype: str = opt("float32", "floating-point precision", ["float32", "float64"], group="model")
     device: str = opt("cpu", "where the math runs (auto: GPU if usable)", ["cpu", "gpu", "auto"], group="model")
@@ -277,7 +278,6 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-FILE_FORMATS = ("npz", "csv", "idx")
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}     # a field's annotation, a string here
 MAX_SEED = 2**63 - 1            # NumPy seeds are unbounded, but the checkpoint stores the seed as int64
 MAX_COUNT = 10**9
@@ -312,18 +312,15 @@ def flag(name: str) -> str:
 def merge_for_resume(saved: dict, given: dict, path: str) -> dict:
     """The configuration of a resumed run: the checkpoint's `saved` settings, then the `given` ones (from
     flags or TOML). A given setting that changes the data, model, optimizer or seed is an error."""
-    values = {}
-    for name, value in saved.items():
-        # A key a newer ddp wrote is not ours to judge. --max-steps stopped the saved invocation; carrying
-        # it over would stop the resumed one at once.
-        if name in FIELDS and name not in NOT_INHERITED:
-            values[name] = coerce(name, value, f"checkpoint {path}")
+    # A key a newer ddp wrote is not ours to judge. --max-steps stopped the saved invocation; carrying
+    # it over would stop the resumed one at once.
+    values = {name: coerce(name, value, f"checkpoint {path}") for name, value in saved.items()
+              if name in FIELDS and name not in NOT_INHERITED}
     for name, value in given.items():
-        if name in RUN_SETTINGS or name not in values or values[name] == value:
-            values[name] = value
-            continue
-        raise UsageError(f"--{flag(name)} {value!r} differs from the checkpoint's {values[name]!r}; a resumed "
-                         f"run keeps its data, model, optimizer and seed (start a new run with --out instead)")
+        if name not in RUN_SETTINGS and name in values and values[name] != value:
+            raise UsageError(f"--{flag(name)} {value!r} differs from the checkpoint's {values[name]!r}; a resumed "
+                             f"run keeps its data, model, optimizer and seed (start a new run with --out instead)")
+        values[name] = value
     return values
 
 
@@ -392,20 +389,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def given_settings(ns: argparse.Namespace) -> dict:
     """The settings the user gave: the TOML file's, then the flags'. Defaults are not included, so that a
     resumed run can tell what was asked for from what was merely not said."""
-    values = load_toml(ns.config) if getattr(ns, "config", None) else {}
-    values.update({k: v for k, v in vars(ns).items() if k in FIELDS})
-    return values
+    toml = load_toml(ns.config) if getattr(ns, "config", None) else {}
+    return {**toml, **{k: v for k, v in vars(ns).items() if k in FIELDS}}
 
 
 def to_toml(cfg: Config) -> str:
     """The configuration as TOML that --config reads back (tomllib parses it; nothing is evaluated)."""
-    lines = ["# ddp run configuration: ddp train --config config.toml (flags override it)"]
-    for name, value in cfg.to_dict().items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            text = repr(value)
-        else:                                     # a TOML basic string: JSON's escaping is valid TOML
-            text = json.dumps(value, ensure_ascii=False)
-        lines.append(f"{name} = {text}")
-    return "\n".join(lines) + "\n"
+    # JSON's true/false, integers, floats (finite: validate() refuses others) and escaped strings are TOML too
+    lines = [f"{name} = {json.dumps(value, ensure_ascii=False)}" for name, value in cfg.to_dict().items()]
+    return "\n".join(["# ddp run configuration: ddp train --config config.toml (flags override it)", *lines]) + "\n"

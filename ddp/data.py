@@ -22,10 +22,10 @@ import numpy as np
 
 from .backend import get_array_module
 from .errors import UsageError
-from .formats import load_bundled, pread_rows, read_csv, read_idx_pair, read_npz
+from .formats import READERS, load_bundled, pread_rows
 
-DATASETS = ("digits", "breast_cancer", "diabetes", "synthetic_classification",
-            "synthetic_regression", "npz", "csv", "idx")
+FILE_FORMATS = ("npz", "csv", "idx")
+DATASETS = ("digits", "breast_cancer", "diabetes", "synthetic_classification", "synthetic_regression", *FILE_FORMATS)
 TASKS = ("auto", "classification", "regression")
 BATCH_MODES = ("sgd", "minibatch", "full")
 SCALES = ("auto", "standard", "minmax", "none")
@@ -92,15 +92,14 @@ def load_dataset(name: str, *, path: str | None = None, task: str = "auto",
         raise UsageError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-
-    if name in ("digits", "breast_cancer", "diabetes"):
-        known = "regression" if name == "diabetes" else "classification"
-        return from_arrays(*load_bundled(name), _fixed_task(name, known, task), name)
-    if name.startswith("synthetic_"):
-        parts = [_synthetic(name, n_samples, n_features, n_classes, n_outputs, seed)]
-        return from_parts(parts, _fixed_task(name, name.removeprefix("synthetic_"), task), name, n_classes)[0]
-
-    return load_files(name, [path], task)[0]
+    if name in FILE_FORMATS:
+        return load_files(name, [path], task)[0]
+    synthetic = name.startswith("synthetic_")
+    data = _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed) if synthetic else load_bundled(name)
+    known = "regression" if name in ("diabetes", "synthetic_regression") else "classification"
+    if task not in ("auto", known):
+        raise UsageError(f"dataset {name!r} is a {known} dataset; task {task!r} does not apply")
+    return from_parts([data], known, name, n_classes if synthetic else None)[0]
 
 
 def load_files(name: str, paths, task: str = "auto") -> list[Dataset]:
@@ -108,10 +107,8 @@ def load_files(name: str, paths, task: str = "auto") -> list[Dataset]:
     that is empty or None gives None in its place (a validation or test file not given)."""
     if not paths[0]:
         raise UsageError(f"dataset {name!r} needs a path")
-    read = {"npz": read_npz, "csv": read_csv, "idx": read_idx_pair}[name]
-    got = [read(p) if p else None for p in paths]
-    shape = got[0][2] if name == "idx" else None
-    sets = iter(from_parts([g[:2] for g in got if g], task, name, shape=shape))
+    got = [READERS[name](p) if p else None for p in paths]
+    sets = iter(from_parts([g[:2] for g in got if g], task, name, shape=got[0][2] if name == "idx" else None))
     return [next(sets) if g else None for g in got]
 
 
@@ -125,20 +122,15 @@ def from_parts(parts, task: str = "auto", name: str = "arrays", n_classes: int |
     """Datasets from (X, y) pairs, a training set then validation or test sets given apart, their labels
     encoded together: a class has the same index in each. task 'auto': labels (integers, strings, booleans,
     or a float column of at most MAX_CSV_CLASSES distinct whole numbers, as a CSV gives) mean classification.
-    n_classes: the synthetic data's, which a tiny sample may not show (default: the distinct labels)."""
-    if task not in TASKS:
-        raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+    n_classes: the synthetic data's, which a tiny sample may not show (default: the distinct labels).
+    task is one of TASKS: every caller has checked it (load_dataset, or Config.validate for a run or ddp.fit)."""
     parts = [(np.asanyarray(X), np.asarray(y)) for X, y in parts]
     y = np.concatenate([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
     guessed = task == "auto"
     if guessed:
-        if y.dtype.kind in "biuUSO":
-            task = "classification"
-        elif y.dtype.kind == "f" and y.ndim == 1:
-            whole = np.all(np.isfinite(y)) and np.all(y == np.round(y))
-            task = "classification" if whole and len(np.unique(y)) <= MAX_CSV_CLASSES else "regression"
-        else:
-            task = "regression"
+        few_whole = (y.dtype.kind == "f" and y.ndim == 1 and np.all(np.isfinite(y)) and np.all(y == np.round(y))
+                     and len(np.unique(y)) <= MAX_CSV_CLASSES)
+        task = "classification" if y.dtype.kind in "biuUSO" or few_whole else "regression"
     for X, yp in parts:
         _check(X, yp, task, name)
         if X.shape[1:] != parts[0][0].shape[1:]:
@@ -164,12 +156,6 @@ def infer_format(path: str) -> str:
         return "idx"
     raise UsageError(f"cannot tell the format of --data-path {path!r} from its name: give --dataset npz, csv "
                      "or idx (files named .npz, .csv, .csv.gz, or 'IMAGES,LABELS' idx files are recognised)")
-
-
-def _fixed_task(name: str, known: str, task: str) -> str:
-    if task not in ("auto", known):
-        raise UsageError(f"dataset {name!r} is a {known} dataset; task {task!r} does not apply")
-    return known
 
 
 def _synthetic(name, n_samples, n_features, n_classes, n_outputs, seed):
@@ -255,8 +241,7 @@ def split(ds: Dataset, val_fraction: float = 0.1, test_fraction: float = 0.2,
     n_val, n_test = round(val_fraction * n), round(test_fraction * n)
     if n - n_val - n_test < 1:
         raise UsageError(f"dataset of {n} samples leaves no training samples after the split")
-    perm = np.random.default_rng(seed).permutation(n)
-    test, val, train = np.split(perm, [n_test, n_test + n_val])
+    test, val, train = np.split(np.random.default_rng(seed).permutation(n), [n_test, n_test + n_val])
     return ds.subset(train), ds.subset(val), ds.subset(test)
 
 

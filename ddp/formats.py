@@ -66,25 +66,26 @@ def load_bundled(name: str) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
-def _open(path: str):
-    """The file for reading, gunzipped if it is gzip (detected by its magic bytes, not its name)."""
+def _existing(path: str) -> str:
+    """path, if it names a regular file; else a UsageError that says what it is."""
     regular_file(path, "data file")
     if not os.path.isfile(path):
         raise UsageError(f"file not found: {path}")
-    with open(path, "rb") as f:
+    return path
+
+
+def _open(path: str):
+    """The file for reading, gunzipped if it is gzip (detected by its magic bytes, not its name)."""
+    with open(_existing(path), "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
 def read_npz_arrays(path: str, required=("X", "y")) -> dict:
-    regular_file(path, "data file")
-    if not os.path.isfile(path):
-        raise UsageError(f"file not found: {path}")
     try:
         # allow_pickle=False: a pickled object array in a data file could run arbitrary code.
-        with np.load(path, allow_pickle=False) as f:
-            missing = set(required) - set(f.files)
-            if missing:
+        with np.load(_existing(path), allow_pickle=False) as f:
+            if missing := set(required) - set(f.files):
                 raise UsageError(f"{path} lacks array(s) {sorted(missing)}; it needs {' and '.join(required)}")
             return {k: map_npz(path, k) if k == "X" else f[k] for k in ("X", "y") if k in f.files}
     except UsageError:
@@ -220,3 +221,6 @@ def read_idx_pair(path: str, labels_required: bool = True):
     if labels is not None and labels.ndim != 1:
         raise UsageError(f"idx labels {parts[1]} must be 1-D, got shape {labels.shape}")
     return images.reshape(len(images), -1), labels, (1, *images.shape[1:]) if images.ndim == 3 else None
+
+
+READERS = {"npz": read_npz, "csv": read_csv, "idx": read_idx_pair}    # a file format's (X, y, ...) reader

@@ -10,6 +10,7 @@ mode runs it with gradient averaging (a synchronous parameter server computes th
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -45,12 +46,9 @@ def _find(comm, cfg, steps, lr_min, lr_max):
     opt = make_optimizer_for(cfg, model.params, model.grads, steps)
     opt.lr, opt.schedule = lr_min, lambda t: (lr_max / lr_min) ** (min(t, steps - 1) / (steps - 1))
     y = model.targets(train.y)
-    lrs, losses, smoothed, avg, epoch, batches = [], [], [], 0.0, 0, []
-    while True:
-        if not batches:
-            batches = epoch_batches(len(train), B, seed=cfg.seed, epoch=epoch, drop_last=cfg.drop_last)
-            epoch += 1
-        gb = batches.pop(0)
+    lrs, losses, smoothed, avg = [], [], [], 0.0
+    epochs = (epoch_batches(len(train), B, seed=cfg.seed, epoch=e, drop_last=cfg.drop_last) for e in itertools.count())
+    for gb in itertools.chain.from_iterable(epochs):       # the global batches, epoch after epoch, until a break
         comm.at_step(len(lrs) + 1)
         local = shard(gb, comm.rank, comm.size)
         Xb = train.inputs(local, xp, model.dtype)
@@ -84,8 +82,8 @@ def write(result: dict, out: str) -> list[str]:
     """lr_find.csv, and lr_find.png when matplotlib is installed (rank 0). Returns the files written."""
     os.makedirs(out, exist_ok=True)
     csv = os.path.join(out, "lr_find.csv")
-    rows = np.column_stack([result["lr"], result["loss"], result["smoothed"]])
-    np.savetxt(csv, rows, delimiter=",", header="lr,loss,smoothed_loss", comments="", fmt="%.9g")
+    np.savetxt(csv, np.column_stack([result["lr"], result["loss"], result["smoothed"]]), delimiter=",",
+               header="lr,loss,smoothed_loss", comments="", fmt="%.9g")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -96,8 +94,7 @@ def write(result: dict, out: str) -> list[str]:
     ax.plot(result["lr"], result["loss"], alpha=0.3, label="loss")
     ax.plot(result["lr"], result["smoothed"], label="smoothed loss")
     ax.axvline(result["suggestion"], color="k", ls="--", label=f"suggestion {result['suggestion']:.3g}")
-    finite = [v for v in result["smoothed"] if math.isfinite(v)]
-    if finite:
+    if finite := [v for v in result["smoothed"] if math.isfinite(v)]:
         ax.set_ylim(0, 1.1 * max(finite[:int(np.argmin(finite)) + 1]))      # up to the minimum; losses >= 0
     ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate range test")
     ax.legend()

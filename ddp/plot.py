@@ -46,7 +46,7 @@ def _is_record(rec) -> bool:
         return (v is None and null) or (isinstance(v, (int, float)) and not isinstance(v, bool))
     return (isinstance(rec, dict) and number(rec.get("epoch"), null=False)
             and all(number(rec.get(k)) for k in ("train_loss", "val_loss", "val_accuracy", "val_r2"))
-            and isinstance(rec.get("grad_norms", []), list) and all(number(v, False) for v in rec.get("grad_norms", [])))
+            and isinstance(norms := rec.get("grad_norms", []), list) and all(number(v, False) for v in norms))
 
 
 def label_of(run: str) -> str:
@@ -73,12 +73,10 @@ def make_figure(runs: list[str]):
         axes[0].plot(ep, [r.get("train_loss") for r in recs], color=c, label=f"{label} train")
         if any("val_loss" in r for r in recs):
             axes[0].plot(ep, [r.get("val_loss") for r in recs], color=c, linestyle="--", label=f"{label} val")
-        key = next((k for k in ("val_accuracy", "val_r2") if k in recs[0]), None)
-        if key:
+        if key := next((k for k in ("val_accuracy", "val_r2") if k in recs[0]), None):
             metric_names.add(key.removeprefix("val_"))
             axes[1].plot(ep, [r.get(key) for r in recs], color=c, label=label)
-        with_norms = [r for r in recs if "grad_norms" in r]
-        if with_norms:
+        if with_norms := [r for r in recs if "grad_norms" in r]:
             n_layers = len(with_norms[0]["grad_norms"])
             for layer in range(n_layers):
                 alpha = 0.35 + 0.65 * layer / max(n_layers - 1, 1)
