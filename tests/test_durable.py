@@ -9,7 +9,6 @@ import re
 import subprocess
 import uuid
 
-import numpy as np
 import pytest
 
 from helpers import LIVENESS_S, run_cli, run_launcher
