@@ -257,8 +257,7 @@ class MPIComm(Communicator):
         if compress is not None:
             return _compressed_sum(buf, compress, self.iallreduce_sum, self._halves)
         host, copy_back = self._host_view(buf)
-        spec, op = self._spec(host)
-        req = self.comm.Iallreduce(self.MPI.IN_PLACE, spec, op)
+        req = self.comm.Iallreduce(self.MPI.IN_PLACE, *self._spec(host))
 
         def wait():
             with WATCHDOG.watch("allreduce", count=host.size):
@@ -270,9 +269,8 @@ class MPIComm(Communicator):
         if compress is not None:
             return _compressed_sum(buf, compress, self.iallreduce_sum, self._halves).wait()
         host, copy_back = self._host_view(buf)
-        spec, op = self._spec(host)
         with WATCHDOG.watch("allreduce", count=host.size):
-            self.comm.Allreduce(self.MPI.IN_PLACE, spec, op)
+            self.comm.Allreduce(self.MPI.IN_PLACE, *self._spec(host))
         copy_back()
 
     def bcast(self, buf, root=0):

@@ -94,10 +94,7 @@ class SimulatedComm(Communicator):
             return _compressed_sum(buf, compress, self.iallreduce_sum)
         # Ranks may sit on different GPUs: the sum is done on this rank's device, from peer copies.
         parts = [backend.to_device_of(p, buf) for p in self._exchange(buf.copy(), "allreduce")]
-        total = parts[0].astype(np.float32) if buf.dtype == np.float16 else parts[0].copy()
-        for p in parts[1:]:
-            total += p
-        buf[...] = total
+        buf[...] = sum(parts[1:], parts[0].astype(np.float32) if buf.dtype == np.float16 else parts[0])
         return Request()
 
     def bcast(self, buf, root=0):
@@ -107,11 +104,8 @@ class SimulatedComm(Communicator):
     def reduce_scatter_sum(self, buf, counts):
         start = sum(counts[:self.rank])
         part = slice(start, start + counts[self.rank])
-        peers = self._exchange(buf.copy(), "reduce_scatter")
-        total = backend.to_device_of(peers[0][part], buf).copy()
-        for p in peers[1:]:
-            total += backend.to_device_of(p[part], buf)
-        buf[part] = total
+        parts = [backend.to_device_of(p[part], buf) for p in self._exchange(buf.copy(), "reduce_scatter")]
+        buf[part] = sum(parts[1:], parts[0])
 
     def allgather(self, buf, counts):
         starts = np.cumsum([0, *counts]).tolist()
