@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from . import backend
-from .comm import Communicator, Request, _compressed_sum
+from .comm import Communicator, Request, SerialComm, _compressed_sum
 from .errors import TrainingError, UsageError
 
 
@@ -204,6 +204,17 @@ class SimulatedComm(Communicator):
 def _deliver(buf, data, box):
     buf.reshape(-1)[:data.size] = backend.to_device_of(data, buf).reshape(-1)
     box["done"] = True
+
+
+def run_on(comm, simulated: int, fn, *args):
+    """fn(comm, *args) on this process's communicator (serial when None), or, with --simulate-ranks N, on N
+    simulated ranks, returning rank 0's result. Simulated ranks under an MPI launch of several ranks are refused:
+    each MPI rank would train alone."""
+    if not simulated:
+        return fn(comm or SerialComm(), *args)
+    if comm is not None and comm.size > 1:
+        raise UsageError("--simulate-ranks runs in one process: do not combine it with mpiexec")
+    return run_simulated(simulated, fn, *args)[0]
 
 
 def run_simulated(size, fn, *args, **kwargs):

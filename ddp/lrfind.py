@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from .comm import Communicator, SerialComm
-from .comm_simulated import run_simulated
+from .comm import Communicator
+from .comm_simulated import run_on
 from .config import Config
 from .data import epoch_batches, shard
 from .errors import UsageError
@@ -32,9 +32,7 @@ def lr_find(cfg: Config, comm: Communicator | None, steps=100, lr_min=1e-7, lr_m
     """Run the range test; returns {"lr": [...], "loss": [...], "smoothed": [...], "suggestion": lr} on every rank."""
     if not (0 < lr_min < lr_max and math.isfinite(lr_max)) or steps < 2:
         raise UsageError(f"lr-find needs 0 < --lr-min < --lr-max and --steps >= 2, got {lr_min:g}, {lr_max:g}, {steps}")
-    if cfg.simulate_ranks:
-        return run_simulated(cfg.simulate_ranks, _find, cfg, steps, lr_min, lr_max)[0]
-    return _find(comm or SerialComm(), cfg, steps, lr_min, lr_max)
+    return run_on(comm, cfg.simulate_ranks, _find, cfg, steps, lr_min, lr_max)
 
 
 def _find(comm, cfg, steps, lr_min, lr_max):

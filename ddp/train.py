@@ -21,11 +21,11 @@ import numpy as np
 from . import backend
 from .autotune import BucketTuner, choose_compress
 from .checkpoint import CHECKPOINT, restore, save_checkpoint
-from .comm import Communicator, DebugComm, SerialComm
-from .comm_simulated import run_simulated
+from .comm import Communicator, DebugComm
+from .comm_simulated import run_on
 from .config import Config
 from .data import shard
-from .errors import Stopped, TrainingError, UsageError
+from .errors import Stopped, TrainingError
 from .evaluate import final_metrics
 from .model import Network
 from .noise import WARN_FACTOR, NoiseScale, b_simple
@@ -241,11 +241,7 @@ def run(cfg: Config, comm: Communicator | None = None, on_step=None) -> dict:
 def run_with_setup(cfg: Config, comm: Communicator | None = None, on_step=None, raw=None) -> tuple[dict, Setup]:
     """run(), also returning the Setup (the trained model and its preprocessing); raw: in-memory data."""
     cfg.validate()
-    if cfg.simulate_ranks:
-        if comm is not None and comm.size > 1:
-            raise UsageError("--simulate-ranks runs in one process: do not combine it with mpiexec")
-        return run_simulated(cfg.simulate_ranks, _run_mode, cfg, on_step, raw)[0]
-    return _run_mode(comm or SerialComm(), cfg, on_step, raw)
+    return run_on(comm, cfg.simulate_ranks, _run_mode, cfg, on_step, raw)
 
 
 def _run_mode(comm: Communicator, cfg: Config, on_step=None, raw=None) -> tuple[dict, Setup]:

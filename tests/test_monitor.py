@@ -12,6 +12,7 @@ import pytest
 from sklearn.datasets import load_iris
 
 import ddp
+from ddp.errors import UsageError
 from helpers import run_cli, run_launcher
 
 SMALL = ["--dataset", "digits", "--hidden", "16", "--lr", "0.3", "--momentum", "0.9", "--batch-size", "64",
@@ -159,6 +160,31 @@ def test_lr_find_sweeps_exponentially_and_stops_when_the_loss_explodes(tmp_path)
 def test_lr_find_refuses_a_bad_range(tmp_path):
     res = run_cli("lr-find", *SMALL, "--lr-min", "1", "--lr-max", "0.1", "--out", str(tmp_path / "lf"))
     assert res.returncode == 2 and "--lr-min < --lr-max" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_simulated_ranks_are_refused_inside_a_launch_of_several_ranks():
+    """--simulate-ranks under mpiexec -n 2 would run a whole simulated job on each MPI rank, each alone: train
+    and lr-find refuse it the same way (one function decides for both)."""
+    from types import SimpleNamespace
+
+    from ddp.config import Config
+    from ddp.lrfind import lr_find
+    from ddp.train import run
+    cfg = Config(dataset="digits", simulate_ranks=2, epochs=1, out="").validate()
+    world = SimpleNamespace(rank=0, size=2)
+    for call in (lambda: run(cfg, world), lambda: lr_find(cfg, world, steps=5)):
+        with pytest.raises(UsageError, match="do not combine it with mpiexec"):
+            call()
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_lr_find_with_simulated_ranks_under_mpiexec_is_one_line(tmp_path):
+    res = run_launcher("-n", "2", "--", "lr-find", *SMALL, "--simulate-ranks", "2", "--timeout", "60",
+                       "--out", str(tmp_path / "lf"))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("do not combine it with mpiexec") == 1, res.stderr
+    assert not (tmp_path / "lf").exists()
 
 
 @needs_mpi
