@@ -25,7 +25,8 @@ class Worker:
     worker's side of the loop (see loop.py)."""
 
     def __init__(self, world: Communicator, wcomm: Communicator, model, bounds, cfg: Config):
-        self.world, self.comm, self.model, self.tracer, self.identical = world, wcomm, model, model.tracer, cfg.ps_sync()
+        self.world, self.comm, self.model, self.tracer = world, wcomm, model, model.tracer
+        self.identical = cfg.ps_sync()
         self.clip, self.norms = cfg.clip_grad_norm, [0.0, 0]  # --clip-grad-norm: this epoch's norms and clipped steps
         # --deterministic: the workers' chunks added exactly among themselves, pushed as float64 (exact.py)
         self.exact = ExactSum(wcomm, model.grads, cfg.chunks) if cfg.deterministic else None
