@@ -122,8 +122,9 @@ def from_parts(parts, task: str = "auto", name: str = "arrays", n_classes: int |
     """Datasets from (X, y) pairs, a training set then validation or test sets given apart, their labels
     encoded together: a class has the same index in each. task 'auto': labels (integers, strings, booleans,
     or a float column of at most MAX_CSV_CLASSES distinct whole numbers, as a CSV gives) mean classification.
-    n_classes: the synthetic data's, which a tiny sample may not show (default: the distinct labels).
-    task is one of TASKS: every caller has checked it (load_dataset, or Config.validate for a run or ddp.fit)."""
+    n_classes: the synthetic data's, which a tiny sample may not show (default: the distinct labels)."""
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
     parts = [(np.asanyarray(X), np.asarray(y)) for X, y in parts]
     y = np.concatenate([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
     guessed = task == "auto"

@@ -257,6 +257,7 @@ def train_ps(cfg: Config, comm: Communicator, on_step=None, raw=None) -> tuple[d
 
     on_step(step, model, worker_comm), if given, runs on the workers after every step.
     """
+    cfg.validate()                   # before check_ps: it trusts --servers and --staleness to be in range
     check_ps(cfg, comm)
     comm.set_timeout(cfg.timeout)
     S, P = cfg.servers, comm.size

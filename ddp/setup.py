@@ -117,7 +117,9 @@ def fingerprint(ds: Dataset) -> str:
 
 
 def build(cfg: Config, device_index: int = 0, raw=None, comm: Communicator | None = None) -> Setup:
-    """The data, the model and the batch size of a validated `cfg` (train.run_with_setup validates it)."""
+    """The data, the model and the batch size of `cfg` (validated here too: train_allreduce and train_ps may be
+    called directly)."""
+    cfg.validate()
     train, val, test, prep = load_data(cfg, raw, comm)
     bs = batch_size_for(cfg.batch_mode, cfg.batch_size, len(train))
     loss, n_out = resolve_loss(cfg, train)

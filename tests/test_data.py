@@ -9,7 +9,7 @@ import sklearn.datasets
 from sklearn.preprocessing import StandardScaler
 
 from ddp.data import (DATASETS, Dataset, Standardizer, batch_size_for, epoch_batches,
-                      load_dataset, micro_batches, shard, split)
+                      from_parts, load_dataset, micro_batches, shard, split)
 from ddp.formats import read_idx
 from ddp.errors import UsageError
 
@@ -88,6 +88,8 @@ def test_unknown_dataset_and_task():
         load_dataset("mnist")
     with pytest.raises(UsageError, match="task 'both'"):
         load_dataset("digits", task="both")
+    with pytest.raises(UsageError, match="unknown task 'both'"):     # not taken as classification
+        from_parts([(np.ones((4, 2)), np.arange(4) % 2)], task="both")
     assert len(DATASETS) == 8
 
 

@@ -80,6 +80,15 @@ def test_check_ps_names_the_problem(size, kw, message):
         check_ps(Config(mode="ps", **kw).validate(), FakeWorld(size) if size > 1 else SerialComm())
 
 
+@pytest.mark.parametrize("kw, message", [(dict(servers=0), "servers 0 must be >= 1"),
+                                         (dict(staleness=-1), "staleness -1 must be >= 0")])
+def test_train_ps_validates_its_config_before_check_ps(kw, message):
+    """train_ps called directly with a Config never validated: check_ps trusts these ranges (0 servers would
+    pass it and start a job with no server)."""
+    with pytest.raises(UsageError, match="^" + message):
+        train_ps(Config(mode="ps", **kw), FakeWorld(4))
+
+
 def test_train_ps_in_one_process_says_how_to_launch():
     with pytest.raises(UsageError, match="mpiexec -n 3"):
         train_ps(Config(mode="ps", servers=2), SerialComm())
